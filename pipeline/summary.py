@@ -1,0 +1,20 @@
+"""The one-screen summary at the end of a build."""
+from __future__ import annotations
+
+
+def print_summary(lock_path, plans, warnings) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"tokenmill build → {lock_path}")
+    for c, j in (("dataset", "left"), ("status", "left"), ("samples", "right"), ("tokens", "right"),
+                 ("trained", "right"), ("skipped", "right"), ("truncated", "right"), ("dir", "left")):
+        table.add_column(c, justify=j)
+    for p in plans:
+        m = p.meta
+        table.add_row(p.spec.dataset_name, "built" if p.status == "build" else "reused",
+                      f"{m['n_samples']:,}", f"{m['n_tokens']:,}", f"{m['n_loss_tokens']:,}",
+                      str(sum(m["skipped"].values())), str(m["truncated_samples"]), p.entry.final.name)
+    console = Console(stderr=False)
+    console.print(table)
+    for w in warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)

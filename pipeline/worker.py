@@ -1,0 +1,181 @@
+"""One work unit: read → adapt → transform → render+tokenize → overflow → shard file.
+
+Runs in a worker process (or in-process with --workers 1). Everything it needs travels in a
+small picklable `DatasetJob`; the tokenizer and template are loaded once per process.
+A finished unit is renamed into place atomically, so a killed build keeps it.
+"""
+from __future__ import annotations
+
+import os
+from collections import Counter
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import orjson
+
+from mixtures.transforms import apply_transform, load_transform
+from stages.errors import RecordError
+from stages.formats import ADAPTERS
+from stages.overflow import apply_overflow
+from stages.readers import WorkUnit, iter_unit
+from stages.render import Renderer, resolve_template
+from stages.shard import ShardArrays, token_dtype, write_shard
+from stages.tokenizer import load_tokenizer
+
+BATCH = 512  # records tokenized per encode_batch call: bounds memory, amortises the call
+
+
+@dataclass(frozen=True)
+class DatasetJob:
+    dataset_name: str
+    format: str  # resolved, never "auto"
+    tokenizer: str
+    template: str
+    max_length: int
+    overflow: str
+    loss: str
+    transform: str | None
+    seed: int
+    on_error: str  # fail | skip
+    work_dir: str  # the dataset's partial dir
+
+
+@lru_cache(maxsize=4)
+def _renderer(tokenizer: str, template: str, loss: str) -> Renderer:
+    tok = load_tokenizer(tokenizer)
+    return Renderer(tok, resolve_template(template, tok), loss)
+
+
+@lru_cache(maxsize=16)
+def _transform(path: str):
+    return load_transform(path)
+
+
+def unit_paths(work_dir: str, index: int) -> tuple[Path, Path]:
+    base = Path(work_dir)
+    return base / f"unit-{index:05d}.h5", base / f"unit-{index:05d}.json"
+
+
+def process_unit(job: DatasetJob, unit: WorkUnit) -> dict:
+    """Build one unit's shard; return its summary (also saved beside the shard)."""
+    shard_path, summary_path = unit_paths(job.work_dir, unit.index)
+    if shard_path.exists() and summary_path.exists():  # finished by an earlier, killed run
+        done = orjson.loads(summary_path.read_bytes())
+        if not (job.on_error == "fail" and done["skipped"]):  # else redo it to fail with file:line
+            return done
+    renderer = _renderer(job.tokenizer, job.template, job.loss)
+    transform = _transform(job.transform) if job.transform else None
+    adapt = ADAPTERS[job.format]
+    acc = _Accumulator(job, unit)
+    pending: list[tuple[int, object, dict]] = []  # (record, raw, canonical)
+
+    def flush():
+        encoded = renderer.encode_batch([c for _, _, c in pending])
+        for (rec, raw, _), enc in zip(pending, encoded):
+            try:
+                if isinstance(enc, RecordError):
+                    raise enc
+                samples, lost = apply_overflow(enc, job.max_length, job.overflow)
+            except RecordError as e:
+                acc.reject(e, rec)
+                continue
+            acc.accept(rec, raw, samples, lost)
+        pending.clear()
+
+    for rec, raw in iter_unit(unit):
+        acc.records_read += 1
+        try:
+            if isinstance(raw, RecordError):
+                raise raw
+            canonical = adapt(raw)
+            if transform is not None:
+                canonical = apply_transform(transform, canonical, seed=job.seed,
+                                            dataset_name=job.dataset_name, record_index=rec,
+                                            source=unit.file)
+                if canonical is None:
+                    raise RecordError("transform_skipped", "the transform returned None")
+        except RecordError as e:
+            acc.reject(e, rec)
+            continue
+        pending.append((rec, raw, canonical))
+        if len(pending) >= BATCH:
+            flush()
+    flush()
+    return acc.finish(shard_path, summary_path, renderer)
+
+
+class _Accumulator:
+    """Samples and counts of one unit, in record order."""
+
+    def __init__(self, job: DatasetJob, unit: WorkUnit):
+        self.job, self.unit = job, unit
+        self.records_read = self.accepted = 0
+        self.tokens: list[np.ndarray] = []
+        self.spans: list[np.ndarray] = []
+        self.lengths: list[int] = []
+        self.n_spans: list[int] = []
+        self.source_record: list[int] = []
+        self.skipped: Counter = Counter()
+        self.rejects: list[dict] = []
+        self.truncated_samples = self.truncated_tokens = self.n_loss_tokens = 0
+        self.first_record = None
+
+    def reject(self, e: RecordError, rec: int):
+        e.located(self.unit.file, rec)
+        if self.job.on_error == "fail":
+            raise e
+        self.skipped[e.reason] += 1
+        self.rejects.append({"source": self.unit.file, "record": rec, "reason": e.reason,
+                             "field": e.field, "detail": e.detail})
+
+    def accept(self, rec: int, raw, samples, lost: int):
+        self.accepted += 1
+        if self.first_record is None:
+            self.first_record = raw
+        if lost or len(samples) > 1:
+            self.truncated_samples += lost > 0
+            self.truncated_tokens += lost
+        for s in samples:
+            self.tokens.append(s.ids)
+            self.lengths.append(len(s.ids))
+            self.source_record.append(rec)
+            self.n_loss_tokens += s.n_trained
+            if s.spans is not None:
+                self.spans.append(s.spans)
+                self.n_spans.append(len(s.spans))
+            else:
+                full = np.array([[0, len(s.ids)]], dtype=np.int32)
+                self.spans.append(full)
+                self.n_spans.append(1)
+
+    def finish(self, shard_path: Path, summary_path: Path, renderer: Renderer) -> dict:
+        dtype = token_dtype(renderer.tok.vocab_size)
+        tokens = np.concatenate(self.tokens).astype(dtype) if self.tokens else np.zeros(0, dtype)
+        offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
+        np.cumsum(self.lengths, out=offsets[1:])
+        with_spans = self.job.format != "text"
+        arrays = ShardArrays(tokens, offsets, np.array(self.source_record, dtype=np.int64))
+        if with_spans:
+            arrays.loss_spans = (np.concatenate(self.spans) if self.spans
+                                 else np.zeros((0, 2), np.int32))
+            lso = np.zeros(len(self.n_spans) + 1, dtype=np.int64)
+            np.cumsum(self.n_spans, out=lso[1:])
+            arrays.loss_span_offsets = lso
+        tmp = shard_path.with_suffix(".h5.tmp")
+        sha = write_shard(tmp, arrays, self.unit.file)
+        os.replace(tmp, shard_path)
+        summary = {
+            "unit": self.unit.index, "source": self.unit.file, "sha256": sha,
+            "records_read": self.records_read, "accepted": self.accepted,
+            "n_samples": len(self.lengths), "n_tokens": int(len(tokens)),
+            "n_loss_tokens": int(self.n_loss_tokens), "skipped": dict(sorted(self.skipped.items())),
+            "truncated_samples": int(self.truncated_samples),
+            "truncated_tokens": int(self.truncated_tokens),
+            "rejects": self.rejects, "first_record": self.first_record,
+        }
+        tmp = summary_path.with_suffix(".json.tmp")
+        tmp.write_bytes(orjson.dumps(summary, option=orjson.OPT_SORT_KEYS))
+        os.replace(tmp, summary_path)
+        return summary
