@@ -121,7 +121,8 @@ def open_bytes(path: str) -> io.BufferedIOBase:
         return gzip.open(path, "rb")
     if low.endswith(".zst"):
         import zstandard
-        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
+        return io.BufferedReader(raw)  # line iteration needs a buffered reader
     return open(path, "rb")
 
 
@@ -149,10 +150,9 @@ RawRecord = tuple[int, object]
 
 def _iter_lines(unit: WorkUnit) -> Iterator[tuple[int, bytes]]:
     with open_bytes(unit.file) as f:
-        if unit.start or unit.end >= 0:
-            if unit.end >= 0 and not unit.file.lower().endswith(COMPRESSED):
-                f.seek(unit.start)
-                f = io.BytesIO(f.read(unit.end - unit.start))  # bounded: one unit
+        if unit.end >= 0 and not unit.file.lower().endswith(COMPRESSED):
+            f.seek(unit.start)
+            f = io.BytesIO(f.read(unit.end - unit.start))  # bounded: one unit
         for i, line in enumerate(f, start=unit.first_record):
             yield i, line.rstrip(b"\r\n") if line.endswith(b"\n") else line.rstrip(b"\r")
 
@@ -172,6 +172,8 @@ def iter_unit(unit: WorkUnit) -> Iterator[RawRecord]:
         yield from _iter_paragraphs(src)
     elif base_suffix(src) in (".txt", ".text"):
         for i, raw in _iter_lines(unit):
+            if not raw.strip():  # blank lines separate documents; they are not records
+                continue
             try:
                 yield i, decode_utf8(raw, src, i)
             except RecordError as e:
