@@ -65,7 +65,7 @@ def plan_dataset(spec: DatasetSpec, mixture: Mixture, tok, template, cache: Path
     files = expand_source(spec.path)
     sources = []
     for f in files:
-        digest = dir_fingerprint(f, memo.data) if os.path.isdir(f) else file_fingerprint(f, memo.data)
+        digest = dir_fingerprint(f, memo) if os.path.isdir(f) else file_fingerprint(f, memo)
         size = (os.path.getsize(os.path.join(f, "data.jsonl")) if os.path.isdir(f)
                 else os.path.getsize(f))
         sources.append({"path": f, "name": os.path.basename(f), "bytes": size, "hash": digest})
@@ -177,7 +177,7 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
     tok = load_tokenizer(mixture.tokenizer)
     tmpl = resolve_template(mixture.template, tok)
     memo = FingerprintMemo(cache_dir)
-    plans = [plan_dataset(s, mixture, tok, tmpl, cache_dir, memo, on_error) for s in mixture.datasets]
+    plans = [plan_dataset(s, mixture, tok, tmpl, cache_dir, memo.data, on_error) for s in mixture.datasets]
     memo.save()
 
     with ExitStack() as locks:

@@ -22,6 +22,17 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--template", help="chat template: tokenizer, chatml, none, hunyuan, hy3 or a .jinja file")
     b.add_argument("--max-length", type=int)
 
+    pl = sub.add_parser("plan", help="dry run: built / reusable / to build, tokens, shares, epochs")
+    pl.add_argument("manifest")
+    pl.add_argument("--out")
+    pl.add_argument("--cache")
+    pl.add_argument("--tokens", type=float, help="token budget of the run")
+    pl.add_argument("--steps", type=int, help="with --global-batch-tokens: budget = steps × tokens")
+    pl.add_argument("--global-batch-tokens", type=int)
+    pl.add_argument("--tokenizer")
+    pl.add_argument("--template")
+    pl.add_argument("--max-length", type=int)
+
     i = sub.add_parser("inspect", help="statistics table and length histogram")
     i.add_argument("path", help="built dataset dir or mixture lock")
     i.add_argument("--plot", metavar="FILE.png")
@@ -71,6 +82,18 @@ def _run(args) -> int:
             on_error=args.on_error, force=args.force, tokenizer=args.tokenizer,
             template=args.template, max_length=args.max_length, executor=args.executor)
         print_summary(lock, plans, warnings)
+        return 0
+    if args.cmd == "plan":
+        from .plan import make_plan, print_plan
+        tokens = args.tokens
+        if args.steps is not None or args.global_batch_tokens is not None:
+            if args.steps is None or args.global_batch_tokens is None or tokens is not None:
+                raise SystemExit("plan: give --tokens N, or --steps S with --global-batch-tokens T")
+            tokens = float(args.steps) * args.global_batch_tokens
+        rows, warnings = make_plan(args.manifest, out=args.out, cache=args.cache, tokens=tokens,
+                                   tokenizer=args.tokenizer, template=args.template,
+                                   max_length=args.max_length)
+        print_plan(rows, warnings, tokens)
         return 0
     if args.cmd == "inspect":
         from .inspect import inspect

@@ -1,0 +1,118 @@
+"""`pipeline plan`: a dry run. For each dataset: built / reusable / to build, its tokens and
+samples (exact from meta.json once built, else estimated from a sample of records), its token
+share, and how many epochs a token budget gives it."""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from mixtures.manifest import load_manifest
+from stages.errors import RecordError
+from stages.formats import ADAPTERS
+from stages.readers import iter_unit
+from stages.render import Renderer, resolve_template
+from stages.tokenizer import load_tokenizer
+
+from .build import plan_dataset
+from .cache import FingerprintMemo
+
+SAMPLE_RECORDS = 200
+REPEAT_WARN = 10.0
+
+
+@dataclass
+class PlanRow:
+    dataset: str
+    status: str  # built | reusable | to build
+    tokens: float
+    samples: float
+    estimated: bool
+    share: float
+    allow_repeat: bool
+    epochs: float | None = None
+
+
+def _estimate(plan, renderer: Renderer) -> tuple[float, float]:
+    """(tokens, samples) from the first records, scaled by the sources' bytes."""
+    adapt = ADAPTERS[plan.job.format]
+    recs, raw_bytes = [], 0
+    for unit in plan.units:
+        for _, raw in itertools.islice(iter_unit(unit), SAMPLE_RECORDS - len(recs)):
+            if isinstance(raw, RecordError):
+                continue
+            try:
+                recs.append(adapt(raw))
+            except RecordError:
+                continue
+            raw_bytes += len(raw.encode()) + 1 if isinstance(raw, str) else len(orjson.dumps(raw)) + 1
+        if len(recs) >= SAMPLE_RECORDS:
+            break
+    enc = [e for e in renderer.encode_batch(recs) if not isinstance(e, RecordError)]
+    if not enc or not raw_bytes:
+        return 0.0, 0.0
+    total_bytes = sum(s["bytes"] for s in plan.sources)
+    records = total_bytes * len(recs) / raw_bytes
+    cap = None if plan.job.overflow == "segment" else plan.job.max_length  # segment keeps all
+    mean_len = sum(min(len(e.ids), cap or len(e.ids)) for e in enc) / len(enc)
+    return records * mean_len, records
+
+
+def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None,
+              tokens: float | None = None, tokenizer=None, template=None, max_length=None):
+    mixture = load_manifest(manifest, tokenizer=tokenizer, template=template, max_length=max_length)
+    out_dir = Path(out) if out else Path(manifest).resolve().parent / "build"
+    cache_dir = Path(cache or os.environ.get("TOKENMILL_CACHE") or out_dir / "cache")
+    tok = load_tokenizer(mixture.tokenizer)
+    tmpl = resolve_template(mixture.template, tok)
+    memo = FingerprintMemo(cache_dir) if cache_dir.is_dir() else None
+    locked = set()
+    lock_path = out_dir / "mixture.lock.json"
+    if lock_path.is_file():
+        locked = {d["key"] for d in orjson.loads(lock_path.read_bytes())["datasets"]}
+    total_w = sum(s.abs_weight for s in mixture.datasets)
+    rows, warnings = [], []
+    for spec in mixture.datasets:
+        plan = plan_dataset(spec, mixture, tok, tmpl, cache_dir, memo.data if memo else {}, "skip")
+        if plan.entry.is_valid():
+            meta = orjson.loads((plan.entry.final / "meta.json").read_bytes())
+            status = "built" if plan.entry.key in locked else "reusable"
+            n_tok, n_samp, est = float(meta["n_tokens"]), float(meta["n_samples"]), False
+        else:
+            renderer = Renderer(tok, tmpl, plan.job.loss)
+            (n_tok, n_samp), status, est = _estimate(plan, renderer), "to build", True
+        row = PlanRow(spec.dataset_name, status, n_tok, n_samp, est, spec.abs_weight / total_w,
+                      spec.allow_repeat)
+        if tokens:
+            want = row.share * tokens
+            row.epochs = want / n_tok if n_tok else float("inf")
+            if not spec.allow_repeat and row.epochs > 1:
+                warnings.append(f"{spec.dataset_name}: allow_repeat is false and it holds "
+                                f"{n_tok:,.0f} tokens but its share of the budget is {want:,.0f}: it runs "
+                                f"out after {100 / row.epochs:.0f}% of the budget and the others' "
+                                "shares grow")
+            elif row.epochs > REPEAT_WARN:
+                warnings.append(f"{spec.dataset_name}: repeats {row.epochs:.1f} times over the budget")
+        rows.append(row)
+    return rows, warnings
+
+
+def print_plan(rows, warnings, tokens: float | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    title = "tokenmill plan" + (f" for {tokens:,.0f} tokens" if tokens else "")
+    table = Table(title=title, caption="~ = estimated from a sample of records (not built yet)")
+    for c in ("dataset", "status", "tokens", "samples", "share", "epochs", "repeat"):
+        table.add_column(c, justify="left" if c in ("dataset", "status") else "right")
+    for r in rows:
+        mark = "~" if r.estimated else ""
+        table.add_row(r.dataset, r.status, f"{mark}{r.tokens:,.0f}", f"{mark}{r.samples:,.0f}",
+                      f"{r.share:.3f}", "-" if r.epochs is None else f"{r.epochs:.2f}",
+                      "yes" if r.allow_repeat else "no")
+    console = Console()
+    console.print(table)
+    for w in warnings:
+        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
