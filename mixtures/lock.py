@@ -1,0 +1,199 @@
+"""The mixture lock file (DESIGN §5): what training reads, and all it reads.
+
+Weights follow FM9G: ``abs_weight`` is a token share, so dataset *i* is drawn with
+probability ∝ ``abs_weight_i / ave_tokens_per_line_i``; then the expected tokens drawn from
+*i* per draw are ∝ ``abs_weight_i``. Unlike FM9G (a declared or EMA-estimated mean), the
+mean here is the exact one of the built data (``n_tokens / nlines`` from meta.json).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import orjson
+from jsonschema import Draft202012Validator
+
+from .manifest import DatasetSpec, Mixture, format_json_path, schema_problems
+
+SCHEMA_VERSION = 1
+MISMATCH_TOLERANCE = 0.05  # relative; declared manifest statistics vs built ones
+
+
+class LockError(ValueError):
+    """A lock that cannot be made or read. ``str()`` names the file or dataset at fault."""
+
+
+# The part of meta.json the lock is made from.
+_META_SCHEMA = Draft202012Validator({
+    "type": "object",
+    "properties": {
+        "key": {"type": "string", "minLength": 1},
+        "nlines": {"type": "integer", "minimum": 0},
+        "n_tokens": {"type": "integer", "minimum": 0},
+        "tokenizer": {
+            "type": "object",
+            "properties": {"sha256": {"type": "string"}},
+            "required": ["sha256"],
+        },
+    },
+    "required": ["key", "nlines", "n_tokens", "tokenizer"],
+})
+
+_LOCK_DATASET = {
+    "type": "object",
+    "properties": {
+        "dataset_name": {"type": "string", "minLength": 1},
+        "task_name": {"type": "string"},
+        "abs_weight": {"type": "number", "minimum": 0},
+        "token_share": {"type": "number", "minimum": 0, "maximum": 1},
+        "sample_probability": {"type": "number", "minimum": 0, "maximum": 1},
+        "path": {"type": "string", "minLength": 1},
+        "key": {"type": "string", "minLength": 1},
+        "allow_repeat": {"type": "boolean"},
+        "nlines": {"type": "integer", "minimum": 0},
+        "n_tokens": {"type": "integer", "minimum": 0},
+        "ave_tokens_per_line": {"type": "number", "minimum": 0},
+        "total_tokens": {"type": "number", "minimum": 0},
+    },
+    "required": ["dataset_name", "task_name", "abs_weight", "token_share", "sample_probability",
+                 "path", "key", "allow_repeat", "nlines", "ave_tokens_per_line", "total_tokens"],
+}
+
+_LOCK_SCHEMA = Draft202012Validator({
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "manifest_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+        "seed": {"type": "integer"},
+        "max_length": {"type": "integer", "minimum": 1},
+        "tokenizer": {"type": "object"},
+        "datasets": {"type": "array", "items": _LOCK_DATASET, "minItems": 1},
+    },
+    "required": ["schema_version", "manifest_sha256", "seed", "max_length", "tokenizer", "datasets"],
+})
+
+
+def make_lock(mixture: Mixture, built: list[tuple[DatasetSpec, str, dict]]) -> tuple[dict, list[str]]:
+    """The lock for ``mixture`` from its built datasets (manifest order), and the warnings
+    (declared statistics off by more than 5%, datasets with no samples)."""
+    if [spec.dataset_name for spec, _, _ in built] != [d.dataset_name for d in mixture.datasets]:
+        raise LockError("built datasets do not match the manifest's datasets (names or order)")
+    warnings: list[str] = []
+    tokenizer = None
+    for spec, built_dir, meta in built:
+        problems = schema_problems(_META_SCHEMA, meta)
+        if problems:
+            raise LockError("\n".join(f"{built_dir}/meta.json: {p}: {what}" for p, what in problems))
+        if tokenizer is None:
+            tokenizer = dict(meta["tokenizer"])
+        elif meta["tokenizer"]["sha256"] != tokenizer["sha256"]:
+            raise LockError(
+                f"dataset {spec.dataset_name!r} was built with tokenizer sha256 "
+                f"{meta['tokenizer']['sha256']}, but {built[0][0].dataset_name!r} with "
+                f"{tokenizer['sha256']}; a mixture needs one tokenizer")
+
+    total_weight = sum(spec.abs_weight for spec, _, _ in built)
+    entries, draw_weights = [], []
+    for spec, built_dir, meta in built:
+        # Samples, not source records: `segment` can split a record into several samples, and
+        # the draw probability needs the mean length of what is drawn.
+        nlines, n_tokens = meta.get("n_samples", meta["nlines"]), meta["n_tokens"]
+        ave = n_tokens / nlines if nlines else 0.0
+        total = n_tokens / 1e9
+        warnings += _declared_mismatches(spec, nlines, ave, total)
+        if nlines == 0 or n_tokens == 0:
+            warnings.append(f"dataset {spec.dataset_name!r}: the built data has no tokens; "
+                            "it is never drawn (sample_probability 0)")
+            draw_weights.append(0.0)
+        else:
+            draw_weights.append(spec.abs_weight / ave)
+        entries.append({
+            "dataset_name": spec.dataset_name,
+            "task_name": spec.task_name,
+            "abs_weight": spec.abs_weight,
+            "token_share": spec.abs_weight / total_weight,
+            "path": os.path.abspath(built_dir),
+            "key": meta["key"],
+            "allow_repeat": spec.allow_repeat,
+            "nlines": nlines,
+            "n_tokens": n_tokens,
+            "ave_tokens_per_line": ave,
+            "total_tokens": total,
+        })
+
+    norm = sum(draw_weights)
+    if norm <= 0:
+        raise LockError("no dataset with a positive abs_weight has any built samples; nothing to train on")
+    for entry, w in zip(entries, draw_weights):
+        entry["sample_probability"] = w / norm
+
+    lock = {
+        "schema_version": SCHEMA_VERSION,
+        "manifest_sha256": mixture.manifest_sha256,
+        "seed": mixture.seed,
+        "max_length": mixture.max_length,
+        "tokenizer": tokenizer,
+        "datasets": entries,
+    }
+    return lock, warnings
+
+
+def _declared_mismatches(spec: DatasetSpec, nlines: int, ave: float, total: float) -> list[str]:
+    out = []
+    for key, declared, actual in (
+        ("nlines", spec.declared_nlines, float(nlines)),
+        ("ave_tokens_per_line", spec.declared_ave_tokens_per_line, ave),
+        ("total_tokens", spec.declared_total_tokens, total),
+    ):
+        if declared is None or abs(declared - actual) <= MISMATCH_TOLERANCE * abs(actual):
+            continue
+        ratio = f" ({actual / declared:.3g}× the declared value)" if declared else ""
+        unit = " (billions)" if key == "total_tokens" else ""
+        out.append(f"dataset {spec.dataset_name!r}: the manifest declares {key} = {declared:g}{unit} "
+                   f"but the built data has {actual:.6g}{ratio}; the built value is used")
+    return out
+
+
+def write_lock(lock: dict, path: str | os.PathLike) -> None:
+    """Write the lock atomically (temp file + rename): 2-space indent, sorted keys."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = orjson.dumps(lock, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def read_lock(path: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate a lock file; LockError names the file and JSON path at fault."""
+    path = Path(path)
+    try:
+        lock = orjson.loads(path.read_bytes())
+    except OSError as e:
+        raise LockError(f"{path}: cannot read lock file: {e.strerror or e}") from None
+    except orjson.JSONDecodeError as e:
+        raise LockError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    if isinstance(lock, dict) and lock.get("schema_version", SCHEMA_VERSION) != SCHEMA_VERSION:
+        raise LockError(f"{path}: schema_version: this tokenmill reads lock schema_version "
+                        f"{SCHEMA_VERSION}, got {lock['schema_version']!r}; rebuild the lock")
+    problems = schema_problems(_LOCK_SCHEMA, lock)
+    if not problems:
+        total = sum(d["sample_probability"] for d in lock["datasets"])
+        if abs(total - 1.0) > 1e-6:
+            problems.append((format_json_path(["datasets"]), f"sample_probability sums to {total}, not 1"))
+    if problems:
+        raise LockError("\n".join(f"{path}: {p}: {what}" for p, what in problems))
+    return lock

@@ -1,0 +1,449 @@
+"""Mixture manifests (DESIGN §3): parse and validate both accepted forms.
+
+* FM9G list form — a JSON list of dataset entries, accepted verbatim as the FM9G README
+  writes it (``weight``, ``oversize_rule``, ``incontext_weight``, ``do_compact``, ``is_long``
+  and the ``ave_tokens`` aliases included). Tokenizer, template, max length and seed come
+  from the keyword arguments (the command line). Its entries may also use the object
+  form's ``format``, ``language`` and ``overflow``. ``task_name`` is required (as in FM9G)
+  but need not be unique: datasets are keyed by ``dataset_name``. ``abs_weight`` is
+  required, so FM9G's ``weight`` fallback never applies and ``weight`` is ignored, as are
+  ``is_long`` and ``do_compact`` (the latter with a warning when true).
+* Object form — ``{"tokenizer", "template", "max_length", "seed", "datasets": [...]}``;
+  ``task_name`` defaults to ``dataset_name``.
+
+Shape and types are checked by JSON Schema (Draft 2020-12); only what a schema cannot say
+(files exist, names unique, not every weight zero, alias conflicts) is checked by hand.
+Every problem is reported as ``<manifest file>: <json path>: <what is wrong>``.
+"""
+from __future__ import annotations
+
+import difflib
+import glob
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from jsonschema import Draft202012Validator
+
+FORMATS = ("auto", "text", "input-output", "alpaca", "sharegpt", "messages")
+TEMPLATES = ("tokenizer", "chatml", "hunyuan", "hy3", "none")
+OVERFLOWS = ("segment", "truncate", "drop")
+# FM9G's oversize_rule values; "head" is FM9G's name for truncation.
+OVERSIZE_RULES = {"segment": "segment", "head": "truncate", "truncate": "truncate", "drop": "drop"}
+# Spellings of the declared mean tokens per line seen in FM9G mixtures and forks.
+AVE_TOKENS_KEYS = ("ave_tokens_per_line", "avg_tokens_per_line", "ave_tokens", "avg_tokens")
+
+DEFAULT_TEMPLATE = "tokenizer"
+DEFAULT_MAX_LENGTH = 4096
+DEFAULT_SEED = 1234
+
+
+class ManifestError(ValueError):
+    """A manifest fault. ``str()`` is one ``<file>: <json path>: <problem>`` line per fault."""
+
+    def __init__(self, file: str | os.PathLike, problems: list[tuple[str, str]]):
+        self.file = str(file)
+        self.problems = problems
+        self.json_path, self.problem = problems[0]
+        super().__init__("\n".join(f"{self.file}: {p}: {what}" for p, what in problems))
+
+    def __reduce__(self):  # survives pickling to and from worker processes
+        return (type(self), (self.file, self.problems))
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    dataset_name: str
+    task_name: str
+    abs_weight: float
+    path: str  # absolute; may be a file, a dir (FM9G index dir or a folder of sources) or a glob
+    format: str = "auto"
+    language: str | None = None
+    transforms: str | None = None  # absolute path of the transform script
+    allow_repeat: bool = True
+    overflow: str = "segment"
+    incontext_weight: tuple[float, ...] = (1.0,)  # num_sample is drawn with these weights
+    declared_nlines: float | None = None
+    declared_ave_tokens_per_line: float | None = None
+    declared_total_tokens: float | None = None  # billions
+
+
+@dataclass(frozen=True)
+class Mixture:
+    manifest_path: str
+    manifest_sha256: str
+    form: str  # "fm9g" | "object"
+    tokenizer: str | None
+    template: str  # a name from TEMPLATES or the absolute path of a .jinja file
+    max_length: int
+    seed: int
+    datasets: tuple[DatasetSpec, ...]
+
+
+# --------------------------------------------------------------------------- schemas
+# "x-message" is our own annotation: the text shown when that subschema fails.
+
+_NULLABLE_STRING = {"type": ["string", "null"]}
+_COUNT = {"type": ["number", "null"], "minimum": 0}
+_AVE_TOKENS = {
+    "anyOf": [{"type": "null"}, {"type": "number", "minimum": 0}, {"const": -1}],
+    "x-message": "must be a number >= 0 (or -1, FM9G's 'use max_length')",
+}
+
+_DATASET_PROPERTIES: dict[str, Any] = {
+    "dataset_name": {
+        "type": "string",
+        # It names the output folder: no separators, not empty, no leading dot (so no "..").
+        "pattern": r"^(?!\.)[^/\\\x00]+$",
+        "x-message": "must be a plain folder name: not empty, no '/', '\\' or NUL, "
+        "and not starting with '.'",
+    },
+    "task_name": {"type": "string", "minLength": 1},
+    "abs_weight": {"type": "number", "minimum": 0},
+    "path": {"type": "string", "minLength": 1},
+    "format": {"enum": list(FORMATS)},
+    "language": _NULLABLE_STRING,
+    "transforms": _NULLABLE_STRING,
+    "allow_repeat": {"type": "boolean"},
+    "overflow": {"enum": list(OVERFLOWS)},
+    "incontext_weight": {
+        "type": "array",
+        "items": {"type": "number", "minimum": 0},
+        "minItems": 1,
+    },
+    "nlines": _COUNT,
+    "total_tokens": _COUNT,
+    **{key: _AVE_TOKENS for key in AVE_TOKENS_KEYS},
+}
+
+_OBJECT_DATASET = {
+    "type": "object",
+    "properties": _DATASET_PROPERTIES,
+    "required": ["dataset_name", "abs_weight", "path"],
+    "additionalProperties": False,
+}
+
+# FM9G entries: our keys plus FM9G's own (weight, oversize_rule, do_compact, is_long), and
+# task_name is required as in FM9G.
+_FM9G_DATASET = {
+    "type": "object",
+    "properties": {
+        **_DATASET_PROPERTIES,
+        "weight": {"type": "number", "minimum": 0},
+        "oversize_rule": {"enum": list(OVERSIZE_RULES)},
+        "do_compact": {"type": "boolean"},
+        "is_long": {"type": "boolean"},
+    },
+    "required": ["dataset_name", "task_name", "abs_weight", "path"],
+    "additionalProperties": False,
+}
+
+_SETTINGS_PROPERTIES: dict[str, Any] = {
+    "tokenizer": {"type": "string", "minLength": 1},
+    "template": {
+        "anyOf": [{"enum": list(TEMPLATES)}, {"type": "string", "pattern": r"\.jinja$"}],
+        "x-message": f"must be one of {', '.join(TEMPLATES)} or the path of a .jinja file",
+    },
+    "max_length": {"type": "integer", "minimum": 1},
+    "seed": {"type": "integer", "minimum": 0},
+}
+
+_FM9G_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "array",
+    "items": _FM9G_DATASET,
+    "minItems": 1,
+}
+
+_OBJECT_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "properties": {
+        **_SETTINGS_PROPERTIES,
+        "datasets": {"type": "array", "items": _OBJECT_DATASET, "minItems": 1},
+    },
+    "required": ["datasets"],
+    "additionalProperties": False,
+}
+
+# Keyword overrides (command-line flags) are checked with the same rules as the manifest.
+_SETTINGS_SCHEMA = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "type": "object",
+    "properties": _SETTINGS_PROPERTIES,
+}
+
+_VALIDATORS = {
+    name: Draft202012Validator(schema)
+    for name, schema in (("fm9g", _FM9G_SCHEMA), ("object", _OBJECT_SCHEMA), ("settings", _SETTINGS_SCHEMA))
+}
+for _v in _VALIDATORS.values():
+    Draft202012Validator.check_schema(_v.schema)
+
+
+# --------------------------------------------------------------------------- error text
+
+def format_json_path(parts: Iterable[str | int]) -> str:
+    """``("datasets", 2, "abs_weight")`` -> ``datasets[2].abs_weight``; the root is ``$``."""
+    out = ""
+    for part in parts:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part.isidentifier():
+            out += f".{part}" if out else part
+        else:
+            out += f"[{json.dumps(part)}]"
+    return out or "$"
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def schema_problems(validator: Draft202012Validator, instance: Any) -> list[tuple[str, str]]:
+    """All schema violations of ``instance`` as sorted ``(json path, readable problem)`` pairs."""
+    found: set[tuple[tuple, str, str]] = set()  # (sort key, path, problem)
+
+    def add(parts: list, problem: str) -> None:
+        # Sort by position in the document, so datasets[2] comes before datasets[10].
+        key = tuple((0, p, "") if isinstance(p, int) else (1, 0, p) for p in parts)
+        found.add((key, format_json_path(parts), problem))
+
+    for err in validator.iter_errors(instance):
+        path = list(err.absolute_path)
+        # Our own text only where the schema's keyword is about meaning, not type.
+        custom = err.schema.get("x-message") if err.validator in ("pattern", "anyOf") else None
+        if err.validator == "additionalProperties":
+            known = list(err.schema.get("properties", {}))
+            for key in sorted(set(err.instance) - set(known)):
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                add(path + [key], f"unknown key{hint}")
+        elif err.validator == "required":
+            for key in err.validator_value:
+                if key not in err.instance:
+                    add(path + [key], "missing required key")
+        elif custom:
+            add(path, f"{custom}; got {json.dumps(err.instance)}")
+        elif err.validator == "type":
+            wanted = err.validator_value
+            wanted = " or ".join(wanted) if isinstance(wanted, list) else wanted
+            add(path, f"expected {wanted}, got {_json_type(err.instance)} {json.dumps(err.instance)}")
+        elif err.validator == "enum":
+            choices = ", ".join(map(str, err.validator_value))
+            add(path, f"must be one of {choices}; got {json.dumps(err.instance)}")
+        elif err.validator == "minimum":
+            add(path, f"must be >= {err.validator_value}; got {err.instance}")
+        elif err.validator in ("minItems", "minLength"):
+            add(path, "must not be empty")
+        else:
+            add(path, err.message)
+    return [(path, problem) for _, path, problem in sorted(found)]
+
+
+# --------------------------------------------------------------------------- parsing
+
+class _DuplicateKeys(dict):
+    """A parsed JSON object that had repeated keys (plain json keeps the last silently)."""
+
+    duplicates: list[str]
+
+
+def _object_hook(pairs: list[tuple[str, Any]]) -> dict:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        seen: set[str] = set()
+        dupes = [k for k, _ in pairs if k in seen or seen.add(k)]
+        result = _DuplicateKeys(result)
+        result.duplicates = sorted(set(dupes))
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _find_duplicate_keys(node: Any, path: list) -> list[tuple[str, str]]:
+    found = []
+    if isinstance(node, _DuplicateKeys):
+        found += [(format_json_path(path + [k]), "key given more than once") for k in node.duplicates]
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found += _find_duplicate_keys(value, path + [key])
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found += _find_duplicate_keys(value, path + [i])
+    return found
+
+
+def _parse_json(path: Path, raw: bytes) -> Any:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ManifestError(path, [("$", f"not UTF-8 text (byte {e.start})")]) from None
+    try:
+        return json.loads(text, object_pairs_hook=_object_hook, parse_constant=_reject_constant)
+    except json.JSONDecodeError as e:
+        raise ManifestError(path, [("$", f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}")]) from None
+    except ValueError as e:  # NaN / Infinity
+        raise ManifestError(path, [("$", str(e))]) from None
+
+
+def _resolve(base: Path, value: str) -> str:
+    return os.path.abspath(os.path.join(base, os.path.expanduser(value)))
+
+
+def _has_glob(path: str) -> bool:
+    return any(ch in path for ch in "*?[")
+
+
+def load_manifest(
+    path: str | os.PathLike,
+    *,
+    tokenizer: str | None = None,
+    template: str | None = None,
+    max_length: int | None = None,
+    seed: int | None = None,
+) -> Mixture:
+    """Read, validate and resolve a mixture manifest.
+
+    Keyword arguments override the manifest's settings (and supply them for the FM9G list
+    form, which has none); their relative paths are taken from the current directory, the
+    manifest's from its folder. Raises ManifestError listing every fault found.
+    """
+    manifest = Path(path).absolute()
+    try:
+        raw = manifest.read_bytes()
+    except OSError as e:
+        raise ManifestError(manifest, [("$", f"cannot read manifest: {e.strerror or e}")]) from None
+    doc = _parse_json(manifest, raw)
+    base = manifest.parent
+
+    if isinstance(doc, list):
+        form, entries, settings, prefix = "fm9g", doc, {}, []
+    elif isinstance(doc, dict):
+        form, entries, settings, prefix = "object", doc.get("datasets"), doc, ["datasets"]
+    else:
+        raise ManifestError(manifest, [("$", f"expected a JSON list (FM9G form) or object, got {_json_type(doc)}")])
+
+    problems = _find_duplicate_keys(doc, []) + schema_problems(_VALIDATORS[form], doc)
+    if problems:
+        raise ManifestError(manifest, problems)
+
+    # Settings: manifest values (relative to its folder), then overrides (relative to cwd).
+    overrides = {k: v for k, v in (("tokenizer", tokenizer), ("template", template),
+                                   ("max_length", max_length), ("seed", seed)) if v is not None}
+    bad = schema_problems(_VALIDATORS["settings"], overrides)
+    if bad:
+        raise ManifestError(manifest, [(f"{p} (override)", what) for p, what in bad])
+    cwd = Path.cwd()
+    tok = _resolve(cwd, tokenizer) if tokenizer is not None else (
+        _resolve(base, settings["tokenizer"]) if "tokenizer" in settings else None)
+    tmpl = template if template is not None else settings.get("template", DEFAULT_TEMPLATE)
+    tmpl_base = cwd if template is not None else base
+    if tmpl not in TEMPLATES:
+        tmpl = _resolve(tmpl_base, tmpl)
+        if not os.path.isfile(tmpl):
+            problems.append(("template", f"template file not found: {tmpl}"))
+    if tok is None:
+        problems.append(("tokenizer", "no tokenizer given (the FM9G list form needs --tokenizer)"))
+    elif not os.path.exists(tok):
+        problems.append(("tokenizer", f"no such file or directory: {tok}"))
+
+    datasets, seen_names = [], {}
+    for i, entry in enumerate(entries):
+        at = prefix + [i]
+        spec, entry_problems = _dataset_spec(entry, manifest, at)
+        problems += entry_problems
+        first = seen_names.setdefault(spec.dataset_name, i)
+        if first != i:
+            problems.append((format_json_path(at + ["dataset_name"]),
+                             f"duplicate dataset_name {spec.dataset_name!r} (first used at "
+                             f"{format_json_path(prefix + [first])})"))
+        datasets.append(spec)
+    if not any(spec.abs_weight > 0 for spec in datasets):
+        problems.append((format_json_path(prefix) + "[*].abs_weight" if prefix else "[*].abs_weight",
+                         "every abs_weight is 0; at least one dataset needs a positive weight"))
+    if problems:
+        raise ManifestError(manifest, problems)
+
+    return Mixture(
+        manifest_path=str(manifest),
+        manifest_sha256=hashlib.sha256(raw).hexdigest(),
+        form=form,
+        tokenizer=tok,
+        template=tmpl,
+        max_length=max_length if max_length is not None else settings.get("max_length", DEFAULT_MAX_LENGTH),
+        seed=seed if seed is not None else settings.get("seed", DEFAULT_SEED),
+        datasets=tuple(datasets),
+    )
+
+
+def _dataset_spec(entry: dict, manifest: Path, at: list) -> tuple[DatasetSpec, list[tuple[str, str]]]:
+    """Build one DatasetSpec from a schema-valid entry; return it with the file/alias faults."""
+    problems, base = [], manifest.parent
+    where = lambda key: format_json_path(at + [key])  # noqa: E731
+
+    data_path = _resolve(base, entry["path"])
+    if os.path.exists(data_path):
+        pass  # a file or folder (possibly with glob characters in its name)
+    elif _has_glob(data_path):
+        if not glob.glob(data_path, recursive=True):
+            problems.append((where("path"), f"glob matches no file: {data_path}"))
+    else:
+        problems.append((where("path"), f"no such file or directory: {data_path}"))
+
+    transforms = entry.get("transforms")
+    if transforms is not None:
+        transforms = _resolve(base, transforms)
+        if not os.path.isfile(transforms):
+            problems.append((where("transforms"), f"transform script not found: {transforms}"))
+
+    if not any(w > 0 for w in entry.get("incontext_weight", [1.0])):
+        problems.append((where("incontext_weight"), "needs at least one weight > 0"))
+
+    ave_keys = [k for k in AVE_TOKENS_KEYS if k in entry]
+    if len(ave_keys) > 1:
+        problems.append((where(ave_keys[1]), f"give only one of {', '.join(ave_keys)}"))
+    ave = entry[ave_keys[0]] if ave_keys else None
+    if ave == -1:  # FM9G: "-1 means max_length", i.e. no declaration to check against
+        ave = None
+
+    overflow = entry.get("overflow", "segment")
+    if "oversize_rule" in entry:
+        if "overflow" in entry:
+            problems.append((where("oversize_rule"), "give only one of overflow, oversize_rule"))
+        overflow = OVERSIZE_RULES[entry["oversize_rule"]]
+    if entry.get("do_compact"):
+        warnings.warn(f"{manifest}: {where('do_compact')}: do_compact is not supported and is ignored", stacklevel=3)
+
+    spec = DatasetSpec(
+        dataset_name=entry["dataset_name"],
+        task_name=entry.get("task_name", entry["dataset_name"]),
+        abs_weight=float(entry["abs_weight"]),
+        path=data_path,
+        format=entry.get("format", "auto"),
+        language=entry.get("language"),
+        transforms=transforms,
+        allow_repeat=entry.get("allow_repeat", True),
+        overflow=overflow,
+        incontext_weight=tuple(float(w) for w in entry.get("incontext_weight", [1.0])),
+        declared_nlines=_opt_float(entry.get("nlines")),
+        declared_ave_tokens_per_line=_opt_float(ave),
+        declared_total_tokens=_opt_float(entry.get("total_tokens")),
+    )
+    return spec, problems
+
+
+def _opt_float(value: float | None) -> float | None:
+    return None if value is None else float(value)

@@ -1,0 +1,166 @@
+"""FM9G transform scripts (mixtures/transforms.py, sample_data/transforms)."""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+
+from mixtures.transforms import (TransformError, apply_transform, load_transform,
+                                 record_rng)
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "sample_data" / "transforms"
+
+
+def script(tmp_path: Path, body: str, name: str = "t.py") -> Path:
+    path = tmp_path / name
+    path.write_text(body)
+    return path
+
+
+RANDOM_SCRIPT = """
+def transform(data, num_sample, r):
+    return {"input": "", "output": data["text"] + " " + str(r.random()) + " " + str(num_sample)}
+"""
+
+
+def run(t, data, i=0, **kw):
+    kw.setdefault("seed", 1234)
+    kw.setdefault("dataset_name", "ds")
+    kw.setdefault("source", "src.jsonl")
+    return apply_transform(t, data, record_index=i, **kw)
+
+
+def test_load_transform_metadata(tmp_path: Path):
+    path = script(tmp_path, RANDOM_SCRIPT)
+    t = load_transform(path)
+    assert t.path == str(path)
+    import hashlib
+    assert t.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    # Same source, another file: loaded once; different source: a different module.
+    other = load_transform(script(tmp_path, RANDOM_SCRIPT, "copy.py"))
+    assert other.sha256 == t.sha256
+    assert load_transform(script(tmp_path, RANDOM_SCRIPT + "\n# v2\n", "v2.py")).sha256 != t.sha256
+
+
+def test_same_seed_same_result(tmp_path: Path):
+    t = load_transform(script(tmp_path, RANDOM_SCRIPT))
+    assert run(t, {"text": "a"}, 5) == run(t, {"text": "a"}, 5)
+    # And through a pickle round trip (worker processes).
+    t2 = pickle.loads(pickle.dumps(t))
+    assert run(t2, {"text": "a"}, 5) == run(t, {"text": "a"}, 5)
+
+
+def test_rng_depends_on_record_dataset_and_seed():
+    draws = lambda *a: [record_rng(*a).random() for _ in range(3)]  # noqa: E731
+    assert draws(1, "ds", 0) == draws(1, "ds", 0)
+    assert draws(1, "ds", 0) != draws(1, "ds", 1)
+    assert draws(1, "ds", 0) != draws(2, "ds", 0)
+    assert draws(1, "ds", 0) != draws(1, "other", 0)
+    # Stable across processes and releases (sha256-based, not the salted hash()): pinned.
+    assert record_rng(1234, "ds", 0).random() == 0.8594099147159244
+
+
+def test_different_record_index_different_r(tmp_path: Path):
+    t = load_transform(script(tmp_path, RANDOM_SCRIPT))
+    outs = {run(t, {"text": "a"}, i)["output"] for i in range(20)}
+    assert len(outs) == 20
+
+
+def test_num_sample_passed(tmp_path: Path):
+    t = load_transform(script(tmp_path, RANDOM_SCRIPT))
+    assert run(t, {"text": "a"}, num_sample=3)["output"].endswith(" 3")
+
+
+def test_none_and_empty_output_skip(tmp_path: Path):
+    t = load_transform(script(tmp_path, """
+def transform(data, num_sample, r):
+    kind = data["kind"]
+    if kind == "none":
+        return None
+    if kind == "empty":
+        return {"input": "q", "output": ""}
+    if kind == "missing":
+        return {"input": "q"}
+    if kind == "no_input":
+        return {"output": "a"}
+    return data
+"""))
+    assert run(t, {"kind": "none"}) is None
+    assert run(t, {"kind": "empty"}) is None
+    assert run(t, {"kind": "missing"}) is None
+    assert run(t, {"kind": "no_input"}) == {"input": "", "output": "a"}
+    chat = {"kind": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    assert run(t, chat) is chat  # passed through, not copied
+    assert run(t, {"kind": "t", "text": "x"}) == {"kind": "t", "text": "x"}
+
+
+def test_no_transform_is_identity():
+    rec = {"text": "x"}
+    assert run(None, rec) is rec
+
+
+def test_raising_transform_names_dataset_record_and_traceback(tmp_path: Path):
+    t = load_transform(script(tmp_path, """
+def helper(data):
+    return data["missing_field"]
+
+def transform(data, num_sample, r):
+    return helper(data)
+"""))
+    with pytest.raises(TransformError) as info:
+        run(t, {"text": "x"}, 41, dataset_name="alpaca", source="/d/a.jsonl", source_record=7)
+    msg = str(info.value)
+    assert "'alpaca'" in msg
+    assert "/d/a.jsonl:7" in msg
+    assert "Traceback" in msg and "helper" in msg and "KeyError: 'missing_field'" in msg
+    assert str(t.path) in msg
+
+
+def test_non_dict_result_is_error(tmp_path: Path):
+    t = load_transform(script(tmp_path, "def transform(data, num_sample, r):\n    return [1]\n"))
+    with pytest.raises(TransformError, match="returned list"):
+        run(t, {"text": "x"})
+
+
+def test_missing_transform_function(tmp_path: Path):
+    with pytest.raises(TransformError, match="defines no function `transform"):
+        load_transform(script(tmp_path, "def transfrom(data, num_sample, r):\n    return data\n"))
+
+
+def test_wrong_signature(tmp_path: Path):
+    with pytest.raises(TransformError, match="must accept"):
+        load_transform(script(tmp_path, "def transform(data):\n    return data\n"))
+
+
+def test_import_error_and_missing_file(tmp_path: Path):
+    with pytest.raises(TransformError, match="failed to import"):
+        load_transform(script(tmp_path, "import not_a_module_xyz\n"))
+    with pytest.raises(TransformError, match="cannot read"):
+        load_transform(tmp_path / "nope.py")
+
+
+# --------------------------------------------------------------------------- sample scripts
+
+def test_add_template():
+    t = load_transform(SAMPLE / "add_template.py")
+    out = run(t, {"input": "你好", "output": "你好！"})
+    assert out == {
+        "input": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                 "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n",
+        "output": "你好！<|im_end|>",
+    }
+    assert run(t, {"input": "q", "output": ""}) is None
+    assert run(t, {"input": "q"}) is None
+    assert run(t, {"output": "plain"}) == {"input": "", "output": "plain"}
+    assert run(t, {"text": "plain"}) == {"input": "", "output": "plain"}
+
+
+def test_script_cpmc():
+    t = load_transform(SAMPLE / "script_cpmc.py")
+    assert run(t, {"text": "中国的首都是北京。"}) == {"input": "", "output": "中国的首都是北京。"}
+    assert run(t, {"input": "q", "output": "a"}) == {"input": "q", "output": "a"}
+    assert run(t, {"output": "a"}) == {"input": "", "output": "a"}
+    assert run(t, {"text": "  \n"}) is None
+    assert run(t, {"input": "q"}) is None
