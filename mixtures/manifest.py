@@ -32,6 +32,8 @@ from jsonschema import Draft202012Validator
 FORMATS = ("auto", "text", "input-output", "alpaca", "sharegpt", "messages")
 TEMPLATES = ("tokenizer", "chatml", "hunyuan", "hy3", "none")
 OVERFLOWS = ("segment", "truncate", "drop")
+LOSS_MODES = ("assistant", "last", "all")  # which turns train: every assistant turn, the last, everything
+TEXT_UNITS = ("line", "paragraph")  # txt sources: one document per line, or per blank-line paragraph
 # FM9G's oversize_rule values; "head" is FM9G's name for truncation.
 OVERSIZE_RULES = {"segment": "segment", "head": "truncate", "truncate": "truncate", "drop": "drop"}
 # Spellings of the declared mean tokens per line seen in FM9G mixtures and forks.
@@ -70,6 +72,8 @@ class DatasetSpec:
     declared_nlines: float | None = None
     declared_ave_tokens_per_line: float | None = None
     declared_total_tokens: float | None = None  # billions
+    loss: str = "assistant"
+    text_unit: str = "line"
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,8 @@ _DATASET_PROPERTIES: dict[str, Any] = {
     "transforms": _NULLABLE_STRING,
     "allow_repeat": {"type": "boolean"},
     "overflow": {"enum": list(OVERFLOWS)},
+    "loss": {"enum": list(LOSS_MODES)},
+    "text_unit": {"enum": list(TEXT_UNITS)},
     "incontext_weight": {
         "type": "array",
         "items": {"type": "number", "minimum": 0},
@@ -441,6 +447,8 @@ def _dataset_spec(entry: dict, manifest: Path, at: list) -> tuple[DatasetSpec, l
         declared_nlines=_opt_float(entry.get("nlines")),
         declared_ave_tokens_per_line=_opt_float(ave),
         declared_total_tokens=_opt_float(entry.get("total_tokens")),
+        loss=entry.get("loss", "assistant"),
+        text_unit=entry.get("text_unit", "line"),
     )
     return spec, problems
 

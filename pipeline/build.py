@@ -69,11 +69,11 @@ def plan_dataset(spec: DatasetSpec, mixture: Mixture, tok, template, cache: Path
         size = (os.path.getsize(os.path.join(f, "data.jsonl")) if os.path.isdir(f)
                 else os.path.getsize(f))
         sources.append({"path": f, "name": os.path.basename(f), "bytes": size, "hash": digest})
-    paragraphs = getattr(spec, "text_unit", "line") == "paragraph"
+    paragraphs = spec.text_unit == "paragraph"
     units = plan_units(files, txt_paragraphs=paragraphs)
     fmt = spec.format if spec.format != "auto" else _detect(units, spec)
     transform_sha = load_transform(spec.transforms).sha256 if spec.transforms else None
-    loss = getattr(spec, "loss", "assistant")
+    loss = spec.loss
     key = dataset_key(sources=sources, format=fmt, transform_sha256=transform_sha,
                       seed=mixture.seed, template_sha256=template.sha256,
                       tokenizer_sha256=tok.sha256, max_length=mixture.max_length,
