@@ -6,10 +6,7 @@ order. Units depend only on the data, so the result is byte-identical for any wo
 """
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
-import shutil
-import sys
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -23,15 +20,16 @@ from mixtures.manifest import DatasetSpec, Mixture, load_manifest
 from mixtures.transforms import load_transform
 from stages.errors import BuildError, RecordError
 from stages.formats import detect_format
-from stages.readers import base_suffix, expand_source, iter_unit, plan_units
+from stages.readers import expand_source, iter_unit, plan_units
 from stages.render import resolve_template
-from stages.shard import file_sha256, read_shard, token_dtype
+from stages.shard import read_shard, token_dtype
 from stages import stats
 from stages.tokenizer import load_tokenizer
 
 from .cache import CacheEntry, FingerprintMemo, dataset_key, dir_fingerprint, file_fingerprint
 from .progress import Progress
-from .worker import DatasetJob, process_unit
+from .executors import run_local, run_ray
+from .worker import DatasetJob
 
 SCHEMA_VERSION = 1
 
@@ -82,24 +80,6 @@ def plan_dataset(spec: DatasetSpec, mixture: Mixture, tok, template, cache: Path
     job = DatasetJob(spec.dataset_name, fmt, tok.path, mixture.template, mixture.max_length,
                      spec.overflow, loss, spec.transforms, mixture.seed, on_error, str(entry.partial))
     return DatasetPlan(spec, entry, job, sources, units)
-
-
-def _run_units(tasks: list[tuple[DatasetPlan, object]], workers: int, progress: Progress) -> dict:
-    """→ {(dataset_name, unit index): summary}. Fails fast on the first RecordError."""
-    results = {}
-    if workers <= 1 or len(tasks) <= 1:
-        for plan, unit in tasks:
-            results[(plan.spec.dataset_name, unit.index)] = s = process_unit(plan.job, unit)
-            progress.advance(plan.spec.dataset_name, s)
-        return results
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers, maxtasksperchild=64) as pool:
-        pending = [(plan, unit, pool.apply_async(process_unit, (plan.job, unit))) for plan, unit in tasks]
-        for plan, unit, res in pending:
-            s = res.get()  # re-raises the worker's RecordError in unit order
-            results[(plan.spec.dataset_name, unit.index)] = s
-            progress.advance(plan.spec.dataset_name, s)
-    return results
 
 
 def assemble(plan: DatasetPlan, summaries: list[dict], tok, template, mixture: Mixture) -> dict:
@@ -162,7 +142,7 @@ def assemble(plan: DatasetPlan, summaries: list[dict], tok, template, mixture: M
 def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = None,
                   workers: int | None = None, on_error: str = "fail", force: bool = False,
                   tokenizer: str | None = None, template: str | None = None,
-                  max_length: int | None = None, executor: str = "local",
+                  max_length: int | None = None, executor: str = "local", ray_address: str | None = None,
                   progress: Progress | None = None) -> tuple[Path, list[DatasetPlan], list[str]]:
     """Build or reuse every dataset of a manifest and write the lock. → (lock path, plans, warnings)"""
     mixture = load_manifest(manifest, tokenizer=tokenizer, template=template, max_length=max_length)
@@ -171,8 +151,8 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
     cache_dir.mkdir(parents=True, exist_ok=True)
     workers = workers or os.cpu_count() or 1
     progress = progress or Progress()
-    if executor != "local":
-        raise BuildError(f"executor {executor!r} is not available in this version (use local)")
+    if executor not in ("local", "ray"):
+        raise BuildError(f"unknown executor {executor!r}: local or ray")
 
     tok = load_tokenizer(mixture.tokenizer)
     tmpl = resolve_template(mixture.template, tok)
@@ -193,7 +173,11 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
         tasks = [(p, u) for p in plans if p.status == "build" for u in p.units]
         progress.start(plans)
         t0 = time.perf_counter()
-        results = _run_units(tasks, workers, progress)
+        if executor == "ray":
+            shared = sorted({u.file for _, u in tasks} | {str(cache_dir.resolve())})
+            results = run_ray(tasks, ray_address, progress, shared)
+        else:
+            results = run_local(tasks, workers, progress)
         for plan in plans:
             if plan.status == "build":
                 summaries = [results[(plan.spec.dataset_name, u.index)] for u in plan.units]

@@ -14,7 +14,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", help="output dir (default: build/ beside the manifest)")
     b.add_argument("--cache", help="cache dir (default: $TOKENMILL_CACHE or <out>/cache)")
     b.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
-    b.add_argument("--executor", choices=("local", "ray"), default="local")
+    b.add_argument("--executor", choices=("local", "ray"), default="local",
+                   help="ray: run work units as Ray tasks (sources and cache on a shared path)")
+    b.add_argument("--ray-address", help="Ray cluster address (default: start/attach a local one)")
     b.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                    help="bad records: stop naming file:record (fail) or count and set aside (skip)")
     b.add_argument("--force", action="store_true", help="rebuild even when a valid build exists")
@@ -80,7 +82,8 @@ def _run(args) -> int:
         lock, plans, warnings = build_mixture(
             args.manifest, out=args.out, cache=args.cache, workers=args.workers,
             on_error=args.on_error, force=args.force, tokenizer=args.tokenizer,
-            template=args.template, max_length=args.max_length, executor=args.executor)
+            template=args.template, max_length=args.max_length, executor=args.executor,
+            ray_address=args.ray_address)
         print_summary(lock, plans, warnings)
         return 0
     if args.cmd == "plan":

@@ -24,7 +24,8 @@ JSON_SUFFIXES = (".json",)
 PARQUET_SUFFIXES = (".parquet",)
 COMPRESSED = (".gz", ".zst")
 KNOWN = LINE_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
-UNIT_BYTES = 32 << 20  # split plain line files into ~32 MiB units
+# Plain line files are split into ~32 MiB units (one shard each). Part of the dataset key.
+UNIT_BYTES = int(os.environ.get("TOKENMILL_UNIT_BYTES", 32 << 20))
 
 
 def base_suffix(path: str) -> str:

@@ -1,0 +1,64 @@
+"""Where work units run: in-process, a local process pool, or Ray tasks across nodes.
+
+Every executor runs the same `process_unit` on the same units and hands the summaries back
+in unit order; the driver assembles the built dirs, so the output is byte-identical
+whichever executor ran.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+
+from stages.errors import BuildError
+
+from .worker import process_unit
+
+
+def run_local(tasks, workers: int, progress) -> dict:
+    results = {}
+    if workers <= 1 or len(tasks) <= 1:
+        for plan, unit in tasks:
+            results[(plan.spec.dataset_name, unit.index)] = s = process_unit(plan.job, unit)
+            progress.advance(plan.spec.dataset_name, s)
+        return results
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    with ctx.Pool(workers, maxtasksperchild=64) as pool:
+        pending = [(plan, unit, pool.apply_async(process_unit, (plan.job, unit))) for plan, unit in tasks]
+        for plan, unit, res in pending:
+            s = res.get()  # re-raises a worker's RecordError, in unit order
+            results[(plan.spec.dataset_name, unit.index)] = s
+            progress.advance(plan.spec.dataset_name, s)
+    return results
+
+
+def _paths_visible(paths: list[str]) -> tuple[str, list[str]]:
+    import socket
+    return socket.gethostname(), [p for p in paths if not os.path.exists(p)]
+
+
+def run_ray(tasks, address: str | None, progress, shared_paths: list[str]) -> dict:
+    try:
+        import ray
+    except ImportError:
+        raise BuildError("--executor ray needs Ray: pip install -c constraints.txt '.[ray]'") from None
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+    # Workers read the sources and write into the cache by path: check every node sees them.
+    check = ray.remote(num_cpus=0)(_paths_visible)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    probes = [check.options(scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+        n["NodeID"], soft=False)).remote(shared_paths) for n in nodes]
+    for host, missing in ray.get(probes):
+        if missing:
+            raise BuildError(f"Ray node {host} cannot see {', '.join(missing[:3])}: with --executor ray the "
+                             "sources and the cache must be on a path every node shares (NFS, Lustre, …)")
+    remote = ray.remote(num_cpus=1)(process_unit)
+    refs = [(plan, unit, remote.remote(plan.job, unit)) for plan, unit in tasks]
+    results = {}
+    for plan, unit, ref in refs:
+        s = ray.get(ref)
+        results[(plan.spec.dataset_name, unit.index)] = s
+        progress.advance(plan.spec.dataset_name, s)
+    return results
