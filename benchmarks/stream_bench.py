@@ -1,0 +1,328 @@
+"""Benchmark of train.stream.MixtureStream on real SFT data.
+
+    python benchmarks/stream_bench.py [--out bench_out/stream] [--batches 200]
+
+Reports
+  1. tokens/s delivered by one worker in packed mode (seq_len 4096, batch 8) against the raw
+     memmap read of the same tokens in the same order (the limit): per-sample slice copies
+     from the shards' memmaps into one buffer, (a) through the np.memmap objects that
+     stages.shard.read_shard returns, (b) through plain ndarray views of the same maps (the
+     faster one; the target is >= 0.5 of it).
+  2. the non-pad token fraction at 4096: packed (best-fit decreasing in a 1024-sample window)
+     vs padded (batches of 8 padded to the longest), and greedy in-order packing for context.
+  3. time to the first batch after resuming at sample 10^6 in a fresh process.
+
+The data: alpaca_zh_demo + sharegpt_zh_1K + numina_cot_1k (shared/corpora) rendered with the
+Qwen2.5 chat template and tokenizer. NOTE: the real builder (stages/pipeline) is not ready, so
+this script does its own minimal tokenization: transformers' apply_chat_template renders the
+conversation, each assistant turn (content + <|im_end|>) is a loss span found by rendering
+the prefix before it, samples are truncated at 4096 tokens; shards are written with
+stages.shard.write_shard and cached under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+from torch.utils.data import IterableDataset  # noqa: E402
+
+from stages.shard import ShardArrays, read_shard, token_dtype, write_shard  # noqa: E402
+from train.stream import MixtureStream  # noqa: E402
+
+CORPORA = Path("/work/shared/corpora")
+TOKENIZER = Path("/work/shared/tokenizers/qwen2.5-family-internvl2_5-1b")
+SEQ = 4096
+SOURCES = {
+    "alpaca_zh": CORPORA / "llamafactory-alpaca-en-zh/alpaca_zh_demo.json",
+    "sharegpt_zh": CORPORA / "medicalgpt-sharegpt-zh/sharegpt_zh_1K_format.jsonl",
+    "numina_cot": CORPORA / "medicalgpt-numina-cot-en/numina_cot_sharegpt_data_1k.jsonl",
+}
+
+
+# --------------------------------------------------------------------------- data
+def _conversations(path: Path):
+    if path.suffix == ".json":
+        for r in json.loads(path.read_text("utf-8")):
+            q = r["instruction"] + ("\n" + r["input"] if r.get("input") else "")
+            yield [{"role": "user", "content": q}, {"role": "assistant", "content": r["output"]}]
+    else:
+        for line in path.read_text("utf-8").splitlines():
+            conv = json.loads(line)["conversations"]
+            role = {"human": "user", "gpt": "assistant", "system": "system"}
+            yield [{"role": role[m["from"]], "content": m["value"]} for m in conv]
+
+
+def build_real(out: Path) -> Path:
+    lock_path = out / "mixture.lock.json"
+    if lock_path.exists():
+        return lock_path
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    tpl = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    fast = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
+    vocab = len(tpl)
+    tok_sha = hashlib.sha256((TOKENIZER / "tokenizer.json").read_bytes()).hexdigest()
+    entries = []
+    for name, src in SOURCES.items():
+        texts, spans_c = [], []
+        for msgs in _conversations(src):
+            full = tpl.apply_chat_template(msgs, tokenize=False)
+            sp = []
+            for k, m in enumerate(msgs):
+                if m["role"] != "assistant":
+                    continue
+                pre = tpl.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True)
+                upto = tpl.apply_chat_template(msgs[: k + 1], tokenize=False)
+                assert full.startswith(upto) and upto.startswith(pre)
+                sp.append((len(pre), len(upto.rstrip("\n"))))
+            texts.append(full)
+            spans_c.append(sp)
+        encs = fast.encode_batch(texts, add_special_tokens=False)
+        toks, spans, lso, lens = [], [], [0], []
+        for enc, sp in zip(encs, spans_c):
+            ids = np.asarray(enc.ids[:SEQ], np.int64)
+            starts = np.asarray([o[0] for o in enc.offsets[:SEQ]], np.int64)
+            pairs = [(int(np.searchsorted(starts, a)), int(np.searchsorted(starts, b)))
+                     for a, b in sp]
+            pairs = [(a, b) for a, b in pairs if b > a]
+            toks.append(ids)
+            spans += pairs
+            lso.append(lso[-1] + len(pairs))
+            lens.append(len(ids))
+        d = out / name
+        d.mkdir(parents=True, exist_ok=True)
+        offsets = np.zeros(len(lens) + 1, np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        arr = ShardArrays(np.concatenate(toks).astype(token_dtype(vocab)), offsets,
+                          np.arange(len(lens), dtype=np.int64),
+                          np.asarray(spans, np.int32).reshape(-1, 2), np.asarray(lso, np.int64))
+        sha = write_shard(d / "shard-00000.h5", arr, source=str(src))
+        key = hashlib.sha256(f"{name}:{sha}".encode()).hexdigest()
+        meta = {"schema_version": 1, "key": key, "nlines": len(lens), "n_tokens": int(sum(lens)),
+                "avg_token_per_line": float(np.mean(lens)), "length_unit": "tokens",
+                "tokenizer": {"path": str(TOKENIZER), "vocab_size": vocab, "sha256": tok_sha},
+                "build": {"format": "sharegpt", "max_length": SEQ, "overflow": "truncate"},
+                "shards": [{"file": "shard-00000.h5", "n_samples": len(lens),
+                            "n_tokens": int(sum(lens)), "sha256": sha}]}
+        (d / "meta.json").write_text(json.dumps(meta, indent=1))
+        entries.append((name, d, meta))
+    probs = [1 / 3 / m["avg_token_per_line"] for _, _, m in entries]  # equal token shares
+    lock = {"schema_version": 1, "manifest_sha256": "0" * 64, "seed": 1234, "max_length": SEQ,
+            "tokenizer": {"path": str(TOKENIZER), "vocab_size": vocab, "sha256": tok_sha},
+            "datasets": [{"dataset_name": n, "task_name": n, "abs_weight": 1 / 3,
+                          "token_share": 1 / 3, "sample_probability": p / sum(probs),
+                          "path": str(d.resolve()), "key": m["key"], "allow_repeat": True,
+                          "nlines": m["nlines"], "ave_tokens_per_line": m["avg_token_per_line"],
+                          "total_tokens": m["n_tokens"] / 1e9}
+                         for (n, d, m), p in zip(entries, probs)]}
+    lock_path.write_text(json.dumps(lock, indent=1))
+    return lock_path
+
+
+# --------------------------------------------------------------------------- measurements
+def _lengths(stream):
+    store = stream._tokens()
+    return [store.off_all[store.off_base[k] + 1: store.off_base[k] + 1 + ds.n]
+            - store.off_all[store.off_base[k]: store.off_base[k] + ds.n]
+            for k, ds in enumerate(stream.datasets)]
+
+
+def throughput(lock: Path, n_batches: int) -> dict:
+    s = MixtureStream(lock, SEQ, mode="packed", batch_size=8)
+    lens = _lengths(s)
+    t_stream = float("inf")
+    for _ in range(3):  # best of 3 (a shared 2-core machine), as for the raw reads below
+        it = iter(s.loader(0))
+        next(it)  # the shards are open; time steady-state batches 1..n
+        samples, t0 = [], time.perf_counter()
+        for _ in range(n_batches):
+            samples.append(next(it)["samples"].numpy())
+        t_stream = min(t_stream, time.perf_counter() - t0)
+    ids = np.concatenate(samples)
+    real = int(sum(lens[d][i] for d, i in ids.tolist()))
+
+    # the raw read of the same samples, same order, from the same files
+    shards = [read_shard(Path(ds.files[0]), mmap=True) for ds in s.datasets]
+    src = [(int(d), int(sh.offsets[i]), int(sh.offsets[i + 1]))
+           for d, i in ids.tolist() for sh in [shards[d]]]
+    buf = np.empty(real, shards[0].tokens.dtype)
+
+    def raw(arrays):
+        t = time.perf_counter()
+        p = 0
+        for d, a, b in src:
+            buf[p:p + b - a] = arrays[d][a:b]
+            p += b - a
+        return time.perf_counter() - t
+
+    mm = [sh.tokens for sh in shards]
+    views = [m.view(np.ndarray) for m in mm]
+    raw(views)
+    t_mm = min(raw(mm) for _ in range(3))
+    t_view = min(raw(views) for _ in range(3))
+
+    # the same through a DataLoader with one worker (includes the worker->main transfer)
+    s1 = MixtureStream(lock, SEQ, mode="packed", batch_size=8)
+    it1 = iter(s1.loader(1))
+    next(it1)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        next(it1)
+    t_dl1 = time.perf_counter() - t0
+    # torch's worker->main transport alone: a worker that yields ready tensors of that shape
+    import torch
+    from torch.utils.data import DataLoader
+
+    first = next(iter(MixtureStream(lock, SEQ, mode="packed", batch_size=8).loader(0)))
+    it2 = iter(DataLoader(_Replay(first), batch_size=None, num_workers=1, collate_fn=_ident))
+    next(it2)
+    t0 = time.perf_counter()
+    for _ in range(n_batches):
+        next(it2)
+    t_ipc = time.perf_counter() - t0
+    del torch
+    return {"batches": n_batches, "samples": len(ids), "real_tokens": real,
+            "transport_floor_tok_s": real / t_ipc,
+            "stream_tok_s": real / t_stream, "raw_memmap_tok_s": real / t_mm,
+            "raw_view_tok_s": real / t_view, "dataloader_1worker_tok_s": real / t_dl1}
+
+
+class _Replay(IterableDataset):
+    """Iterable dataset yielding copies of one batch (the DataLoader transport floor)."""
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __iter__(self):
+        while True:
+            yield {k: v.clone() if hasattr(v, "clone") else v for k, v in self.batch.items()}
+
+
+def _ident(x):
+    return x
+
+
+def fill(lock: Path, n_batches: int) -> dict:
+    out = {}
+    for mode in ("packed", "padded"):
+        s = MixtureStream(lock, SEQ, mode=mode, batch_size=8)
+        lens = _lengths(s)
+        real = tot = 0
+        it = iter(s.loader(0))
+        for _ in range(n_batches):
+            b = next(it)
+            real += sum(int(lens[d][i]) for d, i in b["samples"].tolist())
+            tot += b["input_ids"].numel()
+        out[mode] = real / tot
+    # greedy in-order packing of the same sample sequence, for context
+    s = MixtureStream(lock, SEQ, mode="padded", batch_size=64)
+    lens = _lengths(s)
+    it = iter(s.loader(0))
+    seq = [int(lens[d][i]) for _ in range(n_batches // 2) for d, i in next(it)["samples"].tolist()]
+    rows, room = 0, 0
+    for n in seq:
+        if n > room:
+            rows, room = rows + 1, SEQ
+        room -= n
+    out["greedy_in_order"] = sum(seq) / (rows * SEQ)
+    return out
+
+
+def resume(lock: Path, out: Path, target: int = 1_000_000) -> dict:
+    from train import stream as sm
+    s = MixtureStream(lock, SEQ, mode="packed", batch_size=8)
+    cur = sm._Cursor(s, s._internal(s.state_dict()))
+    t0 = time.perf_counter()
+    while cur.win.next_start["src"]["draws"] < target:  # walk windows (lengths only)
+        cur.advance(cur.win.size - cur.off + 1)
+    cur.advance(cur.win.size // 2)  # stop inside the window that holds sample 10^6
+    t_walk = time.perf_counter() - t0
+    state = s._public(cur.state())
+    expect = s._collate(cur.advance(8, collect=True))["input_ids"]
+    (out / "state_1e6.json").write_text(json.dumps(state))
+    res = {"state_bytes": len(json.dumps(state)), "draws_at_window_start": state["draws"],
+           "rows_consumed": state["consumed"], "walk_to_it_s": t_walk}
+    for nw in (0, 2):
+        r = subprocess.run([sys.executable, __file__, "--resume-child", str(lock),
+                            str(out / "state_1e6.json"), str(nw)], capture_output=True,
+                           text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        child = json.loads(r.stdout.strip().splitlines()[-1])
+        child["same_batch_as_uninterrupted"] = child.pop("digest") == hashlib.sha256(
+            expect.numpy().tobytes()).hexdigest()
+        res[f"workers={nw}"] = child
+    return res
+
+
+def resume_child(lock: str, state_path: str, nw: int) -> None:
+    import torch  # noqa: F401  (imported before timing, as a trainer would have it)
+    state = json.loads(Path(state_path).read_text())
+    t0 = time.perf_counter()
+    s = MixtureStream(lock, SEQ, mode="packed", batch_size=8)
+    t1 = time.perf_counter()
+    ld = s.loader(nw)
+    ld.load_state_dict(state)
+    b = next(iter(ld))
+    t2 = time.perf_counter()
+    print(json.dumps({"open_s": round(t1 - t0, 4), "load_state_to_first_batch_s": round(t2 - t1, 4),
+                      "digest": hashlib.sha256(b["input_ids"].numpy().tobytes()).hexdigest()}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "bench_out" / "stream"))
+    ap.add_argument("--batches", type=int, default=200)
+    ap.add_argument("--resume-child", nargs=3)
+    a = ap.parse_args()
+    if a.resume_child:
+        return resume_child(a.resume_child[0], a.resume_child[1], int(a.resume_child[2]))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    lock = build_real(out)
+    lk = json.loads(lock.read_text())
+    desc = ", ".join("{} {} samples, mean {:.0f} tok".format(
+        d["dataset_name"], d["nlines"], d["ave_tokens_per_line"]) for d in lk["datasets"])
+    print(f"data: {desc}  (built/cached in {time.perf_counter() - t0:.1f}s, own minimal "
+          "tokenization, Qwen2.5 template)")
+    tp = throughput(lock, a.batches)
+    print(f"\n[1] packed throughput, one worker, seq_len {SEQ} x batch 8, {tp['batches']} batches, "
+          f"{tp['samples']} samples, {tp['real_tokens']} real tokens")
+    print(f"    stream (packed, in-process)     {tp['stream_tok_s'] / 1e6:8.1f} M tok/s")
+    dl = tp["dataloader_1worker_tok_s"] / 1e6
+    print(f"    stream via DataLoader, 1 worker {dl:8.1f} M tok/s   (torch's worker->main "
+          f"transport alone, same tensors: {tp['transport_floor_tok_s'] / 1e6:.1f} M tok/s)")
+    print(f"    raw read, np.memmap slices      {tp['raw_memmap_tok_s'] / 1e6:8.1f} M tok/s   "
+          f"ratio {tp['stream_tok_s'] / tp['raw_memmap_tok_s']:.2f}")
+    print(f"    raw read, plain-view slices     {tp['raw_view_tok_s'] / 1e6:8.1f} M tok/s   "
+          f"ratio {tp['stream_tok_s'] / tp['raw_view_tok_s']:.2f}  (target >= 0.5)")
+    fl = fill(lock, a.batches)
+    print(f"\n[2] non-pad token fraction at {SEQ}: packed (BFD, window 1024) {fl['packed']:.4f}"
+          f"  | padded, batch 8 {fl['padded']:.4f}"
+          f"  | greedy in-order packing {fl['greedy_in_order']:.4f}"
+          f"  (target packed >= 0.97)")
+    rs = resume(lock, out)
+    print(f"\n[3] resume at sample {rs['draws_at_window_start']:,} (window start; row "
+          f"{rs['rows_consumed']:,}); state {rs['state_bytes']} bytes of JSON; walking there "
+          f"without reading tokens took {rs['walk_to_it_s']:.1f}s (what a replay would cost)")
+    for k in ("workers=0", "workers=2"):
+        c = rs[k]
+        print(f"    fresh process, {k}: open {c['open_s']:.3f}s, load_state_dict -> first batch "
+              f"{c['load_state_to_first_batch_s']:.3f}s, batch identical to the uninterrupted "
+              f"stream: {c['same_batch_as_uninterrupted']}  (target < 1 s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,452 @@
+"""MixtureStream: sampling, packing, state and resume (fixtures built with write_shard)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from stream_fixtures import (EOS, make_dataset, make_lock, read_sample,  # noqa: E402
+                             standard_mixture)
+
+from train.sampling import MixtureSampler, feistel_permute  # noqa: E402
+from train.stream import MixtureStream, StreamError  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def lock(tmp_path_factory):
+    return standard_mixture(tmp_path_factory.mktemp("mix"))
+
+
+def take(it, n):
+    out = []
+    for b in it:
+        out.append(b)
+        if len(out) == n:
+            break
+    return out
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for k in x:
+            if torch.is_tensor(x[k]):
+                assert torch.equal(x[k], y[k]), k
+            else:
+                assert x[k] == y[k], k
+
+
+def expected(dirs, d, i, a=0, b=None):
+    toks, spans = read_sample(dirs[d], i)
+    b = len(toks) if b is None else b
+    mask = np.zeros(len(toks), bool) if spans is not None else np.ones(len(toks), bool)
+    if spans is not None:
+        for s, e in spans:
+            mask[s:e] = True
+    ids = toks[a:b]
+    lab = np.where(mask[a:b], ids, -100)
+    lab[0] = -100
+    return ids, lab
+
+
+def lock_dirs(lock):
+    return [d["path"] for d in json.loads(Path(lock).read_text())["datasets"]]
+
+
+# ------------------------------------------------------------------ primitives
+def test_feistel_is_a_bijection_and_keyed():
+    for n in (1, 2, 3, 7, 16, 17, 1000, 4097):
+        p = feistel_permute(np.arange(n), n, 99)
+        assert sorted(p.tolist()) == list(range(n))
+    a, b = feistel_permute(np.arange(500), 500, 1), feistel_permute(np.arange(500), 500, 2)
+    assert not np.array_equal(a, b)
+
+
+def test_sampler_is_chunking_independent_and_restorable():
+    args = ([0.5, 0.3, 0.2], [40, 7, 25], [True, True, False], [11, 12, 13], 5)
+    s1 = MixtureSampler(*args)
+    d1, t1 = s1.draw(300)
+    s2 = MixtureSampler(*args)
+    parts = [s2.draw(k) for k in (1, 36, 100, 163)]
+    assert np.array_equal(d1, np.concatenate([p[0] for p in parts]))
+    assert np.array_equal(t1, np.concatenate([p[1] for p in parts]))
+    s3 = MixtureSampler(*args)
+    s3.draw(137)
+    snap = json.loads(json.dumps(s3.snapshot()))
+    s4 = MixtureSampler(*args)
+    s4.restore(snap)
+    assert np.array_equal(s4.draw(163)[1], t1[137:])
+    # the non-repeating dataset gave each of its 25 samples once
+    assert sorted(t1[d1 == 2].tolist()) == list(range(25))
+
+
+# ------------------------------------------------------------------ packing
+@pytest.mark.parametrize("mode", ["packed", "padded"])
+def test_rows_match_shards_and_loss_spans(lock, mode):
+    dirs = lock_dirs(lock)
+    L = 128  # >= every sample: no overflow here
+    s = MixtureStream(lock, L, mode=mode, batch_size=3, pack_window=64)
+    seen = 0
+    for batch in take(s.loader(), 25):
+        ids, lab = batch["input_ids"].numpy(), batch["labels"].numpy()
+        assert ids.shape[1] <= L
+        assert batch["n_trained"] == int((lab != -100).sum())
+        samples = batch["samples"].tolist()
+        if mode == "packed":
+            pos = batch["position_ids"].numpy()
+            cu = batch["cu_seqlens"].numpy()
+            assert cu.dtype == np.int32 and cu[0] == 0 and cu[-1] == ids.size
+            flat = pos.reshape(-1)
+            # cu_seqlens boundaries are exactly where position ids restart
+            assert np.array_equal(np.flatnonzero(flat == 0), cu[:-1])
+            seg = np.diff(cu)
+            assert batch["max_seqlen"] == seg.max()
+            assert np.array_equal(flat, np.concatenate([np.arange(n) for n in seg]))
+            k = 0
+            for r in range(ids.shape[0]):
+                starts = list(np.flatnonzero(pos[r] == 0)) + [L]
+                for s0, s1 in zip(starts, starts[1:]):
+                    if ids[r, s0] == s.pad_id:  # a row's padding: its last segment only
+                        assert s1 == L and (ids[r, s0:] == s.pad_id).all()
+                        assert (lab[r, s0:] == -100).all()
+                        continue
+                    d, i = samples[k]
+                    k += 1
+                    e_ids, e_lab = expected(dirs, d, i)
+                    assert np.array_equal(ids[r, s0:s1], e_ids)
+                    assert np.array_equal(lab[r, s0:s1], e_lab)
+            assert k == len(samples)
+        else:
+            att = batch["attention_mask"].numpy()
+            for r, (d, i) in enumerate(samples):
+                e_ids, e_lab = expected(dirs, d, i)
+                n = len(e_ids)
+                assert att[r, :n].all() and not att[r, n:].any()
+                assert np.array_equal(ids[r, :n], e_ids) and np.array_equal(lab[r, :n], e_lab)
+                assert (lab[r, n:] == -100).all() and (ids[r, n:] == s.pad_id).all()
+            assert ids.shape[1] == max(len(read_sample(dirs[d], i)[0]) for d, i in samples)
+        seen += len(samples)
+    assert seen >= 75
+
+
+def test_packing_fill_and_window_bound(lock):
+    dirs = lock_dirs(lock)
+    fill = []
+    for b in take(MixtureStream(lock, 256, batch_size=4, pack_window=200).loader(), 30):
+        assert b["input_ids"].shape == (4, 256)
+        n_real = sum(len(read_cache(dirs[d], i)) for d, i in b["samples"].tolist())
+        fill.append(n_real / b["input_ids"].numel())
+    assert np.mean(fill) > 0.95, np.mean(fill)
+
+
+@pytest.mark.parametrize("policy", ["segment", "truncate", "drop"])
+def test_overflow_policy_is_applied_and_counted(tmp_path, policy):
+    lens = [10, 50, 130, 30, 64, 65, 200]
+    d = make_dataset(tmp_path, "long", lens, overflow=policy, max_length=256)
+    lk = make_lock(tmp_path / "lock.json", [{"dir": d, "abs_weight": 1.0,
+                                             "allow_repeat": False}])
+    s = MixtureStream(lk, 64, mode="packed", batch_size=2, pack_window=4)
+    ld = s.loader()
+    got, toks = Counter(), Counter()
+    for b in ld:
+        ids, pos = b["input_ids"].numpy(), b["position_ids"].numpy()
+        assert (np.diff(b["cu_seqlens"].numpy()) <= 64).all()
+        pieces = []
+        for r in range(ids.shape[0]):
+            starts = list(np.flatnonzero(pos[r] == 0)) + [64]
+            pieces += [s1 - s0 for s0, s1 in zip(starts, starts[1:]) if ids[r, s0] != s.pad_id]
+        for (_, i), n in zip(b["samples"].tolist(), pieces, strict=True):
+            got[i] += 1
+            toks[i] += n
+    over = [i for i, n in enumerate(lens) if n > 64]
+    assert ld.stats()["overflow"] == {"long": len(over)}
+    for i, n in enumerate(lens):
+        if n <= 64:
+            assert got[i] == 1
+        elif policy == "segment":
+            assert got[i] == -(-n // 64) and toks[i] == n
+        elif policy == "truncate":
+            assert got[i] == 1 and toks[i] == 64
+        else:
+            assert got[i] == 0
+
+
+def test_concat_rows_are_the_eos_joined_document_stream(lock):
+    dirs = lock_dirs(lock)
+    L = 50
+    s = MixtureStream(lock, L, mode="concat", batch_size=2, pack_window=30)
+    batches = take(s.loader(), 20)
+    flat = torch.cat([b["input_ids"].reshape(-1) for b in batches]).numpy()
+    labs = torch.cat([b["labels"].reshape(-1) for b in batches]).numpy()
+    docs = []
+    for b in batches:
+        for d, i in b["samples"].tolist():
+            if not docs or docs[-1] != (d, i):
+                docs.append((d, i))
+    stream, mask = [], []
+    for d, i in docs:
+        toks, spans = read_sample(dirs[d], i)
+        m = np.ones(len(toks), bool) if spans is None else np.zeros(len(toks), bool)
+        if spans is not None:
+            for a, e in spans:
+                m[a:e] = True
+        if toks[-1] != EOS:
+            toks, m = np.append(toks, EOS), np.append(m, True)
+        stream.append(toks)
+        mask.append(m)
+    stream, mask = np.concatenate(stream), np.concatenate(mask)
+    assert np.array_equal(flat, stream[: len(flat)])
+    want = np.where(mask[: len(flat)], flat, -100)
+    want[::L] = -100
+    assert np.array_equal(labs, want)
+
+
+# ------------------------------------------------------------------ resume
+@pytest.mark.parametrize("mode", ["packed", "padded", "concat"])
+def test_exact_resume_across_worker_counts(lock, mode):
+    N, k = 12, 5
+    kw = dict(mode=mode, batch_size=2, pack_window=40)
+    base = take(MixtureStream(lock, 96, **kw).loader(0), N)
+    assert_same(base, take(MixtureStream(lock, 96, **kw).loader(2), N))
+    for before, after in [(0, 2), (2, 1), (1, 0)]:
+        ld = MixtureStream(lock, 96, **kw).loader(before)
+        first = take(ld, k)
+        state = json.loads(json.dumps(ld.state_dict()))  # plain JSON
+        assert_same(first, base[:k])
+        fresh = MixtureStream(lock, 96, **kw).loader(after)
+        fresh.load_state_dict(state)
+        assert_same(take(fresh, N - k), base[k:])
+
+
+def test_loader_state_ignores_prefetch_and_reiteration(lock):
+    kw = dict(mode="packed", batch_size=2, pack_window=40)
+    base = take(MixtureStream(lock, 96, **kw).loader(0), 9)
+    ld = MixtureStream(lock, 96, **kw).loader(2, prefetch_factor=4)
+    got = take(ld, 3)  # workers have run ahead; the state must not have
+    st = ld.state_dict()
+    got += take(ld, 3)  # iterating again continues where the caller stopped
+    fresh = MixtureStream(lock, 96, **kw).loader(0)
+    fresh.load_state_dict(st)
+    got2 = take(fresh, 6)
+    assert_same(got, base[:6])
+    assert_same(got2, base[3:9])
+
+
+def rank_batches(lock, ws, steps, state=None, nw=0, **kw):
+    out, states = [], []
+    for r in range(ws):
+        ld = MixtureStream(lock, 96, rank=r, world_size=ws, **kw).loader(nw)
+        if state is not None:
+            ld.load_state_dict(state)
+        out.append(take(ld, steps))
+        states.append(ld.state_dict())
+    assert all(x == states[0] for x in states)  # every rank reports the same global position
+    return out, states[0]
+
+
+@pytest.mark.parametrize("mode,ws_from,ws_to,nw_from,nw_to", [
+    ("packed", 2, 1, 0, 0), ("packed", 1, 2, 0, 0), ("packed", 2, 1, 2, 1),
+    ("padded", 2, 1, 0, 0), ("padded", 1, 2, 1, 2), ("concat", 2, 1, 0, 0)])
+def test_resume_on_other_world_size(lock, mode, ws_from, ws_to, nw_from, nw_to):
+    kw = dict(mode=mode, batch_size=2, pack_window=40)
+    ref = take(MixtureStream(lock, 96, **kw).loader(0), 16)  # 1 rank: 16 steps = 32 rows
+    a, st = rank_batches(lock, ws_from, 8 // (2 * ws_from), nw=nw_from, **kw)  # 8 rows
+    assert st["consumed"] == 8 * (96 if mode == "concat" else 1)
+    b, _ = rank_batches(lock, ws_to, 24 // (2 * ws_to), state=st, nw=nw_to, **kw)
+    glob = [x for step in zip(*a) for x in step] + [x for step in zip(*b) for x in step]
+    ms = lambda bs: Counter(map(tuple, torch.cat([x["samples"] for x in bs]).tolist()))  # noqa
+    assert ms(glob) == ms(ref)  # the same multiset of samples over the ranks ...
+    assert_same(glob, ref)  # ... and in fact the same batches in the same global order
+
+
+def test_resume_in_a_new_process(lock, tmp_path):
+    kw = dict(mode="packed", batch_size=2, pack_window=40)
+    base = take(MixtureStream(lock, 96, **kw).loader(0), 10)
+    ld = MixtureStream(lock, 96, **kw).loader(1)
+    take(ld, 4)
+    (tmp_path / "state.json").write_text(json.dumps(ld.state_dict()))
+    out = tmp_path / "out.pt"
+    code = (
+        "import json,sys,torch; sys.path.insert(0, 'tests');"
+        "from train.stream import MixtureStream;"
+        f"ld = MixtureStream({str(lock)!r}, 96, mode='packed', batch_size=2,"
+        " pack_window=40).loader(2);"
+        f"ld.load_state_dict(json.load(open({str(tmp_path / 'state.json')!r})));"
+        "bs=[];\n"
+        "for b in ld:\n"
+        "    bs.append(b)\n"
+        "    if len(bs) == 6: break\n"
+        f"torch.save(bs, {str(out)!r})")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert_same(torch.load(out, weights_only=False), base[4:10])
+
+
+def test_stream_pickles_without_data(lock):
+    import pickle
+    s = MixtureStream(lock, 96, pack_window=40)
+    take(s.loader(0), 2)  # memmaps now open in this process
+    assert s._store is not None
+    blob = pickle.dumps(s)
+    assert len(blob) < 20000 and pickle.loads(blob)._store is None
+
+
+def test_restore_is_O1(lock, monkeypatch):
+    """A state far into the stream is restored by regenerating one window, not by replay."""
+    s = MixtureStream(lock, 96, mode="packed", batch_size=2, pack_window=40)
+    from train import stream as sm
+    cur = sm._Cursor(s, s._internal(s.state_dict()))
+    cur.advance(20000)  # ~ 20000 rows on: hundreds of windows, many epochs
+    far = s._public(cur.state())
+    assert far["window"] > 300 and far["datasets"][0]["epoch"] > 10
+    assert len(json.dumps(far)) < 2000
+    calls = []
+    orig = sm.MixtureStream._make_window
+    monkeypatch.setattr(sm.MixtureStream, "_make_window",
+                        lambda self, *a: calls.append(1) or orig(self, *a))
+    fresh = MixtureStream(lock, 96, mode="packed", batch_size=2, pack_window=40)
+    ld = fresh.loader(0)
+    ld.load_state_dict(far)
+    first = take(ld, 1)[0]
+    assert len(calls) <= 2
+    # and it is the batch the long run would give there
+    monkeypatch.setattr(sm.MixtureStream, "_make_window", orig)
+    segs = cur.advance(2, collect=True)
+    assert torch.equal(first["input_ids"], s._collate(segs)["input_ids"])
+
+
+# ------------------------------------------------------------------ mixing
+def test_realised_token_shares_match_the_lock(tmp_path):
+    rng = np.random.default_rng(3)
+    dirs = [make_dataset(tmp_path, f"m{k}", rng.integers(lo, hi, size=n), spans="none", seed=k)
+            for k, (lo, hi, n) in enumerate([(5, 20, 150), (40, 120, 80), (100, 200, 40)])]
+    weights = [0.6, 0.3, 0.1]
+    lk = make_lock(tmp_path / "lock.json", [{"dir": d, "abs_weight": w} for d, w in
+                                            zip(dirs, weights)])
+    s = MixtureStream(lk, 256, mode="packed", batch_size=8, pack_window=512)
+    tok = np.zeros(3)
+    for b in take(s.loader(), 400):  # ~800k tokens, ~13k samples, many epochs of each
+        for d, i in b["samples"].tolist():
+            tok[d] += len(read_cache(dirs[d], i))
+    share = tok / tok.sum()
+    assert np.allclose(share, weights, atol=0.02), share  # stated tolerance: 2 points
+    # the global sample sequence itself over 2M draws: within 0.3 points
+    src = s._new_source()
+    lens = [s._tokens().lengths(np.full(ds.n, k), np.arange(ds.n))
+            for k, ds in enumerate(s.datasets)]
+    d, t = src.draw(2_000_000)
+    tok = np.array([lens[k][t[d == k]].sum() for k in range(3)], float)
+    assert np.allclose(tok / tok.sum(), weights, atol=0.003), tok / tok.sum()
+
+
+_CACHE: dict = {}
+
+
+def read_cache(d, i):
+    if (d, i) not in _CACHE:
+        _CACHE[(d, i)] = read_sample(d, i)[0]
+    return _CACHE[(d, i)]
+
+
+def test_non_repeating_dataset_each_sample_once_then_stops(lock):
+    s = MixtureStream(lock, 128, mode="packed", batch_size=4, pack_window=64)
+    ids = []
+    n2 = json.loads(Path(lock).read_text())["datasets"][2]["nlines"]
+    for b in take(s.loader(), 400):
+        ids += [tuple(x) for x in b["samples"].tolist()]
+    d2 = [i for d, i in ids if d == 2]
+    assert sorted(d2) == list(range(n2))  # each exactly once
+    last = max(k for k, (d, _) in enumerate(ids) if d == 2)
+    assert last < len(ids) * 0.6  # and then it stopped while the others went on
+    assert {d for d, _ in ids[last + 1:]} == {0, 1}
+
+
+def test_finite_stream_ends_together_on_all_ranks(tmp_path):
+    dirs = [make_dataset(tmp_path, f"f{k}", np.full(n, 10), seed=k) for k, n in enumerate((23, 14))]
+    lk = make_lock(tmp_path / "lock.json", [{"dir": d, "abs_weight": 0.5, "allow_repeat": False}
+                                            for d in dirs])
+    per_rank = [list(MixtureStream(lk, 32, mode="padded", batch_size=3, rank=r, world_size=2,
+                                   pack_window=8).loader(0)) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1])
+    got = Counter(tuple(x) for bs in per_rank for b in bs for x in b["samples"].tolist())
+    assert got == Counter([(0, i) for i in range(23)] + [(1, i) for i in range(14)])
+
+
+# ------------------------------------------------------------------ validation split
+def test_validation_split_is_stable_and_disjoint(lock):
+    kw = dict(mode="padded", batch_size=4, pack_window=64, validation_percentage=10.0)
+    s = MixtureStream(lock, 128, **kw)
+    ev = [tuple(x) for b in s.eval_batches() for x in b["samples"].tolist()]
+    ev2 = [tuple(x) for b in MixtureStream(lock, 128, world_size=2, **kw).eval_batches()
+           for x in b["samples"].tolist()]
+    ev3 = [tuple(x) for b in MixtureStream(lock, 128, world_size=2, rank=1, **kw).eval_batches()
+           for x in b["samples"].tolist()]
+    assert len(ev) == len(set(ev)) and 20 < len(ev) < 110
+    assert sorted(ev2 + ev3) == sorted(ev)  # ranks split it, each once
+    train = {tuple(x) for b in take(s.loader(), 200) for x in b["samples"].tolist()}
+    assert not train & set(ev)
+    assert len(train) > 400
+
+
+# ------------------------------------------------------------------ checks at open
+def test_state_refuses_a_changed_lock(lock, tmp_path):
+    ld = MixtureStream(lock, 96, pack_window=40).loader(0)
+    take(ld, 3)
+    st = ld.state_dict()
+    data = json.loads(Path(lock).read_text())
+    data["datasets"][0]["abs_weight"] = 0.9
+    data["datasets"][0]["sample_probability"] = 0.9
+    other = tmp_path / "changed.lock.json"
+    other.write_text(json.dumps(data))
+    with pytest.raises(StreamError, match="lock_sha256"):
+        MixtureStream(other, 96, pack_window=40).load_state_dict(st)
+    with pytest.warns(UserWarning):
+        MixtureStream(other, 96, pack_window=40, allow_lock_change=True).load_state_dict(st)
+    with pytest.raises(StreamError, match="seed"):
+        MixtureStream(lock, 96, seed=7, pack_window=40).load_state_dict(st)
+    # moving the built dirs does not change the content hash
+    data = json.loads(Path(lock).read_text())
+    data["datasets"][0]["path"] = os.path.relpath(data["datasets"][0]["path"], tmp_path)
+    moved = tmp_path / "moved.lock.json"
+    moved.write_text(json.dumps(data))
+    MixtureStream(moved, 96, pack_window=40).load_state_dict(st)
+
+
+def test_checks_at_open(tmp_path):
+    d = make_dataset(tmp_path, "c", [5, 6, 7])
+    lk = make_lock(tmp_path / "lock.json", [{"dir": d, "abs_weight": 1.0}])
+    MixtureStream(lk, 16)
+    bad = json.loads(lk.read_text())
+    bad["datasets"][0]["key"] = "f" * 64
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(StreamError, match="key"):
+        MixtureStream(tmp_path / "bad.json", 16)
+    wide = make_dataset(tmp_path, "wide", [5, 6], vocab=100000, dtype=np.uint16)
+    big = make_lock(tmp_path / "big.json", [{"dir": wide, "abs_weight": 1.0}], vocab=100000)
+    with pytest.raises(StreamError, match="dtype uint16 does not match vocab_size 100000"):
+        MixtureStream(big, 16)  # uint16 shards cannot hold a 100000-token vocabulary
+    # flip one token byte: the cheap check passes, the full sha256 check does not
+    shard = d / "shard-00000.h5"
+    import h5py
+    with h5py.File(shard, "r") as f:
+        off = f["tokens"].id.get_offset()
+    raw = bytearray(shard.read_bytes())
+    raw[off] ^= 1
+    shard.write_bytes(bytes(raw))
+    MixtureStream(lk, 16)
+    with pytest.raises(StreamError, match="sha256"):
+        MixtureStream(lk, 16, verify="full")
+    (d / "shard-00000.h5").unlink()
+    with pytest.raises(StreamError, match="missing shard"):
+        MixtureStream(lk, 16)

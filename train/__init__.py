@@ -1,0 +1,1 @@
+from .stream import MixtureStream

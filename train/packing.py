@@ -1,0 +1,273 @@
+"""Token access and batch assembly for the training stream.
+
+``TokenStore`` memory-maps every shard of every dataset of a lock (opened lazily, once per
+process) and answers, vectorised, "where are the tokens and loss spans of sample (d, i)".
+
+``pack_rows`` is best-fit-decreasing bin packing of one look-ahead window of pieces into rows
+of ``seq_len`` tokens; ``collate_packed`` / ``collate_padded`` / ``collate_concat`` turn the
+pieces of one batch into tensors. A *piece* is ``[a, b)`` of sample ``(d, i)``: a whole sample,
+or a part of an over-long one after the overflow policy (then a document of its own).
+
+Label convention (HF causal LM, the model shifts): ``labels[t] = input_ids[t]`` where token t is
+trained (inside a loss span; every token of a sample without spans), else -100; the first token
+of every document (packed/padded) or row (concat) is -100, since nothing before it in the same
+document predicts it. So ``n_trained`` counts exactly the predictions that carry loss.
+"""
+from __future__ import annotations
+
+from bisect import bisect_left, insort
+
+import numpy as np
+import torch
+
+from stages.shard import read_shard
+
+IGNORE = -100
+
+
+def ranges_index(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, e) over the pairs, vectorised."""
+    lens = np.asarray(ends, np.int64) - np.asarray(starts, np.int64)
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    shift = np.asarray(starts, np.int64) - (np.cumsum(lens) - lens)
+    return np.repeat(shift, lens) + np.arange(total, dtype=np.int64)
+
+
+class TokenStore:
+    """All shards of all datasets, memory-mapped. Per-sample memory: the shards' own `offsets`
+    (and `loss_span_offsets`) concatenated; tokens stay on disk (np.memmap, plain views)."""
+
+    def __init__(self, shard_paths: list[list[str]]):
+        self.tokens: list[np.ndarray] = []
+        offs, lsos, spans, has = [], [], [], []
+        ds_base, first = [0], [0]
+        off_base, span_base = [], 0
+        pos = 0
+        for paths in shard_paths:
+            for p in paths:
+                sh = read_shard(p, mmap=True)
+                tok = sh.tokens
+                self.tokens.append(tok.view(np.ndarray) if isinstance(tok, np.memmap) else tok)
+                off_base.append(pos)
+                offs.append(np.asarray(sh.offsets, np.int64))
+                pos += len(sh.offsets)
+                n = sh.n_samples
+                first.append(first[-1] + n)
+                if sh.loss_spans is not None:
+                    sp = np.asarray(sh.loss_spans, np.int32).reshape(-1, 2)
+                    lsos.append(np.asarray(sh.loss_span_offsets, np.int64) + span_base)
+                    spans.append(sp)
+                    span_base += len(sp)
+                    has.append(True)
+                else:
+                    lsos.append(np.full(n + 1, span_base, np.int64))
+                    has.append(False)
+            ds_base.append(first[-1])
+        self.ds_base = np.asarray(ds_base, np.int64)  # global sample id of each dataset's sample 0
+        self.first = np.asarray(first, np.int64)  # global sample id of each shard's sample 0
+        self.off_base = np.asarray(off_base, np.int64)
+        self.off_all = np.concatenate(offs) if offs else np.zeros(0, np.int64)
+        self.lso_all = np.concatenate(lsos) if lsos else np.zeros(0, np.int64)
+        self.spans_all = np.concatenate(spans) if spans else np.zeros((0, 2), np.int32)
+        self.has_spans = np.asarray(has, bool)
+
+    def locate(self, d: np.ndarray, i: np.ndarray):
+        """(shard id, index into off_all) of samples (d, i)."""
+        gsid = self.ds_base[d] + i
+        g = np.searchsorted(self.first, gsid, side="right") - 1
+        return g, self.off_base[g] + (gsid - self.first[g])
+
+    def lengths(self, d: np.ndarray, i: np.ndarray) -> np.ndarray:
+        _, k = self.locate(d, i)
+        return self.off_all[k + 1] - self.off_all[k]
+
+    def last_tokens(self, d: np.ndarray, i: np.ndarray) -> np.ndarray:
+        g, k = self.locate(d, i)
+        end = self.off_all[k + 1]
+        out = np.full(len(d), -1, np.int64)
+        for gg in np.unique(g).tolist():
+            sel = np.flatnonzero((g == gg) & (end > self.off_all[k]))
+            out[sel] = self.tokens[gg][end[sel] - 1]
+        return out
+
+    def fill(self, ids: np.ndarray, d, i, a, b, dst) -> tuple[np.ndarray, np.ndarray]:
+        """Copy tokens [a, b) of samples (d, i) to ids[dst:]; returns (shard, off index)."""
+        g, k = self.locate(d, i)
+        src = self.off_all[k] + a
+        toks = self.tokens
+        for gg, s, t, m in zip(g.tolist(), src.tolist(), np.asarray(dst).tolist(),
+                               (b - a).tolist()):
+            ids[t:t + m] = toks[gg][s:s + m]
+        return g, k
+
+    def trained_mask(self, total: int, g, k, a, b, dst) -> np.ndarray:
+        """Boolean mask over the flat batch: token trained per the loss spans of each piece
+        (pieces from shards without spans: all trained)."""
+        a = np.asarray(a, np.int64)
+        b = np.asarray(b, np.int64)
+        dst = np.asarray(dst, np.int64)
+        sp = self.has_spans[g]
+        if not sp.any():
+            return mask_from_intervals(total, dst, dst + (b - a))
+        w = np.flatnonzero(sp)
+        s0, s1 = self.lso_all[k[w]], self.lso_all[k[w] + 1]
+        rows = self.spans_all[ranges_index(s0, s1)]
+        own = np.repeat(w, s1 - s0)
+        aa, bb, dd = a[own], b[own], dst[own]
+        lo = np.clip(rows[:, 0], aa, bb) - aa + dd
+        hi = np.clip(rows[:, 1], aa, bb) - aa + dd
+        if not sp.all():
+            lo = np.concatenate([lo, dst[~sp]])
+            hi = np.concatenate([hi, dst[~sp] + (b - a)[~sp]])
+        return mask_from_intervals(total, lo, hi)
+
+
+def mask_from_intervals(total: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Union of [lo, hi) intervals (any order, may overlap) as a boolean mask of `total`."""
+    if len(lo) == 0:
+        return np.zeros(total, bool)
+    o = np.argsort(lo, kind="stable")
+    lo, hi = lo[o], np.maximum.accumulate(hi[o])
+    lo[1:] = np.maximum(lo[1:], hi[:-1])
+    keep = hi > lo
+    lo, hi = lo[keep], hi[keep]
+    m = len(lo)
+    if m == 0:
+        return np.zeros(total, bool)
+    runs = np.empty(2 * m + 1, np.int64)
+    runs[0] = lo[0]
+    runs[2:-1:2] = lo[1:] - hi[:-1]
+    runs[1::2] = hi - lo
+    runs[-1] = total - hi[-1]
+    vals = np.zeros(2 * m + 1, bool)
+    vals[1::2] = True
+    return np.repeat(vals, runs)
+
+
+_ARANGE = np.zeros(0, np.int64)
+
+
+def _arange(n: int) -> np.ndarray:
+    global _ARANGE
+    if len(_ARANGE) < n:
+        _ARANGE = np.arange(n, dtype=np.int64)
+    return _ARANGE[:n]
+
+
+def pack_rows(lengths: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit decreasing: items (all 0 < len <= cap) in order of decreasing length (ties by
+    position) go to the open row with the least room that still fits them. Returns CSR
+    (item order, row_ptr), rows in opening order, items of a row in placement order."""
+    n = len(lengths)
+    if n == 0:
+        return np.zeros(0, np.int64), np.zeros(1, np.int64)
+    lengths = np.asarray(lengths, np.int64)
+    order = np.argsort(-lengths, kind="stable")
+    nb = n + 1
+    keys: list[int] = []  # sorted room*nb + row
+    row_of = [0] * n
+    nrows = 0
+    bl, ins, pop = bisect_left, insort, keys.pop
+    for i, x in zip(order.tolist(), lengths[order].tolist()):
+        j = bl(keys, x * nb)
+        if j == len(keys):
+            r = nrows
+            nrows += 1
+            room = cap - x
+        else:
+            key = pop(j)
+            r = key % nb
+            room = key // nb - x
+        row_of[i] = r
+        if room:
+            ins(keys, room * nb + r)
+    row_of = np.asarray(row_of, np.int64)
+    # CSR in placement order: stable sort of the decreasing-length order by row
+    placed = order[np.argsort(row_of[order], kind="stable")]
+    row_ptr = np.zeros(nrows + 1, np.int64)
+    np.cumsum(np.bincount(row_of, minlength=nrows), out=row_ptr[1:])
+    return placed, row_ptr
+
+
+def _tensors(ids, labels, **extra) -> dict:
+    out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
+    out.update(extra)
+    return out
+
+
+def _samples(d, i) -> torch.Tensor:
+    return torch.from_numpy(np.stack([np.asarray(d, np.int64), np.asarray(i, np.int64)], 1))
+
+
+def collate_packed(store: TokenStore, d, i, a, b, row, nrows: int, seq_len: int,
+                   pad_id: int) -> dict:
+    """Pieces laid out left to right in their rows (row ids non-decreasing) of [nrows, seq_len]."""
+    n = b - a
+    total = nrows * seq_len
+    row_tok = np.bincount(row, weights=n, minlength=nrows).astype(np.int64)
+    excl = np.cumsum(n) - n
+    row_excl = np.cumsum(row_tok) - row_tok
+    dst = row * seq_len + (excl - row_excl[row])
+    ids = np.full(total, pad_id, np.int64)
+    g, k = store.fill(ids, d, i, a, b, dst)
+    mask = store.trained_mask(total, g, k, a, b, dst)
+    mask[dst] = False
+    labels = np.where(mask, ids, IGNORE)
+    # segments: documents, then each row's padding as a segment of its own
+    pad_len = seq_len - row_tok
+    has_pad = np.flatnonzero(pad_len > 0)
+    seg_start = np.concatenate([dst, has_pad * seq_len + row_tok[has_pad]])
+    seg_len = np.concatenate([n, pad_len[has_pad]])
+    o = np.argsort(seg_start, kind="stable")
+    seg_start, seg_len = seg_start[o], seg_len[o]
+    pos = _arange(total) - np.repeat(seg_start, seg_len)
+    cu = np.zeros(len(seg_len) + 1, np.int32)
+    np.cumsum(seg_len, out=cu[1:])
+    return _tensors(
+        ids.reshape(nrows, seq_len), labels.reshape(nrows, seq_len),
+        position_ids=torch.from_numpy(pos.reshape(nrows, seq_len)),
+        cu_seqlens=torch.from_numpy(cu), max_seqlen=int(seg_len.max()),
+        n_trained=int(np.count_nonzero(mask)), samples=_samples(d, i))
+
+
+def collate_padded(store: TokenStore, d, i, a, b, row, nrows: int, pad_id: int) -> dict:
+    """One piece per row, right-padded to the longest in the batch."""
+    n = b - a
+    width = max(1, int(n.max()) if len(n) else 1)
+    total = nrows * width
+    dst = row * width
+    ids = np.full(total, pad_id, np.int64)
+    g, k = store.fill(ids, d, i, a, b, dst)
+    mask = store.trained_mask(total, g, k, a, b, dst)
+    mask[dst] = False
+    labels = np.where(mask, ids, IGNORE)
+    row_len = np.zeros(nrows, np.int64)
+    row_len[row] = n
+    att = (np.arange(width)[None, :] < row_len[:, None]).astype(np.int64)
+    return _tensors(
+        ids.reshape(nrows, width), labels.reshape(nrows, width),
+        attention_mask=torch.from_numpy(att),
+        n_trained=int(np.count_nonzero(mask)), samples=_samples(d, i))
+
+
+def collate_concat(store: TokenStore, d, i, a, b, nreal, dst, nrows: int, seq_len: int,
+                   pad_id: int, eos_id: int) -> dict:
+    """Pieces [a, b) of documents in virtual coordinates (a document of nreal tokens that does
+    not end with EOS has a virtual EOS at nreal), at flat positions dst of [nrows, seq_len]."""
+    total = nrows * seq_len
+    bc = np.minimum(b, nreal)
+    ids = np.full(total, pad_id, np.int64)
+    g, k = store.fill(ids, d, i, a, bc, dst)
+    mask = store.trained_mask(total, g, k, a, bc, dst)
+    eos_at = np.flatnonzero(b > nreal)
+    if eos_at.size:
+        p = dst[eos_at] + (nreal[eos_at] - a[eos_at])
+        ids[p] = eos_id
+        mask[p] = True
+    mask[::seq_len] = False
+    labels = np.where(mask, ids, IGNORE)
+    return _tensors(
+        ids.reshape(nrows, seq_len), labels.reshape(nrows, seq_len),
+        n_trained=int(np.count_nonzero(mask)), samples=_samples(d, i))

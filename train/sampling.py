@@ -1,0 +1,214 @@
+"""Counter-based randomness for the training stream: hashing, per-epoch permutations, and the
+seeded mixture sampler.
+
+Everything here is a pure function of integers (no global RNG, no numpy Generator whose stream
+may change between releases): splitmix64 mixing in wrapping uint64 arithmetic.
+
+* ``uniforms(base, j0, n)`` - the j-th uniform of a stream is ``mix64(base + j*GOLDEN)``, so draw
+  j can be computed without computing draws 0..j-1 (counter-based).
+* ``feistel_permute(x, n, keys)`` - a keyed bijection of [0, n) (balanced Feistel network over
+  the smallest even-bit power of two >= n, cycle-walking back into [0, n)). A dataset's order in
+  epoch e is ``feistel_permute(arange(n), n, key(seed, dataset, e))``: position p of the epoch
+  is evaluated on demand, no permutation array is stored.
+* ``MixtureSampler`` - the global sample sequence of the train split. Its whole state is
+  ``draws`` (the counter) and ``(epoch, pos)`` per dataset.
+* ``ListSource`` - a fixed list (the validation split), state ``draws`` only.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+U64 = np.uint64
+GOLDEN = U64(0x9E3779B97F4A7C15)
+_M1 = U64(0xBF58476D1CE4E5B9)
+_M2 = U64(0x94D049BB133111EB)
+_S30, _S27, _S31 = U64(30), U64(27), U64(31)
+FEISTEL_ROUNDS = 6
+
+
+def stable_hash64(*parts) -> int:
+    """A 64-bit hash of the parts' text, stable across processes, runs and machines."""
+    h = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode("utf-8"), digest_size=8)
+    return int.from_bytes(h.digest(), "little")
+
+
+def mix64(z) -> np.ndarray:
+    """splitmix64 finaliser on a uint64 array (wrapping arithmetic)."""
+    z = np.array(z, dtype=U64, copy=True, ndmin=1)
+    z ^= z >> _S30
+    z *= _M1
+    z ^= z >> _S27
+    z *= _M2
+    z ^= z >> _S31
+    return z
+
+
+def uniforms(base: int, j0: int, n: int) -> np.ndarray:
+    """Uniforms in [0, 1) for counters j0 .. j0+n-1 of the stream `base`."""
+    ctr = np.arange(j0, j0 + n, dtype=U64)
+    z = mix64(ctr * GOLDEN + U64(base))
+    return (z >> U64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def hash_uniform(base: int, idx: np.ndarray) -> np.ndarray:
+    """Uniform in [0, 1) for each index, keyed by base (used for the validation split)."""
+    z = mix64(mix64(np.asarray(idx, dtype=U64)) ^ U64(base))
+    return (z >> U64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def _feistel_once(x: np.ndarray, half: np.ndarray, mask: np.ndarray,
+                  round_keys: list[np.ndarray]) -> np.ndarray:
+    left = x >> half
+    right = x & mask
+    for rk in round_keys:
+        left, right = right, left ^ (mix64(right ^ rk) & mask)
+    return (left << half) | right
+
+
+def feistel_permute(x, n, keys) -> np.ndarray:
+    """Image of positions x (each in [0, n)) under the keyed bijection of [0, n).
+
+    `n` and `keys` are scalars or arrays like x (one domain and key per element: elements of
+    different datasets and epochs are permuted in one call). Cycle-walking: a balanced Feistel
+    network permutes [0, 2**bits) with 2**bits < 4n, re-applied until the value falls back into
+    [0, n) (expected < 4 rounds)."""
+    x = np.asarray(x, dtype=U64).reshape(-1)
+    n = np.broadcast_to(np.asarray(n, dtype=np.int64), x.shape)
+    keys = np.broadcast_to(np.asarray(keys, dtype=U64), x.shape)
+    if x.size == 0:
+        return np.zeros(0, np.int64)
+    un, ninv = np.unique(n, return_inverse=True)
+    halves = []
+    for v in un.tolist():
+        bits = max(2, (max(v, 1) - 1).bit_length())
+        halves.append((bits + (bits & 1)) // 2)
+    half = np.asarray(halves, dtype=U64)[ninv.reshape(-1)]
+    mask = (U64(1) << half) - U64(1)
+    ukeys, kinv = np.unique(keys, return_inverse=True)  # few distinct keys (epochs) per call
+    kinv = kinv.reshape(-1)
+    rks = [mix64(ukeys + U64(((r + 1) * int(GOLDEN)) & 0xFFFFFFFFFFFFFFFF))[kinv]
+           for r in range(FEISTEL_ROUNDS)]
+    nn = n.astype(U64)
+    y = _feistel_once(x, half, mask, rks)
+    bad = np.flatnonzero(y >= nn)
+    while bad.size:
+        y[bad] = _feistel_once(y[bad], half[bad], mask[bad], [rk[bad] for rk in rks])
+        bad = bad[y[bad] >= nn[bad]]
+    out = y.astype(np.int64)
+    out[n <= 1] = 0
+    return out
+
+
+def epoch_keys(dataset_base: int, epochs: np.ndarray) -> np.ndarray:
+    return mix64(mix64(np.asarray(epochs, dtype=U64)) ^ U64(dataset_base))
+
+
+class MixtureSampler:
+    """The global train sample sequence: draw j picks a dataset with probability proportional to
+    its lock `sample_probability` among the still-active datasets (uniform j of the seeded
+    counter stream); within a dataset, its t-th draw is position t % n of epoch t // n, mapped
+    through that epoch's Feistel permutation. A non-repeating dataset retires after n draws (the
+    others renormalise); a repeating one goes on with epoch + 1.
+
+    State: ``draws`` and per dataset ``(epoch, pos)`` - restored in O(1)."""
+
+    def __init__(self, probs, n_train, allow_repeat, dataset_bases, seed_base: int):
+        self.probs = np.asarray(probs, dtype=np.float64)
+        self.n = [int(v) for v in n_train]
+        self.repeat = [bool(v) for v in allow_repeat]
+        self.bases = [int(v) for v in dataset_bases]
+        self.seed_base = int(seed_base)
+        self.draws = 0
+        self.epoch = [0] * len(self.n)
+        self.pos = [0] * len(self.n)
+
+    # -- state ---------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        return {"draws": self.draws, "epoch": list(self.epoch), "pos": list(self.pos)}
+
+    def restore(self, snap: dict) -> None:
+        self.draws = int(snap["draws"])
+        self.epoch = [int(v) for v in snap["epoch"]]
+        self.pos = [int(v) for v in snap["pos"]]
+
+    def active(self) -> list[int]:
+        return [d for d, n in enumerate(self.n)
+                if n > 0 and self.probs[d] > 0 and (self.repeat[d] or self.pos[d] < n)]
+
+    def exhausted(self) -> bool:
+        return not self.active()
+
+    # -- drawing -------------------------------------------------------------------------
+    def draw(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Next `count` draws (fewer when every dataset is retired): (dataset, train position)."""
+        out_d, out_t = [], []
+        remaining = int(count)
+        while remaining > 0:
+            active = self.active()
+            if not active:
+                break
+            act = np.asarray(active, dtype=np.int64)
+            cdf = np.cumsum(self.probs[act])
+            cdf /= cdf[-1]
+            u = uniforms(self.seed_base, self.draws, remaining)
+            choice = act[np.minimum(np.searchsorted(cdf, u, side="right"), len(act) - 1)]
+            cut = remaining
+            for d in active:  # first draw that uses up a non-repeating dataset ends this chunk
+                if not self.repeat[d]:
+                    left = self.n[d] - self.pos[d]
+                    hit = np.flatnonzero(choice == d)
+                    if hit.size >= left:
+                        cut = min(cut, int(hit[left - 1]) + 1)
+            choice = choice[:cut]
+            # q: this draw's position in its dataset's stream of draws (pos + rank within chunk)
+            counts = np.bincount(choice, minlength=len(self.n))
+            order = np.argsort(choice, kind="stable")
+            rank = np.empty(cut, np.int64)
+            rank[order] = np.arange(cut) - np.repeat(np.cumsum(counts) - counts, counts)
+            n_arr = np.asarray(self.n, np.int64)[choice]
+            q = np.asarray(self.pos, np.int64)[choice] + rank
+            ep = np.asarray(self.epoch, np.int64)[choice] + q // n_arr
+            bases = np.asarray(self.bases, dtype=U64)[choice]
+            t = feistel_permute(q % n_arr, n_arr,
+                                mix64(mix64(ep.astype(U64)) ^ bases))
+            for d, c in enumerate(counts.tolist()):
+                if c:
+                    n = self.n[d]
+                    tot = self.pos[d] + c
+                    if self.repeat[d]:
+                        self.epoch[d] += tot // n
+                        self.pos[d] = tot % n
+                    else:
+                        self.pos[d] = tot
+            out_d.append(choice)
+            out_t.append(t)
+            self.draws += cut
+            remaining -= cut
+        if not out_d:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.concatenate(out_d), np.concatenate(out_t)
+
+
+class ListSource:
+    """A fixed, finite sequence of (dataset, sample) ids (the validation split); state `draws`."""
+
+    def __init__(self, ds: np.ndarray, idx: np.ndarray):
+        self.ds = np.asarray(ds, dtype=np.int64)
+        self.idx = np.asarray(idx, dtype=np.int64)
+        self.draws = 0
+
+    def snapshot(self) -> dict:
+        return {"draws": self.draws, "epoch": [], "pos": []}
+
+    def restore(self, snap: dict) -> None:
+        self.draws = int(snap["draws"])
+
+    def exhausted(self) -> bool:
+        return self.draws >= len(self.ds)
+
+    def draw(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.draws, min(len(self.ds), self.draws + int(count))
+        self.draws = b
+        return self.ds[a:b], self.idx[a:b]
