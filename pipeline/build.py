@@ -29,7 +29,7 @@ from stages.tokenizer import load_tokenizer
 from .cache import CacheEntry, FingerprintMemo, dataset_key, dir_fingerprint, file_fingerprint
 from .progress import Progress
 from .executors import run_local, run_ray
-from .worker import DatasetJob
+from .worker import DatasetJob, faults
 
 SCHEMA_VERSION = 1
 
@@ -188,10 +188,10 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
     for plan in plans:
         if plan.meta is None:
             plan.meta = orjson.loads((plan.entry.final / "meta.json").read_bytes())
-            if on_error == "fail" and plan.meta["skipped"]:
+            if on_error == "fail" and faults(plan.meta["skipped"]):
                 raise BuildError(
                     f"{plan.spec.dataset_name}: the cached build {plan.entry.final} set aside "
-                    f"{sum(plan.meta['skipped'].values())} records under --on-error skip "
+                    f"{faults(plan.meta['skipped'])} bad records under --on-error skip "
                     f"({plan.entry.final / 'rejects.jsonl'}); use --on-error skip or --force")
         plan.entry.touch()
     lock, warnings = make_lock(mixture, [(p.spec, str(p.entry.final), p.meta) for p in plans])

@@ -57,7 +57,7 @@ def inspect(path: str, plot: str | None = None, as_json: bool = False) -> int:
             table.add_column(c, justify="right")
         for m in metas.values():
             table.add_row(m["dataset_name"], *row(m))
-        console = Console()
+        console = Console(width=None if sys.stdout.isatty() else 160)
         console.print(table)
         for m in metas.values():
             console.print(f"\n[bold]{m['dataset_name'].replace('[', '(')}[/bold] — format {m['build']['format']}, "

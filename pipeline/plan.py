@@ -4,6 +4,7 @@ share, and how many epochs a token budget gives it."""
 from __future__ import annotations
 
 import itertools
+import sys
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,7 +113,7 @@ def print_plan(rows, warnings, tokens: float | None) -> None:
         table.add_row(r.dataset, r.status, f"{mark}{r.tokens:,.0f}", f"{mark}{r.samples:,.0f}",
                       f"{r.share:.3f}", "-" if r.epochs is None else f"{r.epochs:.2f}",
                       "yes" if r.allow_repeat else "no")
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
     for w in warnings:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)

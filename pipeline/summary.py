@@ -1,6 +1,8 @@
 """The one-screen summary at the end of a build."""
 from __future__ import annotations
 
+import sys
+
 
 def print_summary(lock_path, plans, warnings) -> None:
     from rich.console import Console
@@ -14,7 +16,7 @@ def print_summary(lock_path, plans, warnings) -> None:
         table.add_row(p.spec.dataset_name, "built" if p.status == "build" else "reused",
                       f"{m['n_samples']:,}", f"{m['n_tokens']:,}", f"{m['n_loss_tokens']:,}",
                       str(sum(m["skipped"].values())), str(m["truncated_samples"]), p.entry.final.name)
-    console = Console(stderr=False)
+    console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
     console.print(table)
     for w in warnings:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)

@@ -16,7 +16,7 @@ import numpy as np
 import orjson
 
 from mixtures.transforms import apply_transform, load_transform
-from stages.errors import RecordError
+from stages.errors import POLICY_REASONS, RecordError
 from stages.formats import ADAPTERS
 from stages.overflow import apply_overflow
 from stages.readers import WorkUnit, iter_unit
@@ -53,6 +53,11 @@ def _transform(path: str):
     return load_transform(path)
 
 
+def faults(skipped: dict) -> int:
+    """Set-aside records that --on-error fail would have stopped on."""
+    return sum(n for reason, n in skipped.items() if reason not in POLICY_REASONS)
+
+
 def unit_paths(work_dir: str, index: int) -> tuple[Path, Path]:
     base = Path(work_dir)
     return base / f"unit-{index:05d}.h5", base / f"unit-{index:05d}.json"
@@ -63,7 +68,7 @@ def process_unit(job: DatasetJob, unit: WorkUnit) -> dict:
     shard_path, summary_path = unit_paths(job.work_dir, unit.index)
     if shard_path.exists() and summary_path.exists():  # finished by an earlier, killed run
         done = orjson.loads(summary_path.read_bytes())
-        if not (job.on_error == "fail" and done["skipped"]):  # else redo it to fail with file:line
+        if not (job.on_error == "fail" and faults(done["skipped"])):  # else redo: fail with file:line
             return done
     renderer = _renderer(job.tokenizer, job.template, job.loss)
     transform = _transform(job.transform) if job.transform else None
@@ -124,7 +129,7 @@ class _Accumulator:
 
     def reject(self, e: RecordError, rec: int):
         e.located(self.unit.file, rec)
-        if self.job.on_error == "fail":
+        if self.job.on_error == "fail" and e.reason not in POLICY_REASONS:
             raise e
         self.skipped[e.reason] += 1
         self.rejects.append({"source": self.unit.file, "record": rec, "reason": e.reason,

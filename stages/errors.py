@@ -3,6 +3,11 @@ or counted and set aside by reason — never silently dropped."""
 from __future__ import annotations
 
 
+# Records set aside because the user's own policy says so (a transform returning None,
+# overflow: drop / truncate leaving nothing to train): counted in meta.json, never fatal.
+POLICY_REASONS = frozenset({"transform_skipped", "too_long", "no_trained_tokens_after_truncation"})
+
+
 class RecordError(ValueError):
     """A record that cannot become a sample. `reason` is a short stable key used for the
     `skipped` counts in meta.json; `detail` is the human message."""

@@ -10,7 +10,7 @@ import orjson
 
 from pipeline.build import build_mixture
 
-from .conftest import ROOT
+from conftest import ROOT
 
 
 def write_manifest(tmp, tokenizer, weights=(0.5, 0.5), template="tokenizer", name="mix.json"):

@@ -10,7 +10,7 @@ import time
 import orjson
 import pytest
 
-from .conftest import ROOT
+from conftest import ROOT
 
 
 def digests(cache):
