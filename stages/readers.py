@@ -24,8 +24,9 @@ JSON_SUFFIXES = (".json",)
 PARQUET_SUFFIXES = (".parquet",)
 COMPRESSED = (".gz", ".zst")
 KNOWN = LINE_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
-# Plain line files are split into ~32 MiB units (one shard each). Part of the dataset key.
-UNIT_BYTES = int(os.environ.get("TOKENMILL_UNIT_BYTES", 32 << 20))
+# Plain line files are split into ~8 MiB units (one shard each): small enough to spread one
+# large file over every core, large enough for sequential writes. Part of the dataset key.
+UNIT_BYTES = int(os.environ.get("TOKENMILL_UNIT_BYTES", 8 << 20))
 
 
 def base_suffix(path: str) -> str:

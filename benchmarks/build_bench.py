@@ -1,0 +1,153 @@
+"""Build throughput against its limits, side by side in one run on the same cores and tokenizer.
+
+    python benchmarks/build_bench.py --mb 200 --workers 2 [--tokenizer DIR] [--skip-datasets]
+
+1. Generates a JSONL corpus of ~MB megabytes of real text (the en/zh pretraining corpora in
+   ../shared/corpora, else sample_data/), documents drawn with realistic lengths.
+2. Measures, each in a fresh subprocess (peak RSS = the largest process of that run):
+   - `pipeline build` (text format, --workers N);
+   - the limit: raw `tokenizers` encode_batch over the same texts, N threads;
+   - HF `datasets` load_dataset("json") + map(tokenize, batched, num_proc=N).
+Prints tokens/s, peak RSS and the ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+
+def source_texts() -> list[str]:
+    texts = []
+    c = SHARED / "corpora"
+    if c.is_dir():
+        for p in [c / "llamafactory-pretrain-en/wiki_demo.txt", c / "medicalgpt-pretrain-zh-en/fever.txt",
+                  c / "medicalgpt-pretrain-zh-en/en_article_tail500.txt"]:
+            texts += [l for l in p.read_text(encoding="utf-8").splitlines() if l.strip()]
+        for line in (c / "llamafactory-pretrain-en/c4_demo.jsonl").read_text(encoding="utf-8").splitlines():
+            texts.append(json.loads(line)["text"])
+        for rec in json.loads((c / "llamafactory-alpaca-en-zh/alpaca_zh_demo.json").read_text(encoding="utf-8")):
+            texts.append(rec["instruction"] + "\n" + rec["output"])
+    else:
+        texts += [l for l in (ROOT / "sample_data/pretrain_en.txt").read_text().splitlines() if l.strip()]
+        texts += [json.loads(l)["text"] for l in (ROOT / "sample_data/pretrain_zh.jsonl").read_text().splitlines()]
+    return texts
+
+
+def make_corpus(path: Path, mb: float, seed: int = 0) -> int:
+    """Documents of 1–8 source paragraphs (log-uniform-ish lengths), mixed en/zh."""
+    rng = random.Random(seed)
+    texts = source_texts()
+    target, size, n = int(mb * 1e6), 0, 0
+    with open(path, "w", encoding="utf-8") as f:
+        while size < target:
+            k = min(int(2 ** rng.uniform(0, 3)), 8)
+            doc = "\n".join(rng.choice(texts) for _ in range(k))
+            line = json.dumps({"text": doc}, ensure_ascii=False) + "\n"
+            f.write(line)
+            size += len(line.encode())
+            n += 1
+    return n
+
+
+def run(code: str, env=None) -> tuple[dict, float]:
+    """Run python code in a fresh process; it prints one JSON line. → (result, peak RSS GiB of
+    its largest process: itself or any worker it waited for)."""
+    code += ("\nimport resource as _r, json as _j\nprint(_j.dumps(max(_r.getrusage(_r.RUSAGE_SELF).ru_maxrss,"
+             " _r.getrusage(_r.RUSAGE_CHILDREN).ru_maxrss)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, **(env or {})})
+    if out.returncode:
+        raise RuntimeError(out.stderr[-3000:])
+    lines = out.stdout.strip().splitlines()
+    return json.loads(lines[-2]), json.loads(lines[-1]) / 2**20
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mb", type=float, default=200)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--tokenizer", default=str(SHARED / "tokenizers/qwen2.5-family-internvl2_5-1b"))
+    ap.add_argument("--skip-datasets", action="store_true")
+    ap.add_argument("--keep", help="keep the corpus and build here")
+    args = ap.parse_args()
+    work = Path(args.keep or tempfile.mkdtemp(prefix="tokenmill-build-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    corpus = work / "corpus.jsonl"
+    t0 = time.perf_counter()
+    n_docs = make_corpus(corpus, args.mb)
+    print(f"corpus: {corpus.stat().st_size / 1e6:.0f} MB, {n_docs:,} documents "
+          f"(generated in {time.perf_counter() - t0:.0f}s); tokenizer {args.tokenizer}; {args.workers} cores")
+    (work / "mix.json").write_text(json.dumps({
+        "tokenizer": args.tokenizer, "template": "none", "max_length": 1 << 20, "seed": 0,
+        "datasets": [{"dataset_name": "bench", "task_name": "pt", "abs_weight": 1.0,
+                      "path": str(corpus), "format": "text"}]}))
+    results = {}
+
+    results["pipeline build"] = run(f"""
+import json, time, shutil
+from pipeline.build import build_mixture
+t = time.perf_counter()
+_, plans, _ = build_mixture({str(work / 'mix.json')!r}, out={str(work / 'out')!r}, workers={args.workers}, force=True)
+dt = time.perf_counter() - t
+m = plans[0].meta
+print(json.dumps({{"tokens": m["n_tokens"], "seconds": dt, "encoder": m["build"]["encoder"]}}))
+""")
+
+    results["raw tokenizers encode_batch"] = run(f"""
+import json, time, orjson
+from tokenizers import Tokenizer
+tok = Tokenizer.from_file({str(Path(args.tokenizer) / 'tokenizer.json')!r})
+tok.encode_special_tokens = True
+n, t = 0, time.perf_counter()
+batch = []
+with open({str(corpus)!r}, 'rb') as f:
+    for line in f:
+        batch.append(orjson.loads(line)["text"])
+        if len(batch) == 1000:
+            n += sum(len(e.ids) for e in tok.encode_batch_fast(batch, add_special_tokens=False)); batch = []
+if batch:
+    n += sum(len(e.ids) for e in tok.encode_batch_fast(batch, add_special_tokens=False))
+print(json.dumps({{"tokens": n, "seconds": time.perf_counter() - t}}))
+""", env={"RAYON_NUM_THREADS": str(args.workers), "TOKENIZERS_PARALLELISM": "true"})
+
+    if not args.skip_datasets:
+        results["HF datasets map"] = run(f"""
+import json, time
+from datasets import load_dataset
+from transformers import AutoTokenizer
+t = time.perf_counter()
+tok = AutoTokenizer.from_pretrained({args.tokenizer!r})
+ds = load_dataset("json", data_files={str(corpus)!r}, split="train", cache_dir={str(work / 'hf_cache')!r})
+ds = ds.map(lambda b: tok(b["text"]), batched=True, num_proc={args.workers}, remove_columns=["text"])
+n = sum(len(x) for x in ds["input_ids"])
+print(json.dumps({{"tokens": n, "seconds": time.perf_counter() - t}}))
+""", env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+
+    base = results["raw tokenizers encode_batch"][0]
+    print(f"\n{'method':<30} {'tokens':>13} {'seconds':>8} {'M tok/s':>8} {'peak RSS GiB':>13} {'vs raw':>7}")
+    for name, (r, rss) in results.items():
+        rate = r["tokens"] / r["seconds"]
+        extra = f"  (encoder: {r['encoder']})" if "encoder" in r else ""
+        print(f"{name:<30} {r['tokens']:>13,} {r['seconds']:>8.1f} {rate / 1e6:>8.2f} {rss:>13.2f} "
+              f"{rate / (base['tokens'] / base['seconds']):>7.2f}{extra}")
+    b = results["pipeline build"][0]
+    if "HF datasets map" in results:
+        d = results["HF datasets map"][0]
+        print(f"\npipeline build / HF datasets map: {(b['tokens'] / b['seconds']) / (d['tokens'] / d['seconds']):.2f}x")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
