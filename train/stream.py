@@ -294,8 +294,11 @@ class MixtureStream(IterableDataset):
             raise StreamError(f"{where}: lock key {e['key']} != meta.json key {meta['key']}")
         if e.get("nlines") is not None and int(e["nlines"]) != ds.n:
             raise StreamError(f"{where}: lock nlines {e['nlines']} != shards' {ds.n} samples")
-        if meta.get("nlines") is not None and int(meta["nlines"]) != ds.n:
-            raise StreamError(f"{where}: meta.json nlines {meta['nlines']} != shards' {ds.n}")
+        # meta.json "nlines" counts source records (segment may split one into several
+        # samples); "n_samples" counts what the shards hold.
+        n_meta = meta.get("n_samples", meta.get("nlines"))
+        if n_meta is not None and int(n_meta) != ds.n:
+            raise StreamError(f"{where}: meta.json n_samples {n_meta} != shards' {ds.n}")
         ltok, mtok = self.lock.get("tokenizer") or {}, meta.get("tokenizer") or {}
         for f in ("vocab_size", "sha256"):
             if ltok.get(f) is not None and mtok.get(f) is not None and ltok[f] != mtok[f]:

@@ -1,0 +1,205 @@
+"""Checkpoints and the final model.
+
+Layout (DeepSpeed's own, so `zero_to_fp32.py` and `ds_to_universal` work on it):
+
+    OUTPUT_DIR/latest                       name of the newest *complete* checkpoint
+    OUTPUT_DIR/checkpoint-N/                DeepSpeed model/optimizer/scheduler states
+        trainer_state.json                  step, token counts, world size, flags
+        stream_state_rank00000.json …       the MixtureStream position, one file per rank
+        rng_state_rank00000.pt …            torch/numpy/python RNGs, one file per rank
+        config.json, tokenizer files        enough to rebuild the model and read its output
+
+`latest` is written by us after a barrier, once every rank has written everything (DeepSpeed
+writes its own before the extra files exist). The final model is a HF dir with safetensors,
+config, tokenizer and chat template, or the LoRA adapter; under ZeRO-3 parameters are
+gathered one at a time (GatheredParameters), so saving never needs the whole model twice.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .args import TrainError
+
+log = logging.getLogger("train")
+
+CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+TOKENIZER_EXTRA = ("*.tiktoken", "tokenization_*.py", "*.model", "*.jinja", "special_tokens_map.json",
+                   "generation_config.json")
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Checkpointer:
+    def __init__(self, output_dir: str | Path, *, rank: int, world_size: int, save_total_limit: int | None,
+                 tokenizer, tokenizer_dir: str | None, model_dir: str | None = None):
+        self.out = Path(output_dir)
+        self.rank, self.world_size = rank, world_size
+        self.limit = save_total_limit
+        self.tokenizer, self.tokenizer_dir, self.model_dir = tokenizer, tokenizer_dir, model_dir
+
+    # ------------------------------------------------------------ save
+    def save(self, engine, step: int, loader, trainer_state: dict) -> Path:
+        tag = f"checkpoint-{step}"
+        ckpt = self.out / tag
+        engine.save_checkpoint(str(self.out), tag=tag, client_state={"step": step}, save_latest=False)
+        _write_json(ckpt / f"stream_state_rank{self.rank:05d}.json", loader.state_dict())
+        torch.save(rng_state(), ckpt / f"rng_state_rank{self.rank:05d}.pt")
+        if self.rank == 0:
+            _write_json(ckpt / "trainer_state.json", {**trainer_state, "step": step,
+                                                      "world_size": self.world_size})
+            base_config(engine.module).save_pretrained(ckpt)
+            self.save_tokenizer(ckpt)
+        _barrier()  # every rank's files are on disk before `latest` names this checkpoint
+        if self.rank == 0:
+            tmp = self.out / ".latest.tmp"
+            tmp.write_text(tag)
+            os.replace(tmp, self.out / "latest")
+            self.rotate(keep=tag)
+        _barrier()
+        return ckpt
+
+    def rotate(self, keep: str) -> None:
+        if not self.limit:
+            return
+        ckpts = sorted((int(m.group(1)), p) for p in self.out.iterdir()
+                       if (m := CKPT_RE.match(p.name)) and p.is_dir())
+        for _, p in ckpts[:-self.limit]:
+            if p.name != keep:
+                log.info("save_total_limit %d: removing %s", self.limit, p)
+                shutil.rmtree(p, ignore_errors=True)
+
+    def save_tokenizer(self, out: Path) -> None:
+        """tokenizer.save_pretrained writes tokenizer.json/config and chat_template.jinja; files it
+        does not know (hy.tiktoken, tokenization_hy.py, …) are copied from the source dir."""
+        self.tokenizer.save_pretrained(str(out))
+        src = Path(self.tokenizer_dir) if self.tokenizer_dir else None
+        if src and src.is_dir():
+            for pattern in TOKENIZER_EXTRA:
+                for f in src.glob(pattern):
+                    if not (out / f.name).exists():
+                        shutil.copy2(f, out / f.name)
+
+    # ------------------------------------------------------------ resume
+    def resolve(self, spec: str) -> Path | None:
+        """'latest' → the checkpoint named by OUTPUT_DIR/latest (None if there is none yet);
+        a dir holding `latest` → its newest; else the checkpoint dir itself."""
+        if spec == "latest":
+            latest = self.out / "latest"
+            if not latest.is_file():
+                return None
+            return self.out / latest.read_text().strip()
+        p = Path(spec)
+        if (p / "latest").is_file() and not (p / "trainer_state.json").is_file():
+            p = p / (p / "latest").read_text().strip()
+        if not (p / "trainer_state.json").is_file():
+            raise TrainError(f"--resume_from_checkpoint {spec}: not a complete tokenmill checkpoint "
+                             f"({p}/trainer_state.json missing)")
+        return p
+
+    def check_resumable(self, ckpt: Path, zero_stage: int) -> dict:
+        """Fail before any model is built when DeepSpeed could not load the checkpoint."""
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        if state["world_size"] != self.world_size and zero_stage > 0:
+            raise TrainError(
+                f"{ckpt} was saved by {state['world_size']} ranks, this run has {self.world_size}: ZeRO "
+                f"keeps optimizer states per rank, so resume with {state['world_size']} ranks. (The data "
+                f"stream would continue at any world size; to restart from the weights only, run "
+                f"{ckpt.parent}/zero_to_fp32.py and pass the result as --model_name_or_path.)")
+        return state
+
+    def load(self, engine, ckpt: Path, loader, *, zero_stage: int) -> dict:
+        state = self.check_resumable(ckpt, zero_stage)
+        path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+                                         load_lr_scheduler_states=True)
+        if path is None:
+            raise TrainError(f"{ckpt}: DeepSpeed could not load this checkpoint")
+        own = ckpt / f"stream_state_rank{self.rank:05d}.json"
+        # The stream state is a global position: any rank's file continues the same stream.
+        stream_file = own if own.is_file() else ckpt / "stream_state_rank00000.json"
+        loader.load_state_dict(json.loads(stream_file.read_text()))
+        rng_file = ckpt / f"rng_state_rank{self.rank:05d}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+        log.info("resumed from %s at step %d", ckpt, state["step"])
+        return state
+
+    # ------------------------------------------------------------ final model
+    def save_final(self, engine, out: Path, *, is_lora: bool, zero_stage: int) -> None:
+        """HF dir (or adapter) in `out`, written by rank 0 after gathering on all ranks."""
+        module = engine.module
+        state = gathered_state_dict(module, trainable_only=is_lora, zero3=zero_stage == 3, rank=self.rank)
+        if self.rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+            module.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+            self.save_tokenizer(out)
+            if not is_lora:
+                from .model import copy_model_code
+                copy_model_code(self.model_dir, out)
+            log.info("saved the final %s to %s", "LoRA adapter" if is_lora else "model", out)
+        _barrier()
+
+
+def base_config(module):
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return base.config
+
+
+def gathered_state_dict(module, *, trainable_only: bool, zero3: bool, rank: int) -> dict | None:
+    """Full tensors on CPU on rank 0 (None elsewhere). ZeRO-3 keeps each parameter split over
+    ranks: gather one at a time, a collective every rank must join in the same order."""
+    if not zero3:
+        if rank != 0:
+            return None
+        sd = module.state_dict()
+        if trainable_only:
+            keep = {n for n, p in module.named_parameters() if p.requires_grad}
+            sd = {k: v for k, v in sd.items() if k in keep}
+        return {k: v.detach().cpu().clone() for k, v in sd.items()}
+    import deepspeed
+    out = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if trainable_only and not p.requires_grad:
+            continue
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            if rank == 0:
+                out[name] = p.data.detach().cpu().clone()
+    if rank == 0 and not trainable_only:
+        persistent = set(module.state_dict().keys())
+        for name, b in module.named_buffers():
+            if name in persistent:
+                out.setdefault(name, b.detach().cpu().clone())
+    return out if rank == 0 else None
