@@ -19,6 +19,7 @@ import xxhash
 from filelock import FileLock
 
 from stages.readers import UNIT_BYTES
+from stages.render import RENDER_VERSION
 from stages.shard import FORMAT_VERSION
 
 KEY_VERSION = 1  # bump when the pipeline's output for the same inputs changes
@@ -84,7 +85,7 @@ def dataset_key(*, sources: list[dict], format: str, transform_sha256: str | Non
         "seed": seed if transform_sha256 else None,  # only a transform's `r` uses the seed
         "template": template_sha256, "tokenizer": tokenizer_sha256,
         "max_length": max_length, "overflow": overflow, "loss": loss,
-        "txt_paragraphs": txt_paragraphs, "unit_bytes": UNIT_BYTES,
+        "txt_paragraphs": txt_paragraphs, "unit_bytes": UNIT_BYTES, "render_version": RENDER_VERSION,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 

@@ -3,12 +3,30 @@
 Canonical records are plain dicts, which is also what user transforms receive:
   {"text": str}                                  pretraining document
   {"input": str, "output": str}                  FM9G input/output (prompt untrained)
-  {"messages": [{"role", "content", ...}], ...}  chat; optional "tools", "reasoning_effort"
-Adapters never reshape a conversation silently: a wrong type, an unknown role or a
-conversation that does not end with an assistant turn raises RecordError naming the field.
+  {"messages": [...], "tools"?: [...], "reasoning_effort"?: str, "template_kwargs"?: {...}}
+Chat messages are OpenAI-style, as Hugging Face chat templates expect them:
+  {"role": "system" | "user" | "assistant" | "tool", "content": str,
+   "reasoning_content"?: str, "tool_calls"?: [{"type": "function", "function": {"name", "arguments"}}],
+   "loss_weight"?: 0 | 1, "name"?: str, "tool_call_id"?: str}
+`tools` is a list of JSON schemas (a JSON string in the source is parsed).
+
+What each source format becomes:
+* alpaca: `system`, `history` [[query, response], …], then `instruction` + "\\n" + `input` → `output`.
+* sharegpt: `conversations[{from, value}]` with human/gpt/system/function_call/observation
+  (function_call → an assistant turn with `tool_calls`, observation → a `tool` turn);
+  top-level `system` and `tools`.
+* messages: plain string content or typed parts `[{type, value}]` (`text` → content,
+  `reasoning` → reasoning_content, `tool_call` → tool_calls), per-message `loss_weight`,
+  `reasoning_content` (alias `reasoning`, `thinking`), `tool_calls`; top-level
+  `reasoning_effort` and `tools`. Hunyuan's inline `<think>…</think><answer>…</answer>` and a
+  `/no_think` prefix in user text are data, kept verbatim.
+Adapters never reshape a conversation silently: a wrong type, an unknown role, a conversation
+that is odd-length, does not alternate, or does not end with an assistant turn raises
+RecordError naming the field (the build fails there, or counts it under `--on-error skip`).
 """
 from __future__ import annotations
 
+import json
 from typing import Any, Callable
 
 from .errors import RecordError
@@ -19,6 +37,8 @@ SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistan
                   "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
                   "system": "system", "function_call": "assistant", "observation": "tool",
                   "tool": "tool", "function": "tool"}
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+PASSTHROUGH_KEYS = ("name", "tool_call_id")
 
 
 def _str(value: Any, field: str, *, allow_empty: bool = True) -> str:
@@ -70,6 +90,72 @@ def detect_format(raw: Any) -> str:
     return candidates[0]
 
 
+# -- structured fields ------------------------------------------------------------------
+def _json(value: Any, field: str, reason: str) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError as e:
+            raise RecordError(reason, f"is not valid JSON ({e})", field=field) from None
+    return value
+
+
+def parse_tools(value: Any, field: str = "tools") -> list | None:
+    """`tools` as a list of JSON schemas; a JSON string (LLaMA-Factory) is parsed."""
+    if value is None or value == "" or value == []:
+        return None
+    tools = _json(value, field, "bad_tools")
+    if isinstance(tools, dict):
+        tools = [tools]
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RecordError("bad_tools", "must be a list of JSON objects (function schemas)", field=field)
+    return tools or None
+
+
+def _tool_call(value: Any, field: str) -> dict:
+    """{"name", "arguments"} (a dict or a JSON string of one) → an OpenAI-style tool call.
+    `arguments` given as a JSON string of an object becomes that object, which is what
+    chat templates render with `| tojson`."""
+    call = _json(value, field, "bad_tool_call")
+    if not isinstance(call, dict):
+        raise RecordError("bad_tool_call", "must be a JSON object {name, arguments}", field=field)
+    fn = call.get("function", call)
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+        raise RecordError("bad_tool_call", "has no function name", field=field)
+    args = fn.get("arguments", {})
+    if isinstance(args, str):
+        try:
+            parsed = json.loads(args)
+            if isinstance(parsed, dict):
+                args = parsed
+        except ValueError:
+            pass
+    out = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
+    if isinstance(call.get("id"), str):
+        out["id"] = call["id"]
+    return out
+
+
+def _tool_calls(value: Any, field: str) -> list[dict]:
+    calls = _json(value, field, "bad_tool_call")
+    if isinstance(calls, dict):
+        calls = [calls]
+    if not isinstance(calls, list) or not calls:
+        raise RecordError("bad_tool_call", "must be a tool call or a non-empty list of them", field=field)
+    return [_tool_call(c, f"{field}[{i}]") for i, c in enumerate(calls)]
+
+
+def _loss_weight(value: Any, role: str, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value not in (0, 1):
+        raise RecordError("unsupported_loss_weight", f"must be 0 or 1 (loss spans are on/off), got {value!r}",
+                          field=field)
+    if value and role != "assistant":
+        raise RecordError("unsupported_loss_weight", f"loss_weight 1 on a {role} turn: only assistant turns "
+                          "train (use \"loss\": \"all\" to train on prompts too)", field=field)
+    return int(value)
+
+
+# -- adapters ---------------------------------------------------------------------------
 def adapt_text(raw: Any) -> dict:
     if isinstance(raw, str):
         return {"text": _str(raw, "text", allow_empty=False)}
@@ -83,7 +169,7 @@ def adapt_input_output(raw: Any) -> dict:
     raw = _dict(raw)
     if "output" not in raw:
         raise RecordError("missing_field", "missing", field="output")
-    out = {"input": _str(raw.get("input", ""), "input"),
+    out = {"input": _str(raw.get("input") or "", "input"),
            "output": _str(raw["output"], "output", allow_empty=False)}
     return out
 
@@ -101,14 +187,21 @@ def adapt_alpaca(raw: Any) -> dict:
     messages = []
     if raw.get("system"):
         messages.append({"role": "system", "content": _str(raw["system"], "system")})
-    for t, turn in enumerate(raw.get("history") or []):
+    history = raw.get("history") or []
+    if not isinstance(history, list):
+        raise RecordError("wrong_type", "must be a list of [query, response] pairs", field="history")
+    for t, turn in enumerate(history):
         if not (isinstance(turn, list) and len(turn) == 2):
             raise RecordError("wrong_type", "must be a [query, response] pair", field=f"history[{t}]")
         messages.append({"role": "user", "content": _str(turn[0], f"history[{t}][0]")})
         messages.append({"role": "assistant", "content": _str(turn[1], f"history[{t}][1]")})
     messages.append({"role": "user", "content": prompt})
     messages.append({"role": "assistant", "content": _str(raw["output"], "output", allow_empty=False)})
-    return {"messages": messages}
+    out = {"messages": check_conversation(messages, "messages")}
+    tools = parse_tools(raw.get("tools"))
+    if tools:
+        out["tools"] = tools
+    return out
 
 
 def adapt_sharegpt(raw: Any) -> dict:
@@ -126,30 +219,48 @@ def adapt_sharegpt(raw: Any) -> dict:
         if who not in SHAREGPT_ROLES:
             raise RecordError("unknown_role", f"unknown role {who!r}", field=f"{field}.from")
         value = _str(turn.get("value", turn.get("content")), f"{field}.value")
-        messages.append({"role": SHAREGPT_ROLES[who], "content": value})
-    out = {"messages": check_conversation(messages, "conversations")}
-    if raw.get("tools"):
-        out["tools"] = raw["tools"]
+        if who == "function_call":
+            messages.append({"role": "assistant", "content": "",
+                             "tool_calls": _tool_calls(value, f"{field}.value")})
+        else:
+            messages.append({"role": SHAREGPT_ROLES[who], "content": value})
+    out = {"messages": check_conversation(messages, "conversations", offset=len(messages) - len(turns))}
+    tools = parse_tools(raw.get("tools"))
+    if tools:
+        out["tools"] = tools
     return out
 
 
-def _content(value: Any, field: str) -> str:
-    """Plain string content, or typed parts [{type: text, value|text}] joined."""
+def _content(value: Any, field: str) -> tuple[str, str | None, list | None]:
+    """Plain string content, or typed parts [{type, value|text}] → (text, reasoning, tool_calls).
+    Parts of one type are joined in order; reasoning must come before the answer and the
+    tool calls (the only order a chat template can render)."""
     if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        parts = []
-        for p, part in enumerate(value):
-            part = _dict(part, f"{field}[{p}]")
-            if part.get("type", "text") != "text":
-                raise RecordError("unsupported_part", f"content part type {part.get('type')!r} "
-                                  "is not supported here", field=f"{field}[{p}].type")
-            parts.append(_str(part.get("value", part.get("text")), f"{field}[{p}].value"))
-        return "".join(parts)
+        return value, None, None
     if value is None:
-        return ""
-    raise RecordError("wrong_type", f"must be a string or a list of parts, got {type(value).__name__}",
-                      field=field)
+        return "", None, None
+    if not isinstance(value, list):
+        raise RecordError("wrong_type", f"must be a string or a list of parts, got {type(value).__name__}",
+                          field=field)
+    text, reasoning, calls = [], [], []
+    for p, part in enumerate(value):
+        pf = f"{field}[{p}]"
+        part = _dict(part, pf)
+        kind = part.get("type", "text")
+        body = part.get("value", part.get("text"))
+        if kind == "text":
+            text.append(_str(body, f"{pf}.value"))
+        elif kind in ("reasoning", "thinking"):
+            if text or calls:
+                raise RecordError("unsupported_part", "a reasoning part after answer text or a tool call "
+                                  "cannot be rendered in order", field=f"{pf}.type")
+            reasoning.append(_str(body, f"{pf}.value"))
+        elif kind == "tool_call":
+            calls.append(_tool_call(body, f"{pf}.value"))
+        else:
+            raise RecordError("unsupported_part", f"content part type {kind!r} is not supported "
+                              "(text, reasoning, tool_call)", field=f"{pf}.type")
+    return "".join(text), ("".join(reasoning) if reasoning else None), (calls or None)
 
 
 def adapt_messages(raw: Any) -> dict:
@@ -163,41 +274,86 @@ def adapt_messages(raw: Any) -> dict:
         role = msg.get("role")
         if role not in CHAT_ROLES:
             raise RecordError("unknown_role", f"unknown role {role!r}", field=f"{field}.role")
-        out = {"role": role, "content": _content(msg.get("content"), f"{field}.content")}
-        for key in ("reasoning_content", "tool_calls", "loss_weight", "name", "tool_call_id"):
-            if key in msg and msg[key] is not None:
+        text, reasoning, calls = _content(msg.get("content"), f"{field}.content")
+        out: dict = {"role": role, "content": text}
+        for key in REASONING_KEYS:
+            if msg.get(key) is not None:
+                if reasoning is not None:
+                    raise RecordError("bad_reasoning", "reasoning given twice (typed parts and a field)",
+                                      field=f"{field}.{key}")
+                reasoning = _str(msg[key], f"{field}.{key}")
+        if reasoning is not None:
+            if role != "assistant":
+                raise RecordError("bad_reasoning", f"reasoning on a {role} turn", field=field)
+            if text.lstrip().startswith("<think>"):
+                raise RecordError("bad_reasoning", "reasoning given both inline (<think>) and as a field",
+                                  field=f"{field}.content")
+            out["reasoning_content"] = reasoning
+        if msg.get("tool_calls") is not None:
+            if calls:
+                raise RecordError("bad_tool_call", "tool calls given twice (typed parts and tool_calls)",
+                                  field=f"{field}.tool_calls")
+            calls = msg["tool_calls"]
+            if not isinstance(calls, list) or not calls or not all(isinstance(c, dict) for c in calls):
+                raise RecordError("bad_tool_call", "must be a non-empty list of objects", field=f"{field}.tool_calls")
+        if calls:
+            if role != "assistant":
+                raise RecordError("bad_tool_call", f"tool calls on a {role} turn", field=field)
+            out["tool_calls"] = calls
+        if msg.get("loss_weight") is not None:
+            out["loss_weight"] = _loss_weight(msg["loss_weight"], role, f"{field}.loss_weight")
+        for key in PASSTHROUGH_KEYS:
+            if msg.get(key) is not None:
                 out[key] = msg[key]
         messages.append(out)
     out = {"messages": check_conversation(messages, "messages")}
-    for key in ("tools", "reasoning_effort"):
-        if raw.get(key) is not None:
-            out[key] = raw[key]
+    tools = parse_tools(raw.get("tools"))
+    if tools:
+        out["tools"] = tools
+    effort = raw.get("reasoning_effort")
+    if effort is not None and effort != "":
+        out["reasoning_effort"] = _str(effort, "reasoning_effort")
     return out
 
 
-def check_conversation(messages: list[dict], field: str) -> list[dict]:
-    """At most a leading system turn, then user/tool and assistant turns that alternate,
-    ending with an assistant turn that has content."""
-    body = messages[1:] if messages and messages[0]["role"] == "system" else messages
+def _has_output(msg: dict) -> bool:
+    return bool(msg["content"].strip() or msg.get("tool_calls") or (msg.get("reasoning_content") or "").strip())
+
+
+def check_conversation(messages: list[dict], field: str, offset: int = 0) -> list[dict]:
+    """At most a leading system turn, then a user turn, then assistant turns that alternate
+    with user turns (or with the tool results answering them), ending with an assistant turn.
+    `offset`: messages added in front of the source list (a top-level system prompt), so error
+    fields name the source position."""
+    start = 1 if messages and messages[0]["role"] == "system" else 0
+    body = messages[start:]
     if not body:
         raise RecordError("empty_sample", "has no user or assistant turn", field=field)
+
+    def where(i: int) -> str:
+        return f"{field}[{start + i - offset}]"
+
     prev = None
     for i, msg in enumerate(body):
         role = msg["role"]
         if role == "system":
-            raise RecordError("bad_conversation", "system turn after the start", field=f"{field}[{i}]")
-        if role == prev == "user" or (role == "assistant" and prev == "assistant" and
-                                      not body[i - 1].get("tool_calls")):
-            raise RecordError("bad_conversation", f"two {role} turns in a row (not alternating)",
-                              field=f"{field}[{i + len(messages) - len(body)}]")
+            raise RecordError("bad_conversation", "system turn after the start", field=where(i))
+        if prev is None and role != "user":
+            raise RecordError("bad_conversation", f"starts with a {role} turn, not a user turn", field=where(i))
+        if role == "user" and prev == "user":
+            raise RecordError("bad_conversation", "two user turns in a row (not alternating)", field=where(i))
+        if role == "assistant" and prev == "assistant":
+            raise RecordError("bad_conversation", "two assistant turns in a row (not alternating)", field=where(i))
+        if role == "tool" and prev not in ("assistant", "tool"):
+            raise RecordError("bad_conversation", "a tool result that answers no assistant turn", field=where(i))
+        if role == "user" and prev == "tool":
+            raise RecordError("bad_conversation", "a user turn after tool results (the assistant never "
+                              "answered them)", field=where(i))
         prev = role
-    if body[0]["role"] == "assistant":
-        raise RecordError("bad_conversation", "starts with an assistant turn", field=field)
     if body[-1]["role"] != "assistant":
-        raise RecordError("bad_conversation", "does not end with an assistant turn "
-                          "(odd-length conversation)", field=field)
-    if not any(m["role"] == "assistant" and (m["content"].strip() or m.get("tool_calls")
-                                             or m.get("reasoning_content")) for m in body):
+        raise RecordError("bad_conversation", f"does not end with an assistant turn (ends with {body[-1]['role']}"
+                          f"{', odd-length conversation' if len(body) % 2 else ''})", field=field)
+    if not any(m["role"] == "assistant" and _has_output(m) for m in body):
         raise RecordError("empty_sample", "has no assistant content to train on", field=field)
     return messages
 

@@ -1,21 +1,44 @@
-"""Tokenizer loading and special-token-safe encoding.
+"""Tokenizer loading and special-token-safe encoding, whatever library is behind it.
+
+`Tokenizer` is the interface the pipeline uses; `load_tokenizer` picks an implementation:
+
+* `HFTokenizer` — a Hugging Face tokenizer with a fast (`tokenizers`) backend: a tokenizer
+  dir, a `tokenizer.json` file, a SentencePiece `tokenizer.model` (converted by transformers'
+  `LlamaTokenizer`), or, with `trust_remote_code=True`, a dir whose own loader transformers runs.
+* `TiktokenTokenizer` — a `.tiktoken` BPE file (a file, or a dir holding one) with its special
+  tokens and chat template from `tokenizer_config.json` (e.g. Tencent Hunyuan's `hy.tiktoken`).
 
 Text that comes from data is always encoded with control tokens disabled, so a literal
-`<|im_end|>` typed by a user stays text. Control tokens are only ever produced from the
-chat template's own literal text (see render.py).
+`<|im_end|>` typed by a user stays text. Control tokens are only ever produced from the chat
+template's own literal text (see render.py), through `encode_pieces`: the rendered
+conversation is cut at the template's control tokens and each piece between them is encoded
+in one call with control tokens disabled, exactly as the tokenizer would encode that piece
+inside the whole string (a piece that does not start the text is encoded as a continuation,
+which matters for SentencePiece's "prefix space on the first word only").
 """
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 import os
-from dataclasses import dataclass, field
+import tempfile
+import unicodedata
+from functools import lru_cache
 from pathlib import Path
+
+import numpy as np
 
 from .errors import BuildError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                    "chat_template.json", "special_tokens_map.json", "added_tokens.json",
                    "vocab.json", "merges.txt", "tokenizer.model")
+# Continuation marker: an extra added token put in front of a piece that does not start the
+# rendered text, then dropped. U+FDD0… are Unicode noncharacters: never in real text (render.py
+# refuses data that holds them).
+CONT_MARK = "\ufdd4"
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
 
 def tokenizer_sha256(path: str) -> str:
@@ -24,78 +47,467 @@ def tokenizer_sha256(path: str) -> str:
     h = hashlib.sha256()
     p = Path(path)
     files = [p] if p.is_file() else sorted(
-        f for f in p.iterdir() if f.is_file() and (f.name in TOKENIZER_FILES or f.suffix in (".tiktoken", ".model")))
+        f for f in p.iterdir() if f.is_file() and (f.name in TOKENIZER_FILES or f.suffix in (".tiktoken", ".model", ".py")))
+    if p.is_file() and (p.parent / "tokenizer_config.json").is_file() and p.suffix in (".tiktoken", ".model"):
+        files.append(p.parent / "tokenizer_config.json")
     for f in files:
         h.update(f.name.encode() + b"\0")
         h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()
 
 
-@dataclass
+def _token_text(tok) -> str | None:
+    if tok is None:
+        return None
+    if isinstance(tok, dict):
+        return tok.get("content")
+    return str(tok)
+
+
+class Pieces:
+    """Encoded pieces, flat: piece i is ids[bounds[i]:bounds[i+1]], with each token's char
+    [start, end) in its piece."""
+    __slots__ = ("ids", "starts", "ends", "bounds")
+
+    def __init__(self, ids: np.ndarray, starts: np.ndarray, ends: np.ndarray, bounds: np.ndarray):
+        self.ids, self.starts, self.ends, self.bounds = ids, starts, ends, bounds
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a, b = self.bounds[i], self.bounds[i + 1]
+        return self.ids[a:b], self.starts[a:b], self.ends[a:b]
+
+
+def _bounds(counts) -> np.ndarray:
+    out = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=out[1:])
+    return out
+
+
 class Tokenizer:
-    """What the pipeline needs from a tokenizer, whatever library is behind it."""
+    """What the pipeline needs from a tokenizer, whatever library is behind it.
+
+    Attributes: path, kind ('hf' | 'tiktoken'), hf (the transformers tokenizer; for tiktoken a
+    small stand-in with `decode` and `apply_chat_template`), vocab_size, bos/eos/pad/unk token
+    texts and ids, chat_template (str or None), control_tokens (every added/special token the
+    tokenizer matches in raw text, text → id), special_tokens (the texts of the *special* ones),
+    sha256.
+    """
+    kind = "base"
     path: str
-    hf: object  # transformers tokenizer: chat templates and the reference behaviour
-    backend: object  # tokenizers.Tokenizer with special tokens disabled for data text
+    hf: object
     vocab_size: int
-    bos_token: str | None
-    eos_token: str | None
-    pad_token: str | None
-    bos_id: int | None
-    eos_id: int | None
-    pad_id: int | None
-    chat_template: str | None
-    control_tokens: dict[str, int] = field(default_factory=dict)  # added tokens, by text
+    bos_token: str | None = None
+    eos_token: str | None = None
+    pad_token: str | None = None
+    unk_token: str | None = None
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int | None = None
+    unk_id: int | None = None
+    chat_template: str | None = None
+    control_tokens: dict[str, int]
+    special_tokens: frozenset[str]
     sha256: str = ""
 
+    # -- encoding -------------------------------------------------------------------
     def encode_texts(self, texts: list[str]) -> list[list[int]]:
-        """Ids of data texts, control-token strings kept as text."""
-        return [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        """Ids of data texts (documents), every control-token string kept as text."""
+        p = self.encode_pieces(texts, [False] * len(texts), self.special_tokens)
+        return [p.ids[p.bounds[i]:p.bounds[i + 1]].tolist() for i in range(len(texts))]
 
-    def encode_with_offsets(self, texts: list[str]):
-        """Encodings (ids + char offsets) of texts, control-token strings kept as text."""
-        return self.backend.encode_batch(texts, add_special_tokens=False)
+    def encode_pieces(self, texts: list[str], continued: list[bool], as_text: frozenset[str] | set[str]
+                      ) -> "Pieces":
+        """Encode pieces of rendered conversations, all at once.
+        `continued[i]`: piece i does not start its text (it follows a control token).
+        `as_text`: token strings that must never be matched inside a piece (the template's
+        control tokens); other added tokens are matched as the tokenizer itself does."""
+        raise NotImplementedError
 
+    def reference_encode(self, text: str) -> list[int]:
+        """Ids of a rendered chat exactly as the tokenizer's own loader encodes it (control
+        tokens enabled everywhere): the reference for `--check-template`."""
+        raise NotImplementedError
+
+    def reference_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """`reference_encode` plus each token's char span in `text`."""
+        raise NotImplementedError
+
+    def decode(self, ids) -> str:
+        raise NotImplementedError
+
+    def normalize_data(self, text: str) -> str:
+        """What the tokenizer's own loader does to text before encoding, applied to data
+        strings before rendering (identity unless the loader normalises, e.g. Hunyuan NFC)."""
+        return text
+
+    # -- templates --------------------------------------------------------------------
     def template_kwargs(self) -> dict:
         """Special tokens as the Jinja template sees them (as in apply_chat_template)."""
         return {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
-                                  ("pad_token", self.pad_token)) if v is not None}
+                                  ("unk_token", self.unk_token), ("pad_token", self.pad_token))
+                if v is not None}
+
+    def chat_control_tokens(self, template_text: str) -> frozenset[str]:
+        """Tokens that are *control* tokens for a chat template: never produced from data
+        text. As transformers' `sanitize_control_tokens`: every special token, plus the added
+        tokens the template's literal text contains (not whitespace-only ones)."""
+        from .render import template_literal_text  # local: render imports this module
+        literal = template_literal_text(template_text)
+        return frozenset(self.special_tokens) | frozenset(
+            t for t in self.control_tokens if t in literal and not t.isspace())
 
     def info(self) -> dict:
         return {"path": self.path, "vocab_size": self.vocab_size, "sha256": self.sha256}
 
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.path} vocab={self.vocab_size}>"
 
-def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Tokenizer:
-    """A Hugging Face tokenizer dir or tokenizer.json (fast backend required)."""
-    if not os.path.exists(path):
-        raise BuildError(f"{path}: tokenizer not found")
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face (fast backend)
+# ---------------------------------------------------------------------------------------
+class HFTokenizer(Tokenizer):
+    kind = "hf"
+
+    def __init__(self, path: str, hf, sha256: str):
+        backend = getattr(hf, "_tokenizer", None)
+        if backend is None:
+            raise BuildError(f"{path}: tokenizer {type(hf).__name__} has no fast (tokenizers) backend; "
+                             "convert it (save a tokenizer.json) or use a .tiktoken / .model file")
+        self.path, self.hf, self.sha256 = str(path), hf, sha256
+        self._json = backend.to_str()
+        added = hf.added_tokens_decoder
+        self.control_tokens = {t.content: i for i, t in added.items()}
+        self.special_tokens = frozenset(t.content for t in added.values() if t.special)
+        self.vocab_size = max(len(hf), max(self.control_tokens.values(), default=-1) + 1)
+        for key in SPECIAL_KEYS:
+            text = _token_text(getattr(hf, key, None))
+            setattr(self, key, text)
+            setattr(self, key.replace("_token", "_id"),
+                    None if text is None else hf.convert_tokens_to_ids(text))
+        template = hf.chat_template
+        if isinstance(template, dict):  # named templates: the default one
+            template = template.get("default")
+        self.chat_template = template if isinstance(template, str) else None
+        self._backends: dict[frozenset, tuple] = {}
+
+    def _backend(self, as_text: frozenset[str]):
+        """A private copy of the backend where the tokens in `as_text` (and every special
+        token) are never matched, plus the continuation marker as an extra added token."""
+        got = self._backends.get(as_text)
+        if got is None:
+            from tokenizers import AddedToken
+            from tokenizers import Tokenizer as TkTokenizer
+            spec = json.loads(self._json)
+            for t in spec.get("added_tokens") or []:
+                if t["content"] in as_text:
+                    t["special"] = True
+            backend = TkTokenizer.from_str(json.dumps(spec))
+            backend.no_padding()
+            backend.no_truncation()
+            backend.add_tokens([AddedToken(CONT_MARK, special=False, normalized=False)])
+            backend.encode_special_tokens = True
+            got = (backend, backend.token_to_id(CONT_MARK))
+            self._backends[as_text] = got
+        return got
+
+    def encode_pieces(self, texts, continued, as_text):
+        backend, mark = self._backend(frozenset(as_text) | self.special_tokens)
+        inputs = [CONT_MARK + t if c else t for t, c in zip(texts, continued)]
+        encs = backend.encode_batch(inputs, add_special_tokens=False)
+        ids = np.fromiter((i for e in encs for i in e.ids), dtype=np.int64)
+        offs = np.fromiter((x for e in encs for o in e.offsets for x in o), dtype=np.int64).reshape(-1, 2)
+        counts = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))
+        bounds = _bounds(counts)
+        cont = np.asarray(continued, dtype=bool)
+        if cont.any():  # drop the continuation marks; offsets back to piece coordinates
+            heads = bounds[:-1][cont]
+            if (counts[cont] == 0).any() or (ids[heads] != mark).any():
+                raise BuildError(f"{self.path}: the continuation marker was not kept by the tokenizer")
+            keep = np.ones(len(ids), dtype=bool)
+            keep[heads] = False
+            shift = np.repeat(cont.astype(np.int64), counts)
+            offs = offs - shift[:, None]
+            ids, offs = ids[keep], offs[keep]
+            bounds = _bounds(counts - cont)
+        return Pieces(ids, offs[:, 0], offs[:, 1], bounds)
+
+    def encode_texts(self, texts):
+        backend, _ = self._backend(self.special_tokens)
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def reference_encode(self, text):
+        return self.hf(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def reference_offsets(self, text):
+        enc = self.hf(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        return enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+
+    def decode(self, ids) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=False)
+
+    def template_kwargs(self) -> dict:
+        # exactly what apply_chat_template passes: the tokenizer's special_tokens_map
+        return {k: v for k, v in dict(self.hf.special_tokens_map).items() if v is not None}
+
+    def chat_control_tokens(self, template_text: str) -> frozenset[str]:
+        declared = getattr(self.hf, "chat_control_tokens", None)
+        if declared is not None:
+            return frozenset(self.special_tokens) | (frozenset(declared) & set(self.control_tokens))
+        return super().chat_control_tokens(template_text)
+
+
+# ---------------------------------------------------------------------------------------
+# tiktoken
+# ---------------------------------------------------------------------------------------
+HY_PAT_STR = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+              r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+# Known layouts for tokenizer_config.json files that name a remote-code loader instead of
+# listing their special tokens: special tokens follow the BPE ranks in this order.
+KNOWN_TIKTOKEN_LAYOUTS = {
+    "HYTokenizer": {
+        "pat_str": HY_PAT_STR,
+        "special_tokens": ["<|endoftext|>", "<|startoftext|>", "<|bos|>", "<|eos|>", "<|pad|>"]
+                          + [f"<|extra_{i}|>" for i in range(205)],
+        "dedupe_ranks": True,  # the reference loader numbers lines in order, skipping duplicates
+        "normalize": "NFC",
+    },
+}
+
+
+def _load_ranks(path: Path, dedupe: bool) -> dict[bytes, int]:
+    ranks: dict[bytes, int] = {}
+    for n, line in enumerate(path.read_bytes().splitlines()):
+        if not line.strip():
+            continue
+        parts = line.split()
+        try:
+            token = base64.b64decode(parts[0])
+            rank = len(ranks) if dedupe else int(parts[1])
+        except Exception as e:
+            raise BuildError(f"{path}:{n + 1}: not a tiktoken BPE line ({e})") from None
+        if dedupe and token in ranks:
+            continue
+        ranks[token] = rank
+    return ranks
+
+
+class _TiktokenHFShim:
+    """The bits of a transformers tokenizer that other code calls (`decode`,
+    `apply_chat_template`), for a tiktoken tokenizer that has no transformers class."""
+
+    def __init__(self, tok: "TiktokenTokenizer"):
+        self._tok = tok
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        if skip_special_tokens:
+            specials = set(self._tok._enc._special_tokens.values())
+            ids = [i for i in ids if i not in specials]
+        return self._tok.decode(ids)
+
+    def convert_ids_to_tokens(self, ids):
+        return [self._tok._enc.decode_single_token_bytes(int(i)).decode("utf-8", "replace") for i in ids]
+
+    def apply_chat_template(self, conversation, tools=None, chat_template=None, add_generation_prompt=False,
+                            tokenize=True, **kwargs):
+        """Render with transformers' own Jinja renderer, then encode as the reference loader
+        does (NFC, every special token allowed). Data holding special-token text is encoded
+        as control tokens here, exactly like the original loader."""
+        from transformers.utils.chat_template_utils import render_jinja_template
+        kw = {**self._tok.template_kwargs(), **kwargs}
+        texts, _ = render_jinja_template([conversation], tools=tools,
+                                         chat_template=chat_template or self._tok.chat_template,
+                                         add_generation_prompt=add_generation_prompt, **kw)
+        return self._tok.reference_encode(texts[0]) if tokenize else texts[0]
+
+
+class TiktokenTokenizer(Tokenizer):
+    kind = "tiktoken"
+
+    def __init__(self, path: str, bpe_file: Path, config: dict, sha256: str):
+        import tiktoken
+        self.path, self.sha256 = str(path), sha256
+        layout = KNOWN_TIKTOKEN_LAYOUTS.get(config.get("tokenizer_class", ""), {})
+        ranks = _load_ranks(bpe_file, layout.get("dedupe_ranks", False))
+        specials: dict[str, int] = {}
+        decoder = config.get("added_tokens_decoder")
+        if decoder:
+            specials = {v["content"]: int(k) for k, v in decoder.items()}
+        elif layout:
+            start = max(ranks.values(), default=-1) + 1
+            specials = {t: start + i for i, t in enumerate(layout["special_tokens"])}
+        else:
+            named = [_token_text(config.get(k)) for k in SPECIAL_KEYS] + \
+                [_token_text(t) for t in config.get("additional_special_tokens") or []]
+            if any(named):
+                raise BuildError(f"{path}: tokenizer_config.json names special tokens but not their ids; "
+                                 "add an \"added_tokens_decoder\" {id: {content, special}} to it")
+        pat_str = config.get("pat_str") or layout.get("pat_str")
+        if not pat_str:
+            raise BuildError(f"{path}: no pre-tokenizer pattern for this .tiktoken file: add \"pat_str\" "
+                             "(tiktoken's split regex) to tokenizer_config.json")
+        self._norm = config.get("normalize", layout.get("normalize"))
+        try:
+            self._enc = tiktoken.Encoding(Path(bpe_file).stem, pat_str=pat_str, mergeable_ranks=ranks,
+                                          special_tokens=specials)
+        except Exception as e:
+            raise BuildError(f"{path}: cannot build the tiktoken encoding: {e}") from e
+        self.vocab_size = self._enc.n_vocab
+        self.control_tokens = dict(specials)
+        self.special_tokens = frozenset(specials)
+        for key in SPECIAL_KEYS:
+            text = _token_text(config.get(key))
+            if text is not None and text not in specials:
+                raise BuildError(f"{path}: {key} {text!r} is not a special token of the encoding")
+            setattr(self, key, text)
+            setattr(self, key.replace("_token", "_id"), None if text is None else specials[text])
+        self._additional = [_token_text(t) for t in config.get("additional_special_tokens") or []]
+        template = config.get("chat_template")
+        jinja_file = Path(bpe_file).parent / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text(encoding="utf-8")
+        if isinstance(template, list):  # [{name, template}] form
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        self.chat_template = template if isinstance(template, str) else None
+        lens = np.zeros(self.vocab_size, dtype=np.int64)
+        for tok_bytes, rank in ranks.items():
+            lens[rank] = len(tok_bytes)
+        for text, i in specials.items():
+            lens[i] = len(text.encode("utf-8"))
+        self._byte_lens = lens
+        self.hf = _TiktokenHFShim(self)
+
+    def normalize_data(self, text: str) -> str:
+        if self._norm and not unicodedata.is_normalized(self._norm, text):
+            return unicodedata.normalize(self._norm, text)
+        return text
+
+    def _char_spans(self, text: str, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Char [start, end) of each token, from token byte lengths (a token that ends inside
+        a multi-byte character covers that character)."""
+        raw = text.encode("utf-8")
+        if len(raw) == len(text):  # ASCII: bytes are chars
+            ends = np.cumsum(self._byte_lens[ids]) if ids else np.zeros(0, np.int64)
+            return ends - self._byte_lens[ids], ends
+        b = np.frombuffer(raw, dtype=np.uint8)
+        char_of_byte = np.cumsum((b & 0xC0) != 0x80) - 1
+        bend = np.cumsum(self._byte_lens[ids])
+        bstart = bend - self._byte_lens[ids]
+        if len(ids) and bend[-1] != len(raw):
+            raise BuildError(f"{self.path}: token byte lengths do not add up to the text")
+        return char_of_byte[bstart], char_of_byte[bend - 1] + 1
+
+    def encode_pieces(self, texts, continued, as_text):
+        norm = [self.normalize_data(t) for t in texts]
+        for text, n in zip(texts, norm):
+            if len(n) != len(text):
+                raise BuildError("normalisation changed the length of a rendered piece")
+        all_ids, starts, ends, counts = [], [], [], []
+        for text, ids in zip(norm, self._enc.encode_ordinary_batch(norm, num_threads=1)):
+            s, e = self._char_spans(text, ids)
+            all_ids.append(np.asarray(ids, dtype=np.int64))
+            starts.append(s)
+            ends.append(e)
+            counts.append(len(ids))
+        cat = (lambda xs: np.concatenate(xs).astype(np.int64)) if texts else (lambda xs: np.zeros(0, np.int64))
+        return Pieces(cat(all_ids), cat(starts), cat(ends), _bounds(counts))
+
+    def encode_texts(self, texts):
+        return self._enc.encode_ordinary_batch([self.normalize_data(t) for t in texts], num_threads=1)
+
+    def reference_encode(self, text):
+        text = unicodedata.normalize(self._norm, text) if self._norm else text
+        return self._enc.encode(text, allowed_special="all")
+
+    def reference_offsets(self, text):
+        text = unicodedata.normalize(self._norm, text) if self._norm else text
+        ids = self._enc.encode(text, allowed_special="all")
+        s, e = self._char_spans(text, ids)
+        return ids, list(zip(s.tolist(), e.tolist()))
+
+    def decode(self, ids) -> str:
+        return self._enc.decode([int(i) for i in ids])
+
+    def template_kwargs(self) -> dict:
+        out = super().template_kwargs()
+        if self._additional:
+            out["additional_special_tokens"] = list(self._additional)
+        return out
+
+
+# ---------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------
+def _read_config(d: Path) -> dict:
+    f = d / "tokenizer_config.json"
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise BuildError(f"{f}: not valid JSON ({e})") from None
+
+
+def _load_hf(path: str, target: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    if target.is_file() and target.suffix == ".json":
+        return PreTrainedTokenizerFast(tokenizer_file=str(target))
+    if target.is_file() and target.suffix == ".model":
+        return _load_sentencepiece(target)
+    d = target
+    config = _read_config(d)
+    if config.get("auto_map") and not trust_remote_code:
+        raise BuildError(f"{path}: tokenizer_config.json names its own loader "
+                         f"({config.get('tokenizer_class')}); pass trust_remote_code to run it, "
+                         "or give a tokenizer.json / .tiktoken / .model file")
+    if not config and not (d / "tokenizer.json").is_file() and (d / "tokenizer.model").is_file():
+        return _load_sentencepiece(d / "tokenizer.model")
+    return AutoTokenizer.from_pretrained(str(d), trust_remote_code=trust_remote_code)
+
+
+def _load_sentencepiece(model: Path):
+    """A SentencePiece model through transformers' LlamaTokenizer conversion (a fast backend
+    with offsets). from_pretrained needs a dir holding `tokenizer.model`."""
+    from transformers import LlamaTokenizer
+    if model.name == "tokenizer.model":
+        return LlamaTokenizer.from_pretrained(str(model.parent))
+    with tempfile.TemporaryDirectory() as tmp:
+        os.symlink(model.resolve(), Path(tmp) / "tokenizer.model")
+        return LlamaTokenizer.from_pretrained(tmp)
+
+
+@lru_cache(maxsize=8)
+def _load_cached(path: str, trust_remote_code: bool, sha: str) -> Tokenizer:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    p = Path(path)
     try:
-        if os.path.isfile(path) and path.endswith(".json"):
-            hf = PreTrainedTokenizerFast(tokenizer_file=path)
-        else:
-            hf = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        if p.is_file() and p.suffix == ".tiktoken":
+            return TiktokenTokenizer(path, p, _read_config(p.parent), sha)
+        if p.is_dir() and not (trust_remote_code and _read_config(p).get("auto_map")) \
+                and not (p / "tokenizer.json").is_file():
+            bpe = sorted(p.glob("*.tiktoken"))
+            if len(bpe) > 1:
+                raise BuildError(f"{path}: several .tiktoken files ({', '.join(b.name for b in bpe)}); "
+                                 "name the one to use")
+            if bpe:
+                return TiktokenTokenizer(path, bpe[0], _read_config(p), sha)
+        return HFTokenizer(path, _load_hf(path, p, trust_remote_code), sha)
+    except BuildError:
+        raise
     except Exception as e:  # the library's message is the useful part
-        raise BuildError(f"{path}: cannot load tokenizer: {e}") from e
-    backend = getattr(hf, "_tokenizer", None)
-    if backend is None:
-        raise BuildError(f"{path}: tokenizer has no fast (tokenizers) backend")
-    backend = backend.__class__.from_str(backend.to_str())  # private copy: we change a flag
-    backend.encode_special_tokens = True
-    if hasattr(backend, "no_padding"):
-        backend.no_padding()
-        backend.no_truncation()
-    control = {t.content: i for i, t in hf.added_tokens_decoder.items()}
+        raise BuildError(f"{path}: cannot load tokenizer: {type(e).__name__}: {e}") from e
 
-    def tid(tok):
-        return None if tok is None else hf.convert_tokens_to_ids(tok)
 
-    template = hf.chat_template if isinstance(hf.chat_template, str) else None
-    return Tokenizer(
-        path=str(path), hf=hf, backend=backend, vocab_size=len(hf),
-        bos_token=hf.bos_token, eos_token=hf.eos_token, pad_token=hf.pad_token,
-        bos_id=tid(hf.bos_token), eos_id=tid(hf.eos_token), pad_id=tid(hf.pad_token),
-        chat_template=template, control_tokens=control, sha256=tokenizer_sha256(path),
-    )
+def load_tokenizer(path: str, *, trust_remote_code: bool = False) -> Tokenizer:
+    """A tokenizer dir (HF files, a .tiktoken file + tokenizer_config.json, or a SentencePiece
+    tokenizer.model), or one file: tokenizer.json, *.tiktoken, *.model. Loaded once per process.
+    `trust_remote_code` lets transformers run a loader shipped in the dir (`auto_map`).
+    Loaded once per process (and again when its files change)."""
+    if not os.path.exists(path):
+        raise BuildError(f"{path}: tokenizer not found")
+    return _load_cached(str(path), bool(trust_remote_code), tokenizer_sha256(str(path)))
