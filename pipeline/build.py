@@ -89,7 +89,7 @@ def assemble(plan: DatasetPlan, summaries: list[dict], tok, template, mixture: M
     for s in summaries:
         name = f"shard-{s['unit']:05d}.h5"
         os.replace(work / f"unit-{s['unit']:05d}.h5", work / name)
-        arr = read_shard(work / name, mmap=False)
+        arr = read_shard(work / name)  # offsets only; tokens stay on disk
         lengths.append(np.diff(arr.offsets))
         shards.append({"file": name, "n_samples": s["n_samples"], "n_tokens": s["n_tokens"],
                        "sha256": s["sha256"]})

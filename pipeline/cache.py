@@ -28,21 +28,23 @@ _TRUST_AFTER_S = 2.0  # a file modified this recently may change again within on
 
 
 def file_fingerprint(path: str, memo: dict | None = None) -> str:
-    """xxh3-128 of a file's bytes; a (size, mtime_ns) memo skips re-reading unchanged files."""
+    """xxh3-128 of a file's bytes. A memo skips re-reading a file whose size, inode, mtime and
+    ctime are all unchanged: ctime moves on every write and cannot be set back (unlike mtime,
+    which `touch -d`, `cp -p` or rsync restore), so an edited file is never missed."""
     st = os.stat(path)
     real = os.path.realpath(path)
+    stamp = [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
     if memo is not None:
         hit = memo.get(real)
-        if hit and hit[0] == st.st_size and hit[1] == st.st_mtime_ns and \
-                time.time() - st.st_mtime > _TRUST_AFTER_S:
-            return hit[2]
+        if hit and hit[:-1] == stamp and time.time() - st.st_ctime > _TRUST_AFTER_S:
+            return hit[-1]
     h = xxhash.xxh3_128()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     digest = h.hexdigest()
     if memo is not None:
-        memo[real] = [st.st_size, st.st_mtime_ns, digest]
+        memo[real] = [*stamp, digest]
     return digest
 
 
@@ -145,10 +147,10 @@ def gc(cache: Path, keep_keys: set[str] | None, older_than_s: float | None, dry_
     """Remove built dirs not referenced by the kept locks and/or unused for a while."""
     removed, now = [], time.time()
     for row in list_entries(cache):
-        referenced = keep_keys is not None and row["key"] in keep_keys
+        unreferenced = keep_keys is not None and row["key"] not in keep_keys
         stale = older_than_s is not None and now - row["last_used"] > older_than_s
-        if (keep_keys is not None and not referenced and (older_than_s is None or stale)) or \
-                (keep_keys is None and stale):
+        # Both given: remove only what is unreferenced AND stale; one given: that one decides.
+        if (unreferenced or keep_keys is None) and (stale or older_than_s is None):
             removed.append(row["dir"])
             if not dry_run:
                 with FileLock(row["dir"] + ".lock"):

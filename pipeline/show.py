@@ -8,11 +8,10 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from stages.render import marked_text
 from stages.shard import read_shard
 
 from .verify import built_dirs
-
-GREEN, DIM, RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
 
 
 def locate(d: Path, meta: dict, index: int):
@@ -24,24 +23,6 @@ def locate(d: Path, meta: dict, index: int):
             return read_shard(d / sh["file"]), index
         index -= sh["n_samples"]
     raise IndexError(index)
-
-
-def render_sample(decode, ids: np.ndarray, spans, color: bool) -> str:
-    """Decode consecutive runs of trained / untrained tokens and mark the trained ones."""
-    if spans is None:
-        spans = np.array([[0, len(ids)]])
-    out, pos = [], 0
-    for k, (s, e) in enumerate(spans.tolist()):
-        if pos < s:
-            text = decode(ids[pos:s])
-            out.append(f"{DIM}{text}{RESET}" if color else text)
-        text = decode(ids[s:e])
-        out.append(f"{GREEN}{text}{RESET}" if color else f"⟦{text}⟧")
-        pos = e
-    if pos < len(ids):
-        text = decode(ids[pos:])
-        out.append(f"{DIM}{text}{RESET}" if color else text)
-    return "".join(out)
 
 
 def show(path: str, index: int = 0, dataset: str | None = None, color: bool | None = None) -> int:
@@ -64,9 +45,5 @@ def show(path: str, index: int = 0, dataset: str | None = None, color: bool | No
           f"({len(spans) if spans is not None else 1} span(s)), source record "
           f"{int(arrays.source_record[i])} of {meta['sources'][0]['path'] if len(meta['sources']) == 1 else 'its file'}")
     print("trained text is " + ("green" if color else "inside ⟦ ⟧") + ":\n")
-
-    def decode(x):
-        return tok.hf.decode(x.tolist(), skip_special_tokens=False)
-
-    print(render_sample(decode, ids, spans, color))
+    print(marked_text(tok, ids, spans, color=color))
     return 0

@@ -49,6 +49,7 @@ def test_reuse_rules(tmp_path, sample_tokenizer):
     b.write_bytes(bytes(data))
     os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert b.stat().st_size == st.st_size
+    time.sleep(2.1)  # past the memo's trust window: only the stat stamp can reveal the edit
     _, plans, _ = build_mixture(mix, workers=1)
     assert statuses(plans) == {"a": "reuse", "b": "build"}
     # another template: every chat dataset rebuilds; --force rebuilds everything
@@ -109,3 +110,22 @@ def test_transform_build_is_reproducible(tmp_path, sample_tokenizer):
     meta = p2[0].meta
     assert meta["skipped"].get("transform_skipped", 0) > 0
     assert meta["records_read"] == meta["nlines"] + sum(meta["skipped"].values())
+
+
+def test_cache_list_and_gc(tmp_path, sample_tokenizer):
+    mix = write_manifest(tmp_path, sample_tokenizer)
+    lock, plans, _ = build_mixture(mix, workers=1)
+    _, old, _ = build_mixture(mix, workers=1, template="chatml", out=str(tmp_path / "other"),
+                              cache=str(tmp_path / "build" / "cache"))
+    cache = tmp_path / "build" / "cache"
+    listed = subprocess.run([sys.executable, "-m", "pipeline", "cache", "list", "--cache", str(cache)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert listed.returncode == 0 and listed.stdout.count("\n") == 4  # a and b, two templates each
+    gc = subprocess.run([sys.executable, "-m", "pipeline", "cache", "gc", "--cache", str(cache),
+                         "--keep", str(lock)], cwd=ROOT, capture_output=True, text=True)
+    assert gc.returncode == 0
+    kept = {d.name for d in cache.iterdir() if d.is_dir()}
+    assert kept == {p.entry.final.name for p in plans}  # the other template's dirs are gone
+    gc = subprocess.run([sys.executable, "-m", "pipeline", "cache", "gc", "--cache", str(cache),
+                         "--keep", str(lock), "--older-than", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert gc.returncode == 0 and {d.name for d in cache.iterdir() if d.is_dir()} == kept
