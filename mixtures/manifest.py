@@ -8,8 +8,10 @@
   but need not be unique: datasets are keyed by ``dataset_name``. ``abs_weight`` is
   required, so FM9G's ``weight`` fallback never applies and ``weight`` is ignored, as are
   ``is_long`` and ``do_compact`` (the latter with a warning when true).
-* Object form — ``{"tokenizer", "template", "max_length", "seed", "datasets": [...]}``;
-  ``task_name`` defaults to ``dataset_name``.
+* Object form — ``{"tokenizer", "template", "max_length", "seed", "trust_remote_code",
+  "datasets": [...]}``; ``task_name`` defaults to ``dataset_name``. ``trust_remote_code: true``
+  lets transformers run a loader shipped in the tokenizer dir (its ``auto_map``); it does not
+  change tokens, so it is not part of any cache key.
 
 Shape and types are checked by JSON Schema (Draft 2020-12); only what a schema cannot say
 (files exist, names unique, not every weight zero, alias conflicts) is checked by hand.
@@ -86,6 +88,7 @@ class Mixture:
     max_length: int
     seed: int
     datasets: tuple[DatasetSpec, ...]
+    trust_remote_code: bool = False  # run the tokenizer dir's own loader (auto_map)
 
 
 # --------------------------------------------------------------------------- schemas
@@ -156,6 +159,7 @@ _SETTINGS_PROPERTIES: dict[str, Any] = {
     },
     "max_length": {"type": "integer", "minimum": 1},
     "seed": {"type": "integer", "minimum": 0},
+    "trust_remote_code": {"type": "boolean"},
 }
 
 _FM9G_SCHEMA = {
@@ -320,6 +324,7 @@ def load_manifest(
     template: str | None = None,
     max_length: int | None = None,
     seed: int | None = None,
+    trust_remote_code: bool | None = None,
 ) -> Mixture:
     """Read, validate and resolve a mixture manifest.
 
@@ -348,7 +353,8 @@ def load_manifest(
 
     # Settings: manifest values (relative to its folder), then overrides (relative to cwd).
     overrides = {k: v for k, v in (("tokenizer", tokenizer), ("template", template),
-                                   ("max_length", max_length), ("seed", seed)) if v is not None}
+                                   ("max_length", max_length), ("seed", seed),
+                                   ("trust_remote_code", trust_remote_code)) if v is not None}
     bad = schema_problems(_VALIDATORS["settings"], overrides)
     if bad:
         raise ManifestError(manifest, [(f"{p} (override)", what) for p, what in bad])
@@ -392,6 +398,8 @@ def load_manifest(
         max_length=max_length if max_length is not None else settings.get("max_length", DEFAULT_MAX_LENGTH),
         seed=seed if seed is not None else settings.get("seed", DEFAULT_SEED),
         datasets=tuple(datasets),
+        trust_remote_code=(trust_remote_code if trust_remote_code is not None
+                           else settings.get("trust_remote_code", False)),
     )
 
 

@@ -28,8 +28,9 @@ from stages.tokenizer import load_tokenizer
 
 from .cache import CacheEntry, FingerprintMemo, dataset_key, dir_fingerprint, file_fingerprint
 from .progress import Progress
+from .encoders import choose_encoder
 from .executors import run_local, run_ray
-from .worker import DatasetJob, faults
+from .worker import DatasetJob, faults, job_renderer
 
 SCHEMA_VERSION = 1
 
@@ -44,6 +45,8 @@ class DatasetPlan:
     status: str = "reuse"  # reuse | build
     meta: dict | None = None
     seconds: float = 0.0
+    template_check: object = None  # pipeline.check.DatasetCheck under --check-template
+    encoder_note: str = ""  # which encoder built it, and why (pipeline/encoders.py)
 
 
 def _detect(units, spec: DatasetSpec) -> str:
@@ -78,7 +81,8 @@ def plan_dataset(spec: DatasetSpec, mixture: Mixture, tok, template, cache: Path
                       overflow=spec.overflow, loss=loss, txt_paragraphs=paragraphs)
     entry = CacheEntry(cache, spec.dataset_name, key)
     job = DatasetJob(spec.dataset_name, fmt, tok.path, mixture.template, mixture.max_length,
-                     spec.overflow, loss, spec.transforms, mixture.seed, on_error, str(entry.partial))
+                     spec.overflow, loss, spec.transforms, mixture.seed, on_error, str(entry.partial),
+                     trust_remote_code=mixture.trust_remote_code)
     return DatasetPlan(spec, entry, job, sources, units)
 
 
@@ -126,7 +130,7 @@ def assemble(plan: DatasetPlan, summaries: list[dict], tok, template, mixture: M
         "transform": ({"path": spec.transforms, "sha256": load_transform(spec.transforms).sha256}
                       if spec.transforms else None),
         "build": {"format": plan.job.format, "max_length": mixture.max_length,
-                  "overflow": spec.overflow, "loss": plan.job.loss, "encoder": tok.kind},
+                  "overflow": spec.overflow, "loss": plan.job.loss, "encoder": job_renderer(plan.job).tok.encoder},
         "skipped": dict(sorted(skipped.items())),
         "rejects": "rejects.jsonl" if rejects else None,
         "truncated_samples": sum(s["truncated_samples"] for s in summaries),
@@ -143,9 +147,13 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
                   workers: int | None = None, on_error: str = "fail", force: bool = False,
                   tokenizer: str | None = None, template: str | None = None,
                   max_length: int | None = None, executor: str = "local", ray_address: str | None = None,
-                  progress: Progress | None = None) -> tuple[Path, list[DatasetPlan], list[str]]:
-    """Build or reuse every dataset of a manifest and write the lock. → (lock path, plans, warnings)"""
-    mixture = load_manifest(manifest, tokenizer=tokenizer, template=template, max_length=max_length)
+                  progress: Progress | None = None, trust_remote_code: bool | None = None,
+                  check_template: int = 0, check_against: str = "tokenizer",
+                  ) -> tuple[Path, list[DatasetPlan], list[str]]:
+    """Build or reuse every dataset of a manifest and write the lock. → (lock path, plans, warnings)
+    check_template N: first compare N samples per dataset with the reference (pipeline/check.py)."""
+    mixture = load_manifest(manifest, tokenizer=tokenizer, template=template, max_length=max_length,
+                            trust_remote_code=trust_remote_code)
     out_dir = Path(out) if out else Path(manifest).resolve().parent / "build"
     cache_dir = Path(cache or os.environ.get("TOKENMILL_CACHE") or out_dir / "cache")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -154,11 +162,14 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
     if executor not in ("local", "ray"):
         raise BuildError(f"unknown executor {executor!r}: local or ray")
 
-    tok = load_tokenizer(mixture.tokenizer)
+    tok = load_tokenizer(mixture.tokenizer, trust_remote_code=mixture.trust_remote_code)
     tmpl = resolve_template(mixture.template, tok)
     memo = FingerprintMemo(cache_dir)
     plans = [plan_dataset(s, mixture, tok, tmpl, cache_dir, memo.data, on_error) for s in mixture.datasets]
     memo.save()
+    if check_template:  # before any work: a difference stops the build here
+        from .check import check_datasets
+        check_datasets(plans, mixture, tok, tmpl, check_template, check_against)
 
     with ExitStack() as locks:
         # Lock in key order (no deadlock between builds of different manifests), then re-check
@@ -170,6 +181,7 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
             if force or not plan.entry.is_valid():
                 plan.status = "build"
                 plan.entry.partial.mkdir(parents=True, exist_ok=True)
+                plan.job, plan.encoder_note = choose_encoder(plan.job, plan.units)
         tasks = [(p, u) for p in plans if p.status == "build" for u in p.units]
         progress.start(plans)
         t0 = time.perf_counter()

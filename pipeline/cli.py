@@ -5,6 +5,13 @@ import argparse
 import sys
 
 
+def _count(text: str) -> int:
+    n = int(text)
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {n}")
+    return n
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline", description="tokenmill data pipeline")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -23,6 +30,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--tokenizer", help="tokenizer (required for the FM9G list form)")
     b.add_argument("--template", help="chat template: tokenizer, chatml, none, hunyuan, hy3 or a .jinja file")
     b.add_argument("--max-length", type=int)
+    b.add_argument("--trust-remote-code", action="store_true", default=None,
+                   help="let transformers run a loader shipped in the tokenizer dir (auto_map)")
+    b.add_argument("--check-template", type=_count, default=0, metavar="N",
+                   help="first compare N samples per chat dataset with tokenizer.apply_chat_template; "
+                        "any difference in ids or trained positions stops the build (exit 1)")
+    b.add_argument("--check-against", choices=("tokenizer", "template"), default="tokenizer",
+                   help="--check-template reference: the tokenizer's own chat template (default) "
+                        "or the build's template")
 
     pl = sub.add_parser("plan", help="dry run: built / reusable / to build, tokens, shares, epochs")
     pl.add_argument("manifest")
@@ -34,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--tokenizer")
     pl.add_argument("--template")
     pl.add_argument("--max-length", type=int)
+    pl.add_argument("--trust-remote-code", action="store_true", default=None,
+                    help="let transformers run a loader shipped in the tokenizer dir (auto_map)")
 
     i = sub.add_parser("inspect", help="statistics table and length histogram")
     i.add_argument("path", help="built dataset dir or mixture lock")
@@ -48,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--index", type=int, default=0)
     s.add_argument("--dataset", help="dataset name when PATH is a lock")
     s.add_argument("--color", choices=("auto", "always", "never"), default="auto")
+    s.add_argument("--template", help="the .jinja file the dataset was built with, to label spans "
+                                      "(meta.json keeps only its name and sha256)")
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="let transformers run a loader shipped in the tokenizer dir (auto_map)")
 
     c = sub.add_parser("cache", help="list or garbage-collect built datasets")
     c.add_argument("action", choices=("list", "gc"))
@@ -83,7 +104,8 @@ def _run(args) -> int:
             args.manifest, out=args.out, cache=args.cache, workers=args.workers,
             on_error=args.on_error, force=args.force, tokenizer=args.tokenizer,
             template=args.template, max_length=args.max_length, executor=args.executor,
-            ray_address=args.ray_address)
+            ray_address=args.ray_address, trust_remote_code=args.trust_remote_code,
+            check_template=args.check_template, check_against=args.check_against)
         print_summary(lock, plans, warnings)
         return 0
     if args.cmd == "plan":
@@ -95,7 +117,8 @@ def _run(args) -> int:
             tokens = float(args.steps) * args.global_batch_tokens
         rows, warnings = make_plan(args.manifest, out=args.out, cache=args.cache, tokens=tokens,
                                    tokenizer=args.tokenizer, template=args.template,
-                                   max_length=args.max_length)
+                                   max_length=args.max_length,
+                                   trust_remote_code=args.trust_remote_code)
         print_plan(rows, warnings, tokens)
         return 0
     if args.cmd == "inspect":
@@ -112,7 +135,8 @@ def _run(args) -> int:
     if args.cmd == "show":
         from .show import show
         color = {"auto": None, "always": True, "never": False}[args.color]
-        return show(args.path, args.index, args.dataset, color)
+        return show(args.path, args.index, args.dataset, color, template=args.template,
+                    trust_remote_code=args.trust_remote_code)
     if args.cmd == "cache":
         return _cache(args)
     return 2

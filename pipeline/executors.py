@@ -8,11 +8,18 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import sys
 
 from stages.errors import BuildError
 
 from .worker import process_unit
+
+
+def _ignore_sigint():
+    # Ctrl-C reaches the whole process group: the driver alone handles it (and terminates the
+    # pool), so workers stop without a traceback each. Finished units are already on disk.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def run_local(tasks, workers: int, progress) -> dict:
@@ -23,7 +30,7 @@ def run_local(tasks, workers: int, progress) -> dict:
             progress.advance(plan.spec.dataset_name, s)
         return results
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers, maxtasksperchild=64) as pool:
+    with ctx.Pool(workers, maxtasksperchild=64, initializer=_ignore_sigint) as pool:
         pending = [(plan, unit, pool.apply_async(process_unit, (plan.job, unit))) for plan, unit in tasks]
         for plan, unit, res in pending:
             s = res.get()  # re-raises a worker's RecordError, in unit order

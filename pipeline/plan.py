@@ -63,11 +63,13 @@ def _estimate(plan, renderer: Renderer) -> tuple[float, float]:
 
 
 def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None,
-              tokens: float | None = None, tokenizer=None, template=None, max_length=None):
-    mixture = load_manifest(manifest, tokenizer=tokenizer, template=template, max_length=max_length)
+              tokens: float | None = None, tokenizer=None, template=None, max_length=None,
+              trust_remote_code: bool | None = None):
+    mixture = load_manifest(manifest, tokenizer=tokenizer, template=template, max_length=max_length,
+                            trust_remote_code=trust_remote_code)
     out_dir = Path(out) if out else Path(manifest).resolve().parent / "build"
     cache_dir = Path(cache or os.environ.get("TOKENMILL_CACHE") or out_dir / "cache")
-    tok = load_tokenizer(mixture.tokenizer)
+    tok = load_tokenizer(mixture.tokenizer, trust_remote_code=mixture.trust_remote_code)
     tmpl = resolve_template(mixture.template, tok)
     memo = FingerprintMemo(cache_dir) if cache_dir.is_dir() else None
     locked = set()

@@ -1,31 +1,153 @@
 """`pipeline show`: one sample decoded, trained spans marked (green on a terminal,
-⟦brackets⟧ otherwise)."""
+⟦brackets⟧ otherwise), each trained span preceded by the role and message it trains
+(`[assistant#3]`: message 3 of the record, counted from 0 after the format is adapted).
+
+The roles are not stored in the shards: the sample's source record (its provenance) is read
+again and re-rendered with what meta.json names — format, transform, template, tokenizer,
+loss mode, max_length and overflow — and the result must give exactly the stored ids and
+spans. When it does not (the source, transform, template or tokenizer changed since the
+build), the sample is shown as stored, without labels, and a note says why. A segmented
+sample (overflow: segment) is matched to its piece of the record.
+"""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import orjson
 
-from stages.render import marked_text
+from mixtures.manifest import DEFAULT_SEED
+from stages.render import Encoded, Explained, available_templates, marked_text, span_labels
 from stages.shard import read_shard
 
 from .verify import built_dirs
 
 
-def locate(d: Path, meta: dict, index: int):
-    """Global sample index → (shard arrays, index within shard)."""
+def locate_shard(d: Path, meta: dict, index: int):
+    """Global sample index → (shard path, shard arrays, index within shard)."""
     if not 0 <= index < meta["n_samples"]:
         raise IndexError(f"{d.name}: index {index} out of range (0 … {meta['n_samples'] - 1})")
     for sh in meta["shards"]:
         if index < sh["n_samples"]:
-            return read_shard(d / sh["file"]), index
+            return d / sh["file"], read_shard(d / sh["file"]), index
         index -= sh["n_samples"]
     raise IndexError(index)
 
 
-def show(path: str, index: int = 0, dataset: str | None = None, color: bool | None = None) -> int:
+def locate(d: Path, meta: dict, index: int):
+    """Global sample index → (shard arrays, index within shard)."""
+    _, arrays, i = locate_shard(d, meta, index)
+    return arrays, i
+
+
+class _NoLabels(Exception):
+    """Why the trained spans cannot be labelled (shown as a note)."""
+
+
+def _read_record(source: str, rec: int):
+    from stages.readers import iter_unit, plan_units
+    if not os.path.exists(source):
+        raise _NoLabels(f"its source {source} no longer exists")
+    units = [u for u in plan_units([source]) if u.first_record <= rec]
+    if units:
+        for r, raw in iter_unit(units[-1]):
+            if r == rec:
+                return raw
+            if r > rec:
+                break
+    raise _NoLabels(f"{source} has no record {rec + 1} any more")
+
+
+def _template(meta: dict, tok, template: str | None):
+    from stages.render import resolve_template
+    name, sha = meta["template"]["name"], meta["template"]["sha256"]
+    if template is None:
+        if name != "tokenizer" and name not in available_templates():
+            raise _NoLabels(f"it was built with the template file {name}.jinja, whose path meta.json "
+                            "does not keep; pass --template FILE.jinja")
+        template = name
+    tmpl = resolve_template(template, tok)
+    if tmpl.sha256 != sha:
+        raise _NoLabels(f"template {template!r} is not the one the dataset was built with (sha256 differs)")
+    return tmpl
+
+
+def _piece(full: Encoded, k: int, max_length: int, overflow: str) -> int:
+    """Start, in the whole record's ids, of its k-th stored sample (pieces with nothing to
+    train are not stored under overflow: segment)."""
+    n = len(full.ids)
+    if n <= max_length or overflow != "segment":
+        starts = [0]
+    else:
+        spans = [(0, n)] if full.spans is None else [tuple(map(int, s)) for s in full.spans]
+        starts = [s for s in range(0, n, max_length)
+                  if any(a < s + max_length and b > s for a, b in spans)]
+    if k >= len(starts):
+        raise _NoLabels("the record re-rendered now gives fewer pieces than were stored")
+    return starts[k]
+
+
+def explain_sample(meta: dict, shard: Path, arrays, i: int, tok, *, seed: int,
+                   template: str | None = None) -> tuple[list[str], str]:
+    """Labels of the trained spans of sample i of a shard (see module doc), and a line on
+    which piece of its record it is ("" when the record gave one sample). Raises _NoLabels."""
+    from mixtures.transforms import TransformError, apply_transform, load_transform
+    from stages.errors import RecordError
+    from stages.formats import ADAPTERS
+    from stages.render import Renderer
+
+    with h5py.File(shard, "r") as f:
+        source = str(f.attrs["source"])
+    rec = int(arrays.source_record[i])
+    if tok.sha256 != meta["tokenizer"]["sha256"]:
+        raise _NoLabels(f"the tokenizer {tok.path} changed since the build")
+    tmpl = _template(meta, tok, template)
+    try:
+        canonical = ADAPTERS[meta["build"]["format"]](_read_record(source, rec))
+        if meta.get("transform"):
+            transform = load_transform(meta["transform"]["path"])
+            if transform.sha256 != meta["transform"]["sha256"]:
+                raise _NoLabels(f"the transform {transform.path} changed since the build")
+            canonical = apply_transform(transform, canonical, seed=seed, dataset_name=meta["dataset_name"],
+                                        record_index=rec, source=source)
+            if canonical is None:
+                raise _NoLabels("the transform now skips its record")
+    except (RecordError, TransformError) as e:
+        raise _NoLabels(f"its record now fails: {e}") from None
+    explained = Renderer(tok, tmpl, meta["build"].get("loss", "assistant")).explain(canonical)
+    if isinstance(explained, RecordError):
+        raise _NoLabels(f"its record now fails: {explained.located(source, rec)}")
+    # which of the record's samples this is: they are stored one after another
+    k = 0
+    while i - k - 1 >= 0 and int(arrays.source_record[i - k - 1]) == rec:
+        k += 1
+    full = explained.encoded
+    start = _piece(full, k, meta["build"]["max_length"], meta["build"]["overflow"])
+    ids = np.asarray(arrays.sample(i), dtype=np.int64)
+    stored = arrays.spans(i)
+    end = start + len(ids)
+    spans = None if full.spans is None else np.clip(full.spans.astype(np.int64) - start, 0, len(ids))
+    if spans is not None:
+        spans = spans[spans[:, 1] > spans[:, 0]]
+    if not np.array_equal(full.ids[start:end], ids) or (
+            stored is not None and spans is not None and not np.array_equal(spans, stored)):
+        raise _NoLabels(f"its record {rec} ({source}:{rec + 1}) re-rendered now gives other tokens than "
+                        "the stored sample: the source was edited since the build, or the seed "
+                        f"differs (seed {seed}; show a lock to use its seed)")
+    regions = [(max(rs - start, 0), min(re_ - start, len(ids)), msg, role)
+               for rs, re_, msg, role in explained.regions if rs < end and re_ > start]
+    piece = Explained(Encoded(ids, stored), regions, [], "")
+    n_pieces = len(ids) != len(full.ids)
+    where = (f"tokens {start}…{end - 1} of the record's {len(full.ids)} (stored piece {k + 1} of the record, "
+             f"overflow: {meta['build']['overflow']})") if n_pieces else ""
+    return span_labels(piece), where
+
+
+def show(path: str, index: int = 0, dataset: str | None = None, color: bool | None = None,
+         template: str | None = None, trust_remote_code: bool = False) -> int:
     dirs = built_dirs(path)
     metas = {d: orjson.loads((d / "meta.json").read_bytes()) for d in dirs}
     if dataset:
@@ -34,16 +156,32 @@ def show(path: str, index: int = 0, dataset: str | None = None, color: bool | No
             raise KeyError(f"no dataset named {dataset!r} in {path}")
     d = dirs[0]
     meta = metas[d]
-    arrays, i = locate(d, meta, index)
+    shard, arrays, i = locate_shard(d, meta, index)
     ids = np.asarray(arrays.sample(i), dtype=np.int64)
     spans = arrays.spans(i)
     from stages.tokenizer import load_tokenizer
-    tok = load_tokenizer(meta["tokenizer"]["path"])
+    tok = load_tokenizer(meta["tokenizer"]["path"], trust_remote_code=trust_remote_code)
     color = sys.stdout.isatty() if color is None else color
     n_trained = len(ids) if spans is None else int((spans[:, 1] - spans[:, 0]).sum())
     print(f"{meta['dataset_name']} sample {index}: {len(ids)} tokens, {n_trained} trained "
           f"({len(spans) if spans is not None else 1} span(s)), source record "
           f"{int(arrays.source_record[i])} of {meta['sources'][0]['path'] if len(meta['sources']) == 1 else 'its file'}")
-    print("trained text is " + ("green" if color else "inside ⟦ ⟧") + ":\n")
-    print(marked_text(tok, ids, spans, color=color))
+    labels = None
+    if meta["build"]["format"] == "text" or spans is None:
+        print("a document: every token trains")
+    else:
+        seed = DEFAULT_SEED
+        if Path(path).is_file():  # a lock: the seed the transform ran with
+            seed = orjson.loads(Path(path).read_bytes()).get("seed", DEFAULT_SEED)
+        try:
+            labels, where = explain_sample(meta, shard, arrays, i, tok, seed=seed, template=template)
+            if where:
+                print(f"this sample is {where}")
+        except _NoLabels as e:
+            print(f"note: trained spans are not labelled with their roles: {e}")
+    how = "green" if color else "inside ⟦ ⟧"
+    if labels:
+        how += ", after [role#message] (message index in the record, from 0)"
+    print(f"trained text is {how}:\n")
+    print(marked_text(tok, ids, spans, color=color, labels=labels))
     return 0

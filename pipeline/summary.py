@@ -9,14 +9,25 @@ def print_summary(lock_path, plans, warnings) -> None:
     from rich.table import Table
     table = Table(title=f"tokenmill build → {lock_path}")
     for c, j in (("dataset", "left"), ("status", "left"), ("samples", "right"), ("tokens", "right"),
-                 ("trained", "right"), ("skipped", "right"), ("truncated", "right"), ("dir", "left")):
+                 ("trained", "right"), ("skipped", "right"), ("truncated", "right"), ("encoder", "left"),
+                 ("dir", "left")):
         table.add_column(c, justify=j)
-    for p in plans:
+    checks = [getattr(p, "template_check", None) for p in plans]  # --check-template results
+    if any(checks):
+        table.add_column("template check", justify="left")
+    for p, check in zip(plans, checks):
         m = p.meta
-        table.add_row(p.spec.dataset_name, "built" if p.status == "build" else "reused",
-                      f"{m['n_samples']:,}", f"{m['n_tokens']:,}", f"{m['n_loss_tokens']:,}",
-                      str(sum(m["skipped"].values())), str(m["truncated_samples"]), p.entry.final.name)
+        row = [p.spec.dataset_name, "built" if p.status == "build" else "reused",
+               f"{m['n_samples']:,}", f"{m['n_tokens']:,}", f"{m['n_loss_tokens']:,}",
+               str(sum(m["skipped"].values())), str(m["truncated_samples"]),
+               m["build"].get("encoder", ""), p.entry.final.name]
+        if any(checks):
+            row.append(check.short if check else "")
+        table.add_row(*row)
     console = Console(stderr=False, width=None if sys.stdout.isatty() else 160)
     console.print(table)
+    for p in plans:  # why the fast path was or was not used (pipeline/encoders.py)
+        if p.status == "build" and p.encoder_note:
+            console.print(f"encoder for {p.spec.dataset_name}: {p.encoder_note}", highlight=False)
     for w in warnings:
         console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)

@@ -40,12 +40,43 @@ class DatasetJob:
     seed: int
     on_error: str  # fail | skip
     work_dir: str  # the dataset's partial dir
+    trust_remote_code: bool = False  # run the tokenizer dir's own loader (not in the cache key)
+    encoder: str = "default"  # "tiktoken": the fast path for an HF byte-level BPE (pipeline/encoders.py)
 
 
 @lru_cache(maxsize=4)
-def _renderer(tokenizer: str, template: str, loss: str) -> Renderer:
-    tok = load_tokenizer(tokenizer)
+def _renderer(tokenizer: str, template: str, loss: str, trust_remote_code: bool = False,
+              encoder: str = "default") -> Renderer:
+    tok = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
+    if encoder == "tiktoken" and tok.encoder != "tiktoken":
+        tok = tok.with_fast_bpe()
     return Renderer(tok, resolve_template(template, tok), loss)
+
+
+def job_renderer(job: DatasetJob) -> Renderer:
+    return _renderer(job.tokenizer, job.template, job.loss, job.trust_remote_code, job.encoder)
+
+
+def canonical_records(job: DatasetJob, unit: WorkUnit):
+    """(record number, raw record, canonical record or the RecordError that refused it), in
+    file order: read → adapt → transform, as every build of this dataset sees them."""
+    transform = _transform(job.transform) if job.transform else None
+    adapt = ADAPTERS[job.format]
+    for rec, raw in iter_unit(unit):
+        try:
+            if isinstance(raw, RecordError):
+                raise raw
+            canonical = adapt(raw)
+            if transform is not None:
+                canonical = apply_transform(transform, canonical, seed=job.seed,
+                                            dataset_name=job.dataset_name, record_index=rec,
+                                            source=unit.file)
+                if canonical is None:
+                    raise RecordError("transform_skipped", "the transform returned None")
+        except RecordError as e:
+            yield rec, raw, e
+            continue
+        yield rec, raw, canonical
 
 
 @lru_cache(maxsize=16)
@@ -70,9 +101,7 @@ def process_unit(job: DatasetJob, unit: WorkUnit) -> dict:
         done = orjson.loads(summary_path.read_bytes())
         if not (job.on_error == "fail" and faults(done["skipped"])):  # else redo: fail with file:line
             return done
-    renderer = _renderer(job.tokenizer, job.template, job.loss)
-    transform = _transform(job.transform) if job.transform else None
-    adapt = ADAPTERS[job.format]
+    renderer = job_renderer(job)
     acc = _Accumulator(job, unit)
     pending: list[tuple[int, object, dict]] = []  # (record, raw, canonical)
 
@@ -89,20 +118,10 @@ def process_unit(job: DatasetJob, unit: WorkUnit) -> dict:
             acc.accept(rec, raw, samples, lost)
         pending.clear()
 
-    for rec, raw in iter_unit(unit):
+    for rec, raw, canonical in canonical_records(job, unit):
         acc.records_read += 1
-        try:
-            if isinstance(raw, RecordError):
-                raise raw
-            canonical = adapt(raw)
-            if transform is not None:
-                canonical = apply_transform(transform, canonical, seed=job.seed,
-                                            dataset_name=job.dataset_name, record_index=rec,
-                                            source=unit.file)
-                if canonical is None:
-                    raise RecordError("transform_skipped", "the transform returned None")
-        except RecordError as e:
-            acc.reject(e, rec)
+        if isinstance(canonical, RecordError):
+            acc.reject(canonical, rec)
             continue
         pending.append((rec, raw, canonical))
         if len(pending) >= BATCH:

@@ -471,10 +471,17 @@ class Renderer:
         return _Layout(text, cuts, regions, spans)
 
     # -- batch ------------------------------------------------------------------------
-    def _document_ids(self, ids: list[int]) -> np.ndarray:
-        head = [self.tok.bos_id] if self.tok.bos_id is not None else []
-        tail = [self.tok.eos_id] if self.tok.eos_id is not None else []
-        return np.array(head + list(ids) + tail, dtype=np.int64)
+    def _document_ids(self, ids: np.ndarray) -> np.ndarray:
+        if self.tok.bos_id is None and self.tok.eos_id is None:
+            return ids
+        out = np.empty(len(ids) + (self.tok.bos_id is not None) + (self.tok.eos_id is not None), np.int64)
+        start = 0
+        if self.tok.bos_id is not None:
+            out[0], start = self.tok.bos_id, 1
+        out[start:start + len(ids)] = ids
+        if self.tok.eos_id is not None:
+            out[-1] = self.tok.eos_id
+        return out
 
     def encode_batch(self, records: list[dict]) -> list[Encoded | RecordError]:
         return self._encode(records, False)
@@ -515,7 +522,7 @@ class Renderer:
             pieces.extend(layout.text[a:b] for a, b in sections)
             continued.extend(cont)
             layouts[i] = (layout, sections, first)
-        for i, ids in zip(doc_idx, self.tok.encode_texts(doc_texts) if doc_texts else []):
+        for i, ids in zip(doc_idx, self.tok.encode_documents(doc_texts) if doc_texts else []):
             enc = Encoded(self._document_ids(ids), None)
             out[i] = Explained(enc, [(0, len(enc.ids), -1, "text")], [], records[i]["text"]) if explain else enc
         encoded = self.tok.encode_pieces(pieces, continued, self.as_text) if pieces else []

@@ -28,6 +28,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import orjson
 
 from .errors import BuildError
 
@@ -96,6 +97,7 @@ class Tokenizer:
     sha256.
     """
     kind = "base"
+    encoder = "base"  # the library that encodes data text: tokenizers | tiktoken | sentencepiece
     path: str
     hf: object
     vocab_size: int
@@ -113,10 +115,14 @@ class Tokenizer:
     sha256: str = ""
 
     # -- encoding -------------------------------------------------------------------
-    def encode_texts(self, texts: list[str]) -> list[list[int]]:
-        """Ids of data texts (documents), every control-token string kept as text."""
+    def encode_documents(self, texts: list[str]) -> list[np.ndarray]:
+        """Ids (int64 arrays) of data texts (documents), every control-token string kept as text."""
         p = self.encode_pieces(texts, [False] * len(texts), self.special_tokens)
-        return [p.ids[p.bounds[i]:p.bounds[i + 1]].tolist() for i in range(len(texts))]
+        return [p.ids[p.bounds[i]:p.bounds[i + 1]] for i in range(len(texts))]
+
+    def encode_texts(self, texts: list[str]) -> list[list[int]]:
+        """`encode_documents` as lists."""
+        return [ids.tolist() for ids in self.encode_documents(texts)]
 
     def encode_pieces(self, texts: list[str], continued: list[bool], as_text: frozenset[str] | set[str]
                       ) -> "Pieces":
@@ -171,6 +177,8 @@ class Tokenizer:
 # ---------------------------------------------------------------------------------------
 class HFTokenizer(Tokenizer):
     kind = "hf"
+    encoder = "tokenizers"
+    _fast = None  # FastBPE on the twin that `with_fast_bpe` returns
 
     def __init__(self, path: str, hf, sha256: str):
         backend = getattr(hf, "_tokenizer", None)
@@ -193,6 +201,7 @@ class HFTokenizer(Tokenizer):
             template = template.get("default")
         self.chat_template = template if isinstance(template, str) else None
         self._backends: dict[frozenset, tuple] = {}
+        self._matched_re: dict[frozenset, object] = {}  # as_text → added tokens HF matches in text
 
     def _backend(self, as_text: frozenset[str]):
         """A private copy of the backend where the tokens in `as_text` (and every special
@@ -201,11 +210,11 @@ class HFTokenizer(Tokenizer):
         if got is None:
             from tokenizers import AddedToken
             from tokenizers import Tokenizer as TkTokenizer
-            spec = json.loads(self._json)
+            spec = orjson.loads(self._json)
             for t in spec.get("added_tokens") or []:
                 if t["content"] in as_text:
                     t["special"] = True
-            backend = TkTokenizer.from_str(json.dumps(spec))
+            backend = TkTokenizer.from_str(orjson.dumps(spec).decode())
             backend.no_padding()
             backend.no_truncation()
             backend.add_tokens([AddedToken(CONT_MARK, special=False, normalized=False)])
@@ -215,6 +224,8 @@ class HFTokenizer(Tokenizer):
         return got
 
     def encode_pieces(self, texts, continued, as_text):
+        if self._fast is not None:
+            return self._fast_pieces(texts, continued, as_text)
         backend, mark = self._backend(frozenset(as_text) | self.special_tokens)
         inputs = [CONT_MARK + t if c else t for t, c in zip(texts, continued)]
         encs = backend.encode_batch(inputs, add_special_tokens=False)
@@ -235,9 +246,76 @@ class HFTokenizer(Tokenizer):
             bounds = _bounds(counts - cont)
         return Pieces(ids, offs[:, 0], offs[:, 1], bounds)
 
-    def encode_texts(self, texts):
-        backend, _ = self._backend(self.special_tokens)
-        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+    def encode_documents(self, texts):
+        fast, slow = self._split_claimed(texts, self.special_tokens)
+        out: list = [None] * len(texts)
+        for i in fast:
+            out[i] = self._fast.encode(texts[i])
+        if slow:
+            backend, _ = self._backend(self.special_tokens)
+            for i, e in zip(slow, backend.encode_batch_fast([texts[i] for i in slow], add_special_tokens=False)):
+                out[i] = np.asarray(e.ids, dtype=np.int64)
+        return out
+
+    # -- the tiktoken fast path --------------------------------------------------------
+    def fast_bpe(self):
+        """The tiktoken encoder for this tokenizer (built once), or raise NotExpressible."""
+        from .fast_bpe import FastBPE
+        got = self.__dict__.get("_fast_built")
+        if got is None:
+            try:
+                got = FastBPE.from_tokenizer_json(self._json)
+            except Exception as e:  # NotExpressible, or a tokenizer.json tiktoken refuses
+                got = e
+            self._fast_built = got
+        if isinstance(got, Exception):
+            raise got
+        return got
+
+    def with_fast_bpe(self) -> "HFTokenizer":
+        """A twin that encodes data text with tiktoken (same ids: see fast_bpe.py; a piece the
+        fast encoder does not claim still goes through `tokenizers`)."""
+        import copy
+        twin = copy.copy(self)
+        twin._fast, twin.encoder = self.fast_bpe(), "tiktoken"
+        return twin
+
+    def _split_claimed(self, texts, as_text: frozenset) -> tuple[list[int], list[int]]:
+        """Indices of the texts the fast encoder claims, and of the rest (for HF). Tokens in
+        `as_text` and special tokens are encoded as text by both; any other added token HF
+        would match inside the text, so such a text goes to HF."""
+        if self._fast is None:
+            return [], list(range(len(texts)))
+        key = frozenset(as_text) | self.special_tokens
+        if key not in self._matched_re:
+            from .fast_bpe import added_token_re
+            self._matched_re[key] = added_token_re(t for t in self.control_tokens if t not in key)
+        matched = self._matched_re[key]
+        fast, slow = [], []
+        for i, t in enumerate(texts):
+            (fast if self._fast.claims(t, matched) else slow).append(i)
+        return fast, slow
+
+    def _fast_pieces(self, texts, continued, as_text) -> Pieces:
+        # Byte-level BPE without a prefix space encodes a piece alone exactly as inside the
+        # whole text (control tokens split it in HF too), so `continued` changes nothing.
+        fast, slow = self._split_claimed(texts, as_text)
+        ids: list = [None] * len(texts)
+        starts: list = [None] * len(texts)
+        ends: list = [None] * len(texts)
+        for i in fast:
+            ids[i] = self._fast.encode(texts[i])
+            starts[i], ends[i] = self._fast.char_spans(texts[i], ids[i])
+        if slow:
+            hf = copy_without_fast(self)
+            p = hf.encode_pieces([texts[i] for i in slow], [continued[i] for i in slow], as_text)
+            for k, i in enumerate(slow):
+                ids[i], starts[i], ends[i] = p[k]
+        counts = [len(x) for x in ids]
+        cat = (lambda xs: np.concatenate(xs).astype(np.int64, copy=False)) if texts else \
+            (lambda xs: np.zeros(0, np.int64))
+        return Pieces(cat(ids), cat(starts), cat(ends), _bounds(counts))
+
 
     def reference_encode(self, text):
         return self.hf(text, add_special_tokens=False, verbose=False)["input_ids"]
@@ -258,6 +336,15 @@ class HFTokenizer(Tokenizer):
         if declared is not None:
             return frozenset(self.special_tokens) | (frozenset(declared) & set(self.control_tokens))
         return super().chat_control_tokens(template_text)
+
+
+def copy_without_fast(tok: HFTokenizer) -> HFTokenizer:
+    if tok._fast is None:
+        return tok
+    import copy
+    plain = copy.copy(tok)
+    plain._fast, plain.encoder = None, "tokenizers"
+    return plain
 
 
 # ---------------------------------------------------------------------------------------
@@ -327,6 +414,7 @@ class _TiktokenHFShim:
 
 class TiktokenTokenizer(Tokenizer):
     kind = "tiktoken"
+    encoder = "tiktoken"
 
     def __init__(self, path: str, bpe_file: Path, config: dict, sha256: str):
         import tiktoken
@@ -407,7 +495,7 @@ class TiktokenTokenizer(Tokenizer):
             if len(n) != len(text):
                 raise BuildError("normalisation changed the length of a rendered piece")
         all_ids, starts, ends, counts = [], [], [], []
-        for text, ids in zip(norm, self._enc.encode_ordinary_batch(norm, num_threads=1)):
+        for text, ids in zip(norm, map(self._enc._core_bpe.encode_ordinary, norm)):
             s, e = self._char_spans(text, ids)
             all_ids.append(np.asarray(ids, dtype=np.int64))
             starts.append(s)
@@ -416,8 +504,10 @@ class TiktokenTokenizer(Tokenizer):
         cat = (lambda xs: np.concatenate(xs).astype(np.int64)) if texts else (lambda xs: np.zeros(0, np.int64))
         return Pieces(cat(all_ids), cat(starts), cat(ends), _bounds(counts))
 
-    def encode_texts(self, texts):
-        return self._enc.encode_ordinary_batch([self.normalize_data(t) for t in texts], num_threads=1)
+    def encode_documents(self, texts):
+        core = self._enc._core_bpe  # no thread pool: one worker process is one core
+        return [np.frombuffer(core.encode_to_tiktoken_buffer(self.normalize_data(t), set()), dtype=np.uint32
+                              ).astype(np.int64) for t in texts]
 
     def reference_encode(self, text):
         text = unicodedata.normalize(self._norm, text) if self._norm else text
@@ -453,8 +543,8 @@ def _read_config(d: Path) -> dict:
 
 
 def _load_hf(path: str, target: Path, trust_remote_code: bool):
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
     if target.is_file() and target.suffix == ".json":
+        from transformers import PreTrainedTokenizerFast
         return PreTrainedTokenizerFast(tokenizer_file=str(target))
     if target.is_file() and target.suffix == ".model":
         return _load_sentencepiece(target)
@@ -462,11 +552,33 @@ def _load_hf(path: str, target: Path, trust_remote_code: bool):
     config = _read_config(d)
     if config.get("auto_map") and not trust_remote_code:
         raise BuildError(f"{path}: tokenizer_config.json names its own loader "
-                         f"({config.get('tokenizer_class')}); pass trust_remote_code to run it, "
+                         f"({config.get('tokenizer_class')}); if you trust that code, pass trust_remote_code "
+                         "(--trust-remote-code, or \"trust_remote_code\": true in the manifest), "
                          "or give a tokenizer.json / .tiktoken / .model file")
     if not config and not (d / "tokenizer.json").is_file() and (d / "tokenizer.model").is_file():
         return _load_sentencepiece(d / "tokenizer.model")
+    declared = _declared_class(d, config)
+    if declared is not None:
+        return declared.from_pretrained(str(d))
+    from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(str(d), trust_remote_code=trust_remote_code)
+
+
+def _declared_class(d: Path, config: dict):
+    """The class a plain tokenizer dir declares, when AutoTokenizer would load exactly that
+    class. AutoTokenizer first builds a model config (which imports torch: ~4 s of every build
+    and of every worker that loads a tokenizer) to handle model dirs and hub quirks; a dir with
+    no config.json and no loader of its own has none of them. Llama/Mistral/Bloom and generic
+    names keep AutoTokenizer, which special-cases them. tests/test_fast_encoder.py checks the
+    two loads agree."""
+    name = (config.get("tokenizer_class") or "").removesuffix("Fast")
+    if not name or config.get("auto_map") or (d / "config.json").exists() or \
+            name.startswith(("Llama", "Mistral", "Bloom", "PreTrained", "Python")):
+        return None
+    import transformers
+    from transformers import TokenizersBackend
+    cls = getattr(transformers, name, None)
+    return cls if isinstance(cls, type) and issubclass(cls, TokenizersBackend) else None
 
 
 def _load_sentencepiece(model: Path):

@@ -70,6 +70,28 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, sample_tokenizer, env):
         assert shard.stat().st_mtime_ns == t
 
 
+def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, sample_tokenizer, env):
+    mix = corpus(tmp_path, sample_tokenizer)
+    clean = tmp_path / "clean"
+    assert build(mix, clean, env).wait(timeout=300) == 0
+    cache = tmp_path / "interrupted"
+    # a session of its own: Ctrl-C goes to the whole foreground group, driver and workers
+    p = subprocess.Popen([sys.executable, "-m", "pipeline", "build", mix, "--cache", str(cache), "--workers", "2"],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(cache.glob("*.partial/unit-*.json"))) < 2:
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "interrupted" in err and "run the same command again to resume" in err
+    assert "Traceback" not in err, err
+    assert not any((d / "meta.json").exists() for d in cache.iterdir() if d.is_dir())
+    assert build(mix, cache, env, workers=2).wait(timeout=300) == 0
+    assert digests(cache) == digests(clean)
+
+
 @pytest.mark.slow
 def test_ray_executor_matches_local(tmp_path, sample_tokenizer):
     ray = pytest.importorskip("ray")

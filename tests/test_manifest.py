@@ -300,3 +300,87 @@ def test_reports_every_fault(tree: Path):
     assert len(str(err).splitlines()) == 1  # schema faults come first, alone
     err = fails(write(tree, obj(entry(path="x"), entry(dataset_name="b", path="y"))), "datasets[1].path")
     assert {p for p, _ in err.problems} == {"datasets[0].path", "datasets[1].path"}
+
+
+# --------------------------------------------------------------------------- trust_remote_code
+
+def test_trust_remote_code_key_and_override(tree: Path):
+    assert load_manifest(write(tree, obj())).trust_remote_code is False
+    path = write(tree, obj(trust_remote_code=True))
+    assert load_manifest(path).trust_remote_code is True
+    assert load_manifest(path, trust_remote_code=False).trust_remote_code is False  # override wins
+    assert load_manifest(write(tree, [entry()]), tokenizer="tok", trust_remote_code=True).trust_remote_code
+    fails(write(tree, obj(trust_remote_code="yes")), "trust_remote_code", "expected boolean, got string")
+    fails(write(tree, obj()), "trust_remote_code (override)", "expected boolean", trust_remote_code=1)
+
+
+def _own_loader_tokenizer(folder: Path) -> Path:
+    """The sample tokenizer behind a loader of its own: tokenizer_config.json's auto_map names
+    a class in a .py file of the dir (a PreTrainedTokenizerFast subclass)."""
+    src = REPO / "sample_data" / "tokenizer"
+    d = folder / "own_loader_tok"
+    d.mkdir()
+    for name in ("tokenizer.json", "chat_template.jinja"):
+        shutil.copy(src / name, d / name)
+    config = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config.pop("backend", None)
+    config.update(tokenizer_class="WrappedTokenizer",
+                  auto_map={"AutoTokenizer": [None, "wrapped_tokenizer.WrappedTokenizer"]})
+    (d / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+    (d / "wrapped_tokenizer.py").write_text(
+        "from transformers import PreTrainedTokenizerFast\n\n\n"
+        "class WrappedTokenizer(PreTrainedTokenizerFast):\n"
+        "    pass\n", encoding="utf-8")
+    return d
+
+
+def test_trust_remote_code_reaches_driver_and_workers(tmp_path: Path, capsys, monkeypatch):
+    """Without the switch the build stops with a clear message (exit 1); with the manifest key
+    or the --trust-remote-code flag the dir's own loader runs — in the driver and in worker
+    processes — and the samples are those of the plain tokenizer. The switch is not part of
+    the cache key: the key and the flag reuse one built dir."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from pipeline.cli import main
+    from stages.shard import read_shard
+    from stages.tokenizer import load_tokenizer
+    tok = _own_loader_tokenizer(tmp_path)
+    data = tmp_path / "share.jsonl"
+    data.write_text("".join((REPO / "sample_data" / "sharegpt_en.jsonl").read_text(
+        encoding="utf-8").splitlines(keepends=True)[:8]), encoding="utf-8")
+
+    def manifest(name, **settings):
+        return write(tmp_path, {"tokenizer": str(tok), "max_length": 512, **settings, "datasets": [
+            {"dataset_name": "share", "abs_weight": 1, "path": str(data)}]}, name)
+
+    plain, keyed = manifest("plain.json"), manifest("keyed.json", trust_remote_code=True)
+    for cmd in ("build", "plan"):
+        assert main([cmd, str(plain), *(["--workers", "2"] if cmd == "build" else [])]) == 1
+        err = capsys.readouterr().err
+        assert "names its own loader (WrappedTokenizer); if you trust that code, pass trust_remote_code" in err
+        assert "--trust-remote-code" in err
+    assert main(["build", str(keyed), "--workers", "2"]) == 0  # two worker processes
+    out = capsys.readouterr().out
+    assert "│ built " in out
+    assert main(["build", str(plain), "--workers", "2", "--trust-remote-code"]) == 0
+    assert "│ reused " in capsys.readouterr().out
+    assert main(["plan", str(plain), "--trust-remote-code"]) == 0
+    capsys.readouterr()
+    assert type(load_tokenizer(str(tok), trust_remote_code=True).hf).__name__ == "WrappedTokenizer"
+
+    # the same ids as the plain sample tokenizer gives these records
+    lock = json.loads((tmp_path / "build" / "mixture.lock.json").read_text())
+    d = Path(lock["datasets"][0]["path"])
+    meta = json.loads((d / "meta.json").read_text())
+    ref = load_tokenizer(str(REPO / "sample_data" / "tokenizer"))
+    arrays = read_shard(d / meta["shards"][0]["file"])
+    text = ref.hf.apply_chat_template(
+        [{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]}
+         for t in json.loads(data.read_text(encoding="utf-8").splitlines()[0])["conversations"]],
+        tokenize=True, return_dict=False)
+    assert arrays.sample(0).tolist() == list(text)
+    # show needs the switch too
+    assert main(["show", str(tmp_path / "build" / "mixture.lock.json"), "--color", "never"]) == 1
+    assert "--trust-remote-code" in capsys.readouterr().err
+    assert main(["show", str(tmp_path / "build" / "mixture.lock.json"), "--color", "never",
+                 "--trust-remote-code"]) == 0
+    assert "[assistant#2]⟦" in capsys.readouterr().out

@@ -1,0 +1,68 @@
+"""Which encoder builds a dataset: the tiktoken fast path, or the tokenizer's own library.
+
+For an HF byte-level BPE tokenizer that tiktoken can express (stages/fast_bpe.py), the fast
+path is used on a dataset only after it gives exactly the HF tokenizer's ids and trained spans
+on a sample of that dataset's own records (read, adapted and transformed as the build does,
+rendered through the dataset's template). Otherwise the build falls back to HF `tokenizers`
+and says why. Tokens never depend on which encoder ran: the choice is not in the cache key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from itertools import islice
+
+import numpy as np
+
+from stages.errors import RecordError
+from stages.render import Renderer
+
+from .worker import DatasetJob, canonical_records, job_renderer
+
+SAMPLE_RECORDS = 256   # records checked per dataset, spread over its first units
+SAMPLE_UNITS = 16
+SAMPLE_CHARS = 1 << 18  # and at most this much text (HF encodes it: keep it quick)
+
+
+def sample_records(job: DatasetJob, units) -> list[dict]:
+    """Canonical records from the first `SAMPLE_UNITS` units, an equal share from each."""
+    units = units[:SAMPLE_UNITS]
+    per_unit = max(1, SAMPLE_RECORDS // max(len(units), 1))
+    out, chars = [], 0
+    for unit in units:
+        for _, _, canonical in islice(canonical_records(job, unit), per_unit):
+            if isinstance(canonical, RecordError):
+                continue
+            out.append(canonical)
+            chars += len(repr(canonical))
+            if chars > SAMPLE_CHARS:
+                return out
+    return out
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, RecordError) or isinstance(b, RecordError):
+        return isinstance(a, RecordError) and isinstance(b, RecordError) and a.reason == b.reason
+    if not np.array_equal(a.ids, b.ids):
+        return False
+    return (a.spans is None and b.spans is None) or (
+        a.spans is not None and b.spans is not None and np.array_equal(a.spans, b.spans))
+
+
+def choose_encoder(job: DatasetJob, units) -> tuple[DatasetJob, str]:
+    """→ (the job with its encoder set, a one-line reason)."""
+    plain = job_renderer(dataclasses.replace(job, encoder="default"))
+    tok = plain.tok
+    if tok.kind != "hf":
+        return dataclasses.replace(job, encoder="default"), f"{tok.encoder} (the tokenizer's own)"
+    try:
+        fast_tok = tok.with_fast_bpe()
+    except Exception as e:
+        return dataclasses.replace(job, encoder="default"), f"tokenizers (tiktoken cannot express it: {e})"
+    records = sample_records(job, units)
+    fast = Renderer(fast_tok, plain.template, plain.loss)
+    ours, ref = fast.encode_batch(records), plain.encode_batch(records)
+    bad = next((i for i, (a, b) in enumerate(zip(ours, ref)) if not _same(a, b)), None)
+    if bad is not None:
+        return (dataclasses.replace(job, encoder="default"),
+                f"tokenizers (tiktoken's ids differ from HF on sampled record {bad})")
+    return dataclasses.replace(job, encoder="tiktoken"), f"tiktoken (equal to HF on {len(records)} sampled records)"
