@@ -82,6 +82,23 @@ def run(code: str, env=None) -> tuple[dict, float]:
     return json.loads(lines[-2]), json.loads(lines[-1]) / 2**20
 
 
+def raw_run(corpus: Path, setup: str, env=None) -> tuple[dict, float]:
+    """A raw encoder over the corpus: `setup` defines count(texts) → tokens; reading and JSON
+    parsing are timed too, as in the pipeline."""
+    return run(setup + f"""
+import json, time, orjson
+n, t = 0, time.perf_counter()
+batch = []
+with open({str(corpus)!r}, 'rb') as f:
+    for line in f:
+        batch.append(orjson.loads(line)["text"])
+        if len(batch) == 1000:
+            n += count(batch); batch = []
+n += count(batch) if batch else 0
+print(json.dumps({{"tokens": n, "seconds": time.perf_counter() - t}}))
+""", env)
+
+
 def build_run(work: Path, corpus: Path, args) -> tuple[dict, float]:
     (work / "mix.json").write_text(json.dumps({
         "tokenizer": args.tokenizer, "template": "none", "max_length": 1 << 20, "seed": 0,
@@ -104,7 +121,7 @@ from stages.tokenizer import load_tokenizer
 tk = load_tokenizer({args.tokenizer!r})
 added = (tk.bos_id is not None) + (tk.eos_id is not None)  # template none: BOS + text + EOS
 print(json.dumps({{"tokens": m["n_tokens"] - added * m["n_samples"], "seconds": dt, "work_seconds": span[0],
-                   "encoder": m["build"]["encoder"] + " (" + plans[0].encoder_note + ")"}}))
+                   "encoder": plans[0].encoder_note}}))
 """)
 
 
@@ -172,37 +189,18 @@ def main():
         make_corpus(small / "corpus.jsonl", args.small_mb)
         results[f"pipeline build, {args.small_mb:g} MB corpus"] = build_run(small, small / "corpus.jsonl", args)
 
-    results["raw tokenizers encode_batch"] = run(f"""
-import json, time, orjson
+    results["raw tokenizers encode_batch"] = raw_run(corpus, f"""
 from tokenizers import Tokenizer
 tok = Tokenizer.from_file({str(Path(args.tokenizer) / 'tokenizer.json')!r})
 tok.encode_special_tokens = True
-n, t = 0, time.perf_counter()
-batch = []
-with open({str(corpus)!r}, 'rb') as f:
-    for line in f:
-        batch.append(orjson.loads(line)["text"])
-        if len(batch) == 1000:
-            n += sum(len(e.ids) for e in tok.encode_batch_fast(batch, add_special_tokens=False)); batch = []
-if batch:
-    n += sum(len(e.ids) for e in tok.encode_batch_fast(batch, add_special_tokens=False))
-print(json.dumps({{"tokens": n, "seconds": time.perf_counter() - t}}))
+def count(batch):
+    return sum(len(e.ids) for e in tok.encode_batch_fast(batch, add_special_tokens=False))
 """, env={"RAYON_NUM_THREADS": str(args.workers), "TOKENIZERS_PARALLELISM": "true"})
-
-    results["raw tiktoken (fast path BPE)"] = run(f"""
-import json, time, orjson
+    results["raw tiktoken (fast path BPE)"] = raw_run(corpus, f"""
 from stages.tokenizer import load_tokenizer
 enc = load_tokenizer({args.tokenizer!r}).fast_bpe()._enc
-n, t = 0, time.perf_counter()
-batch = []
-with open({str(corpus)!r}, 'rb') as f:
-    for line in f:
-        batch.append(orjson.loads(line)["text"])
-        if len(batch) == 1000:
-            n += sum(map(len, enc.encode_ordinary_batch(batch, num_threads={args.workers}))); batch = []
-if batch:
-    n += sum(map(len, enc.encode_ordinary_batch(batch, num_threads={args.workers})))
-print(json.dumps({{"tokens": n, "seconds": time.perf_counter() - t}}))
+def count(batch):
+    return sum(map(len, enc.encode_ordinary_batch(batch, num_threads={args.workers})))
 """)
 
     if not args.skip_datasets:

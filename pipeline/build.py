@@ -130,7 +130,8 @@ def assemble(plan: DatasetPlan, summaries: list[dict], tok, template, mixture: M
         "transform": ({"path": spec.transforms, "sha256": load_transform(spec.transforms).sha256}
                       if spec.transforms else None),
         "build": {"format": plan.job.format, "max_length": mixture.max_length,
-                  "overflow": spec.overflow, "loss": plan.job.loss, "encoder": job_renderer(plan.job).tok.encoder},
+                  "overflow": spec.overflow, "loss": plan.job.loss, "seed": plan.job.seed,
+                  "encoder": job_renderer(plan.job).tok.encoder},
         "skipped": dict(sorted(skipped.items())),
         "rejects": "rejects.jsonl" if rejects else None,
         "truncated_samples": sum(s["truncated_samples"] for s in summaries),

@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     except (BuildError, RecordError, ManifestError, FileNotFoundError, IndexError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `… | head` closed the pipe: not an error (Python docs' recipe)
+        import os
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("\ninterrupted: finished work units are kept; run the same command again to resume",
               file=sys.stderr)

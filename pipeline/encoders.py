@@ -59,6 +59,8 @@ def choose_encoder(job: DatasetJob, units) -> tuple[DatasetJob, str]:
     except Exception as e:
         return dataclasses.replace(job, encoder="default"), f"tokenizers (tiktoken cannot express it: {e})"
     records = sample_records(job, units)
+    if not records:
+        return dataclasses.replace(job, encoder="default"), "tokenizers (no record to check tiktoken on)"
     fast = Renderer(fast_tok, plain.template, plain.loss)
     ours, ref = fast.encode_batch(records), plain.encode_batch(records)
     bad = next((i for i, (a, b) in enumerate(zip(ours, ref)) if not _same(a, b)), None)

@@ -135,8 +135,7 @@ def explain_sample(meta: dict, shard: Path, arrays, i: int, tok, *, seed: int,
     if not np.array_equal(full.ids[start:end], ids) or (
             stored is not None and spans is not None and not np.array_equal(spans, stored)):
         raise _NoLabels(f"its record {rec} ({source}:{rec + 1}) re-rendered now gives other tokens than "
-                        "the stored sample: the source was edited since the build, or the seed "
-                        f"differs (seed {seed}; show a lock to use its seed)")
+                        "the stored sample: the source was edited since the build")
     regions = [(max(rs - start, 0), min(re_ - start, len(ids)), msg, role)
                for rs, re_, msg, role in explained.regions if rs < end and re_ > start]
     piece = Explained(Encoded(ids, stored), regions, [], "")
@@ -170,9 +169,10 @@ def show(path: str, index: int = 0, dataset: str | None = None, color: bool | No
     if meta["build"]["format"] == "text" or spans is None:
         print("a document: every token trains")
     else:
-        seed = DEFAULT_SEED
-        if Path(path).is_file():  # a lock: the seed the transform ran with
-            seed = orjson.loads(Path(path).read_bytes()).get("seed", DEFAULT_SEED)
+        seed = meta["build"].get("seed")  # the seed the transform ran with (older builds: the lock's)
+        if seed is None:
+            seed = orjson.loads(Path(path).read_bytes()).get("seed", DEFAULT_SEED) if Path(path).is_file() \
+                else DEFAULT_SEED
         try:
             labels, where = explain_sample(meta, shard, arrays, i, tok, seed=seed, template=template)
             if where:

@@ -99,7 +99,11 @@ class FastBPE:
 
     @classmethod
     def from_tokenizer_json(cls, text: str) -> "FastBPE":
-        spec = orjson.loads(text)
+        return cls.from_spec(orjson.loads(text))
+
+    @classmethod
+    def from_spec(cls, spec: dict) -> "FastBPE":
+        """From a parsed tokenizer.json."""
         model = spec.get("model") or {}
         if model.get("type") != "BPE":
             raise NotExpressible(f"model {model.get('type')!r} is not BPE")

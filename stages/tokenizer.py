@@ -203,6 +203,12 @@ class HFTokenizer(Tokenizer):
         self._backends: dict[frozenset, tuple] = {}
         self._matched_re: dict[frozenset, object] = {}  # as_text → added tokens HF matches in text
 
+    def _spec(self) -> dict:
+        """tokenizer.json, parsed once (shared by the backend copies and the fast path)."""
+        if "_parsed" not in self.__dict__:
+            self._parsed = orjson.loads(self._json)
+        return self._parsed
+
     def _backend(self, as_text: frozenset[str]):
         """A private copy of the backend where the tokens in `as_text` (and every special
         token) are never matched, plus the continuation marker as an extra added token."""
@@ -210,10 +216,9 @@ class HFTokenizer(Tokenizer):
         if got is None:
             from tokenizers import AddedToken
             from tokenizers import Tokenizer as TkTokenizer
-            spec = orjson.loads(self._json)
-            for t in spec.get("added_tokens") or []:
-                if t["content"] in as_text:
-                    t["special"] = True
+            spec = dict(self._spec())
+            spec["added_tokens"] = [dict(t, special=True) if t["content"] in as_text else t
+                                    for t in spec.get("added_tokens") or []]
             backend = TkTokenizer.from_str(orjson.dumps(spec).decode())
             backend.no_padding()
             backend.no_truncation()
@@ -264,7 +269,7 @@ class HFTokenizer(Tokenizer):
         got = self.__dict__.get("_fast_built")
         if got is None:
             try:
-                got = FastBPE.from_tokenizer_json(self._json)
+                got = FastBPE.from_spec(self._spec())
             except Exception as e:  # NotExpressible, or a tokenizer.json tiktoken refuses
                 got = e
             self._fast_built = got

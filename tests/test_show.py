@@ -118,7 +118,7 @@ def test_edited_source_is_shown_without_labels(tmp_path, capsys, share_src, samp
     assert "Something else" not in out
 
 
-def test_transform_seed_comes_from_the_lock(tmp_path, capsys, share_src, sample_tokenizer):
+def test_transform_seed_comes_from_meta(tmp_path, capsys, share_src, sample_tokenizer):
     (tmp_path / "t.py").write_text(
         "def transform(data, num_sample, r):\n"
         "    m = [dict(x) for x in data['messages']]\n"
@@ -129,8 +129,8 @@ def test_transform_seed_comes_from_the_lock(tmp_path, capsys, share_src, sample_
     labels = LABELLED.findall(out)
     assert labels and re.search(r" #\d+<\|im_end\|>$", labels[-1][1])
     d, _ = shard_of(lock, "share")
-    out = show(capsys, d, "--index", "1")  # a built dir has no seed: the default one differs
-    assert "note: trained spans" in out and "seed 1234; show a lock to use its seed" in out
+    out = show(capsys, d, "--index", "1")  # a built dir alone: meta.json keeps the seed (99)
+    assert LABELLED.findall(out) == labels
 
 
 def test_template_file_needs_template_flag(tmp_path, capsys, share_src, sample_tokenizer):

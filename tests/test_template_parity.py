@@ -49,10 +49,12 @@ CORPORA = {  # every SFT dataset in ../shared/corpora
 # (tokenizer, template, reference template or None = the same one)
 PAIRS = {
     "qwen2.5/tokenizer": ("qwen2.5-family-internvl2_5-1b", "tokenizer", None),
+    # the same, data text encoded by the tiktoken fast path (stages/fast_bpe.py)
+    "qwen2.5-tiktoken/tokenizer": ("qwen2.5-family-internvl2_5-1b", "tokenizer", None),
     "mistral-sp/chatml": ("mistral-sentencepiece", "chatml", None),
     "hunyuan-tiktoken/hunyuan": ("hunyuan-a13b", "hunyuan", "tokenizer"),
 }
-EOT = {"qwen2.5/tokenizer": "<|im_end|>", "mistral-sp/chatml": "<|im_end|>", "hunyuan-tiktoken/hunyuan": "<|eos|>"}
+EOT = {"qwen2.5/tokenizer": "<|im_end|>", "qwen2.5-tiktoken/tokenizer": "<|im_end|>", "mistral-sp/chatml": "<|im_end|>", "hunyuan-tiktoken/hunyuan": "<|eos|>"}
 
 pytestmark = pytest.mark.skipif(not (C.is_dir() and T.is_dir()), reason="../shared corpora/tokenizers absent")
 
@@ -86,6 +88,8 @@ def adjust(pair: str, name: str, records: list[dict]) -> tuple[list[dict], str]:
 def renderer_for(pair: str) -> tuple[Renderer, object]:
     tok_dir, template, reference = PAIRS[pair]
     tok = load_tokenizer(str(T / tok_dir))
+    if "tiktoken/" in pair and tok.kind == "hf":
+        tok = tok.with_fast_bpe()
     r = Renderer(tok, resolve_template(template, tok))
     return r, (resolve_template(reference, tok) if reference else None)
 
