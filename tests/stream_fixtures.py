@@ -20,7 +20,8 @@ def make_dataset(root, name: str, lengths, *, vocab: int = VOCAB, spans: str = "
                  n_shards: int = 1, seed: int = 0, overflow: str = "segment",
                  max_length: int = 4096, end_with_eos: bool = False, dtype=None) -> Path:
     """A built dir with len(lengths) samples. spans: 'sft' (1-3 random trained spans per
-    sample), 'none' (no loss_spans dataset: all tokens trained)."""
+    sample), 'messy' (like sft, plus spans that overlap, repeat, are empty or are out of
+    order), 'none' (no loss_spans dataset: all tokens trained)."""
     rng = np.random.default_rng(seed)
     lengths = [int(x) for x in lengths]
     key = hashlib.sha256(f"{name}/{seed}/{lengths}/{spans}".encode()).hexdigest()
@@ -37,12 +38,15 @@ def make_dataset(root, name: str, lengths, *, vocab: int = VOCAB, spans: str = "
             if end_with_eos and n:
                 t[-1] = EOS
             toks.append(t)
-            if spans == "sft":
+            if spans in ("sft", "messy"):
                 k = min(n + 1, 2 * int(rng.integers(1, 4)))
                 cuts = (np.sort(rng.choice(np.arange(n + 1), size=k, replace=False)) if n
                         else np.zeros(0, int))
                 pairs = cuts[: len(cuts) // 2 * 2].reshape(-1, 2)
                 pairs = pairs[pairs[:, 1] > pairs[:, 0]]
+                if spans == "messy" and n > 1:
+                    extra = np.sort(rng.integers(0, n + 1, size=(2, 2)), axis=1)
+                    pairs = np.concatenate([pairs, extra, pairs[:1]])[::-1]
                 sps.append(pairs)
                 lso.append(lso[-1] + len(pairs))
         offsets = np.zeros(len(part) + 1, np.int64)
@@ -51,9 +55,9 @@ def make_dataset(root, name: str, lengths, *, vocab: int = VOCAB, spans: str = "
             tokens=(np.concatenate(toks) if toks else np.zeros(0)).astype(dt),
             offsets=offsets,
             source_record=np.arange(bounds[s], bounds[s + 1], dtype=np.int64),
-            loss_spans=(np.concatenate(sps).astype(np.int32).reshape(-1, 2) if spans == "sft"
+            loss_spans=(np.concatenate(sps).astype(np.int32).reshape(-1, 2) if spans != "none"
                         else None),
-            loss_span_offsets=np.asarray(lso, np.int64) if spans == "sft" else None)
+            loss_span_offsets=np.asarray(lso, np.int64) if spans != "none" else None)
         fname = f"shard-{s:05d}.h5"
         sha = write_shard(out / fname, arr, source=f"{name}.jsonl")
         shards.append({"file": fname, "n_samples": len(part), "n_tokens": int(sum(part)),

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from stream_fixtures import (EOS, make_dataset, make_lock, read_sample,  # noqa: E402
                              standard_mixture)
 
-from train.sampling import MixtureSampler, feistel_permute  # noqa: E402
+from train.packing import pack_rows  # noqa: E402
+from train.sampling import MixtureSampler, feistel_permute, mix64  # noqa: E402
 from train.stream import MixtureStream, StreamError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,25 +74,117 @@ def test_feistel_is_a_bijection_and_keyed():
     assert not np.array_equal(a, b)
 
 
-def test_sampler_is_chunking_independent_and_restorable():
+@pytest.mark.parametrize("block", [8192, 7, 1])
+def test_sampler_is_chunking_independent_and_restorable(block):
+    """`block` is how many draws the sampler generates ahead: never visible in the output."""
     args = ([0.5, 0.3, 0.2], [40, 7, 25], [True, True, False], [11, 12, 13], 5)
     s1 = MixtureSampler(*args)
     d1, t1 = s1.draw(300)
-    s2 = MixtureSampler(*args)
+    s2 = MixtureSampler(*args, block=block)
     parts = [s2.draw(k) for k in (1, 36, 100, 163)]
     assert np.array_equal(d1, np.concatenate([p[0] for p in parts]))
     assert np.array_equal(t1, np.concatenate([p[1] for p in parts]))
-    s3 = MixtureSampler(*args)
+    s3 = MixtureSampler(*args, block=block)
     s3.draw(137)
     snap = json.loads(json.dumps(s3.snapshot()))
-    s4 = MixtureSampler(*args)
+    assert snap == (lambda u: (u.draw(137), u.snapshot())[1])(MixtureSampler(*args, block=1))
+    s4 = MixtureSampler(*args, block=block)
     s4.restore(snap)
     assert np.array_equal(s4.draw(163)[1], t1[137:])
     # the non-repeating dataset gave each of its 25 samples once
     assert sorted(t1[d1 == 2].tolist()) == list(range(25))
 
 
-# ------------------------------------------------------------------ packing
+def check_packed(batch, dirs, L, pad_id):
+    """A packed batch against the shards: documents, labels, positions, cu_seqlens."""
+    ids, lab = batch["input_ids"].numpy(), batch["labels"].numpy()
+    samples = batch["samples"].tolist()
+    assert batch["n_trained"] == int((lab != -100).sum())
+    pos = batch["position_ids"].numpy()
+    cu = batch["cu_seqlens"].numpy()
+    assert cu.dtype == np.int32 and cu[0] == 0 and cu[-1] == ids.size
+    flat = pos.reshape(-1)
+    # cu_seqlens boundaries are exactly where position ids restart
+    assert np.array_equal(np.flatnonzero(flat == 0), cu[:-1])
+    seg = np.diff(cu)
+    assert batch["max_seqlen"] == seg.max()
+    assert np.array_equal(flat, np.concatenate([np.arange(n) for n in seg]))
+    k = 0
+    for r in range(ids.shape[0]):
+        starts = list(np.flatnonzero(pos[r] == 0)) + [L]
+        for s0, s1 in zip(starts, starts[1:]):
+            if ids[r, s0] == pad_id:  # a row's padding: its last segment only
+                assert s1 == L and (ids[r, s0:] == pad_id).all()
+                assert (lab[r, s0:] == -100).all()
+                continue
+            d, i = samples[k]
+            k += 1
+            e_ids, e_lab = expected(dirs, d, i)
+            assert np.array_equal(ids[r, s0:s1], e_ids)
+            assert np.array_equal(lab[r, s0:s1], e_lab)
+    assert k == len(samples)
+    return k
+
+
+@pytest.mark.parametrize("case", ["messy_spans", "mixed_dtypes", "pad_not_a_token"])
+def test_packed_rows_on_odd_inputs(tmp_path, case):
+    """Overlapping / unsorted / empty loss spans (their union trains), shards of different
+    token dtypes, a pad id the token dtype cannot hold: the same rows as the plain case."""
+    rng = np.random.default_rng(9)
+    a = make_dataset(tmp_path, "a", rng.integers(1, 60, 80), spans="messy", seed=1)
+    b = make_dataset(tmp_path, "b", rng.integers(1, 60, 50), spans="none", seed=2,
+                     dtype=np.uint32 if case == "mixed_dtypes" else None)
+    lk = make_lock(tmp_path / "lock.json", [{"dir": a, "abs_weight": 0.6},
+                                            {"dir": b, "abs_weight": 0.4}])
+    pad = -1 if case == "pad_not_a_token" else None
+    s = MixtureStream(lk, 64, batch_size=3, pack_window=30, pad_id=pad, verify="none")
+    n = sum(check_packed(bt, [a, b], 64, s.pad_id) for bt in take(s.loader(), 20))
+    assert n > 100
+
+
+def naive_bfd(lengths, cap):
+    """Item-by-item best-fit decreasing, written plainly: row of each item, rows opened."""
+    rooms, row_of = [], [0] * len(lengths)
+    for j in sorted(range(len(lengths)), key=lambda j: (-lengths[j], j)):
+        fits = [r for r in range(len(rooms)) if rooms[r] >= lengths[j]]
+        r = min(fits, key=lambda r: (rooms[r], r)) if fits else len(rooms)
+        if r == len(rooms):
+            rooms.append(cap)
+        rooms[r] -= lengths[j]
+        row_of[j] = r
+    return row_of, len(rooms)
+
+
+def test_pack_rows_is_exactly_best_fit_decreasing():
+    rng = np.random.default_rng(5)
+    for it in range(400):
+        cap = int(rng.integers(3, 200))
+        n = int(rng.integers(0, 120))
+        kind = it % 4
+        lens = (rng.integers(1, cap + 1, n) if kind == 0 else
+                rng.integers(1, max(2, cap // 6), n) if kind == 1 else
+                rng.choice([1, max(1, cap // 3), max(1, cap // 2), cap], n) if kind == 2 else
+                rng.integers(1, 4, n))
+        row_of, nrows = naive_bfd(lens.tolist(), cap)
+        key = int(rng.integers(0, 2**63)) if it % 2 else None
+        order, row_ptr = pack_rows(lens, cap, key)
+        assert len(row_ptr) - 1 == nrows and sorted(order.tolist()) == list(range(n))
+        rows = [order[row_ptr[r]:row_ptr[r + 1]].tolist() for r in range(nrows)]
+        # every row is one of BFD's rows, items in placement order (decreasing length)
+        got = {tuple(sorted(r)) for r in rows}
+        want = {tuple(j for j in range(n) if row_of[j] == r) for r in range(nrows)}
+        assert got == want
+        for r in rows:
+            assert r == sorted(r, key=lambda j: (-lens[j], j))
+        # rows in opening order, or in the seeded order
+        opened = [row_of[r[0]] for r in rows]
+        if key is None:
+            assert opened == list(range(nrows))
+        else:
+            assert opened == np.argsort(mix64(np.arange(nrows, dtype=np.uint64)
+                                              ^ np.uint64(key)), kind="stable").tolist()
+
+
 @pytest.mark.parametrize("mode", ["packed", "padded"])
 def test_rows_match_shards_and_loss_spans(lock, mode):
     dirs = lock_dirs(lock)
@@ -104,29 +197,7 @@ def test_rows_match_shards_and_loss_spans(lock, mode):
         assert batch["n_trained"] == int((lab != -100).sum())
         samples = batch["samples"].tolist()
         if mode == "packed":
-            pos = batch["position_ids"].numpy()
-            cu = batch["cu_seqlens"].numpy()
-            assert cu.dtype == np.int32 and cu[0] == 0 and cu[-1] == ids.size
-            flat = pos.reshape(-1)
-            # cu_seqlens boundaries are exactly where position ids restart
-            assert np.array_equal(np.flatnonzero(flat == 0), cu[:-1])
-            seg = np.diff(cu)
-            assert batch["max_seqlen"] == seg.max()
-            assert np.array_equal(flat, np.concatenate([np.arange(n) for n in seg]))
-            k = 0
-            for r in range(ids.shape[0]):
-                starts = list(np.flatnonzero(pos[r] == 0)) + [L]
-                for s0, s1 in zip(starts, starts[1:]):
-                    if ids[r, s0] == s.pad_id:  # a row's padding: its last segment only
-                        assert s1 == L and (ids[r, s0:] == s.pad_id).all()
-                        assert (lab[r, s0:] == -100).all()
-                        continue
-                    d, i = samples[k]
-                    k += 1
-                    e_ids, e_lab = expected(dirs, d, i)
-                    assert np.array_equal(ids[r, s0:s1], e_ids)
-                    assert np.array_equal(lab[r, s0:s1], e_lab)
-            assert k == len(samples)
+            check_packed(batch, dirs, L, s.pad_id)
         else:
             att = batch["attention_mask"].numpy()
             for r, (d, i) in enumerate(samples):
@@ -381,6 +452,24 @@ def test_finite_stream_ends_together_on_all_ranks(tmp_path):
     assert len(per_rank[0]) == len(per_rank[1])
     got = Counter(tuple(x) for bs in per_rank for b in bs for x in b["samples"].tolist())
     assert got == Counter([(0, i) for i in range(23)] + [(1, i) for i in range(14)])
+
+
+def test_finite_packed_stream_pads_missing_rows(tmp_path):
+    dirs = [make_dataset(tmp_path, f"p{k}", np.full(n, 10 + k), seed=k)
+            for k, n in enumerate((23, 14))]
+    lk = make_lock(tmp_path / "lock.json", [{"dir": d, "abs_weight": 0.5, "allow_repeat": False}
+                                            for d in dirs])
+    per_rank = [list(MixtureStream(lk, 32, mode="packed", batch_size=2, rank=r, world_size=2,
+                                   pack_window=8).loader(0)) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1])
+    got = Counter(tuple(x) for bs in per_rank for b in bs for x in b["samples"].tolist())
+    assert got == Counter([(0, i) for i in range(23)] + [(1, i) for i in range(14)])
+    for bs in per_rank:
+        for b in bs:
+            assert b["input_ids"].shape == (2, 32)
+            check_packed(b, dirs, 32, 0)
+    last = per_rank[1][-1]  # the last step ran out of rows: rank 1 has only padding
+    assert last["samples"].shape == (0, 2) and (last["labels"] == -100).all()
 
 
 # ------------------------------------------------------------------ validation split

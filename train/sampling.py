@@ -112,17 +112,21 @@ class MixtureSampler:
     through that epoch's Feistel permutation. A non-repeating dataset retires after n draws (the
     others renormalise); a repeating one goes on with epoch + 1.
 
-    State: ``draws`` and per dataset ``(epoch, pos)`` - restored in O(1)."""
+    State: ``draws`` and per dataset ``(epoch, pos)`` - restored in O(1) (one block of draws
+    is generated ahead; it is not part of the state)."""
 
-    def __init__(self, probs, n_train, allow_repeat, dataset_bases, seed_base: int):
+    def __init__(self, probs, n_train, allow_repeat, dataset_bases, seed_base: int,
+                 block: int = 8192):
         self.probs = np.asarray(probs, dtype=np.float64)
         self.n = [int(v) for v in n_train]
         self.repeat = [bool(v) for v in allow_repeat]
         self.bases = [int(v) for v in dataset_bases]
         self.seed_base = int(seed_base)
-        self.draws = 0
-        self.epoch = [0] * len(self.n)
-        self.pos = [0] * len(self.n)
+        # Draws are generated `block` at a time (a window of 1024 is mostly numpy call
+        # overhead) into a look-ahead buffer; the public state below only counts what `draw`
+        # handed out, so it is exactly the state an unbuffered sampler would have.
+        self.block = max(1, int(block))
+        self.restore({"draws": 0, "epoch": [0] * len(self.n), "pos": [0] * len(self.n)})
 
     # -- state ---------------------------------------------------------------------------
     def snapshot(self) -> dict:
@@ -132,10 +136,17 @@ class MixtureSampler:
         self.draws = int(snap["draws"])
         self.epoch = [int(v) for v in snap["epoch"]]
         self.pos = [int(v) for v in snap["pos"]]
+        # the generator's own position (ahead of the public one by the buffered draws)
+        self._g_draws, self._g_epoch, self._g_pos = self.draws, list(self.epoch), list(self.pos)
+        self._buf_d = self._buf_t = np.zeros(0, np.int64)
+        self._buf_at = 0
+
+    def _active(self, pos) -> list[int]:
+        return [d for d, n in enumerate(self.n)
+                if n > 0 and self.probs[d] > 0 and (self.repeat[d] or pos[d] < n)]
 
     def active(self) -> list[int]:
-        return [d for d, n in enumerate(self.n)
-                if n > 0 and self.probs[d] > 0 and (self.repeat[d] or self.pos[d] < n)]
+        return self._active(self.pos)
 
     def exhausted(self) -> bool:
         return not self.active()
@@ -143,21 +154,49 @@ class MixtureSampler:
     # -- drawing -------------------------------------------------------------------------
     def draw(self, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Next `count` draws (fewer when every dataset is retired): (dataset, train position)."""
+        count = int(count)
+        have = len(self._buf_d) - self._buf_at
+        if have < count:
+            d, t = self._generate(max(self.block, count - have))
+            self._buf_d = np.concatenate([self._buf_d[self._buf_at:], d])
+            self._buf_t = np.concatenate([self._buf_t[self._buf_at:], t])
+            self._buf_at = 0
+        a = self._buf_at
+        b = min(len(self._buf_d), a + count)
+        self._buf_at = b
+        d, t = self._buf_d[a:b], self._buf_t[a:b]
+        self.draws += b - a
+        self._advance(self.epoch, self.pos, np.bincount(d, minlength=len(self.n)).tolist())
+        return d, t
+
+    def _advance(self, epoch: list, pos: list, counts: list) -> None:
+        for d, c in enumerate(counts):
+            if c:
+                n, tot = self.n[d], pos[d] + c
+                if self.repeat[d]:
+                    epoch[d] += tot // n
+                    pos[d] = tot % n
+                else:
+                    pos[d] = tot
+
+    def _generate(self, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next `count` draws from the generator's position (the buffer's end)."""
         out_d, out_t = [], []
         remaining = int(count)
+        epoch, pos = self._g_epoch, self._g_pos
         while remaining > 0:
-            active = self.active()
+            active = self._active(pos)
             if not active:
                 break
             act = np.asarray(active, dtype=np.int64)
             cdf = np.cumsum(self.probs[act])
             cdf /= cdf[-1]
-            u = uniforms(self.seed_base, self.draws, remaining)
+            u = uniforms(self.seed_base, self._g_draws, remaining)
             choice = act[np.minimum(np.searchsorted(cdf, u, side="right"), len(act) - 1)]
             cut = remaining
             for d in active:  # first draw that uses up a non-repeating dataset ends this chunk
                 if not self.repeat[d]:
-                    left = self.n[d] - self.pos[d]
+                    left = self.n[d] - pos[d]
                     hit = np.flatnonzero(choice == d)
                     if hit.size >= left:
                         cut = min(cut, int(hit[left - 1]) + 1)
@@ -168,23 +207,15 @@ class MixtureSampler:
             rank = np.empty(cut, np.int64)
             rank[order] = np.arange(cut) - np.repeat(np.cumsum(counts) - counts, counts)
             n_arr = np.asarray(self.n, np.int64)[choice]
-            q = np.asarray(self.pos, np.int64)[choice] + rank
-            ep = np.asarray(self.epoch, np.int64)[choice] + q // n_arr
+            q = np.asarray(pos, np.int64)[choice] + rank
+            ep = np.asarray(epoch, np.int64)[choice] + q // n_arr
             bases = np.asarray(self.bases, dtype=U64)[choice]
             t = feistel_permute(q % n_arr, n_arr,
                                 mix64(mix64(ep.astype(U64)) ^ bases))
-            for d, c in enumerate(counts.tolist()):
-                if c:
-                    n = self.n[d]
-                    tot = self.pos[d] + c
-                    if self.repeat[d]:
-                        self.epoch[d] += tot // n
-                        self.pos[d] = tot % n
-                    else:
-                        self.pos[d] = tot
+            self._advance(epoch, pos, counts.tolist())
             out_d.append(choice)
             out_t.append(t)
-            self.draws += cut
+            self._g_draws += cut
             remaining -= cut
         if not out_d:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)

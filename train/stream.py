@@ -52,9 +52,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stages.shard import FORMAT_VERSION, file_sha256, token_dtype
 
-from .packing import (TokenStore, collate_concat, collate_packed, collate_padded, pack_rows,
-                      ranges_index)
-from .sampling import ListSource, MixtureSampler, hash_uniform, mix64, stable_hash64
+from .packing import (PackedLayout, TokenStore, collate_concat, collate_packed, collate_padded,
+                      pack_rows)
+from .sampling import ListSource, MixtureSampler, hash_uniform, stable_hash64
 
 STATE_VERSION = 1
 MODES = ("packed", "padded", "concat")
@@ -144,10 +144,14 @@ class _Window:
     a: np.ndarray
     b: np.ndarray
     row_ptr: np.ndarray | None = None  # rows modes (pieces stored row-major)
+    g: np.ndarray | None = None  # packed: shard of each piece and its index into the store's
+    k: np.ndarray | None = None  # offsets (TokenStore.locate), for the layout
     nreal: np.ndarray | None = None  # concat: real length of each document
     starts: np.ndarray | None = None  # concat: token start of each document in the window
     overflow: list[int] | None = None  # counts including this window
     next_start: dict | None = None
+    layout: PackedLayout | None = None  # packed: built when a batch of this window is read
+    public: dict | None = None  # the public state at offset 0 (shared by its batches' states)
 
 
 class _Cursor:
@@ -379,15 +383,16 @@ class MixtureStream(IterableDataset):
         if self.split == "train":
             maps = self._sample_maps()
             i = t.copy()
-            for k, m in enumerate(maps):
+            for x, m in enumerate(maps):
                 if m is not None:
-                    sel = d == k
+                    sel = d == x
                     i[sel] = m[t[sel]]
         else:
             i = t
-        n = store.lengths(d, i)
+        g, k = store.locate(d, i)
+        n = store.off_all[k + 1] - store.off_all[k]
         keep = n > 0
-        d, i, n = d[keep], i[keep], n[keep]
+        d, i, n, g, k = d[keep], i[keep], n[keep], g[keep], k[keep]
         over = list(start["overflow"])
         nd = len(self.datasets)
         if self.mode == "concat":
@@ -401,8 +406,8 @@ class MixtureStream(IterableDataset):
             b = n.copy()
             long_ = np.flatnonzero(n > L)
             if long_.size:
-                for k, c in enumerate(np.bincount(d[long_], minlength=nd).tolist()):
-                    over[k] += c
+                for x, c in enumerate(np.bincount(d[long_], minlength=nd).tolist()):
+                    over[x] += c
                 item = np.arange(len(d))
                 parts = [(item[n <= L], d[n <= L], i[n <= L], a[n <= L], b[n <= L])]
                 for j in long_.tolist():
@@ -415,21 +420,15 @@ class MixtureStream(IterableDataset):
                 cat = [np.concatenate(x) for x in zip(*parts)]
                 o = np.argsort(cat[0], kind="stable")
                 d, i, a, b = (x[o].astype(np.int64) for x in cat[1:])
+                g, k = g[cat[0][o]], k[cat[0][o]]
             if self.mode == "packed":
-                order, row_ptr = pack_rows(b - a, L)
-                nrows = len(row_ptr) - 1
-                if nrows > 1 and self.split == "train":
-                    key = stable_hash64("tokenmill-rows", self.seed, w)
-                    perm = np.argsort(mix64(np.arange(nrows, dtype=np.uint64) ^ np.uint64(key)),
-                                      kind="stable")
-                    order = order[ranges_index(row_ptr[perm], row_ptr[perm + 1])]
-                    cnt = np.diff(row_ptr)[perm]
-                    row_ptr = np.zeros(nrows + 1, np.int64)
-                    np.cumsum(cnt, out=row_ptr[1:])
-                d, i, a, b = d[order], i[order], a[order], b[order]
+                key = (stable_hash64("tokenmill-rows", self.seed, w) if self.split == "train"
+                       else None)  # rows in a seeded order (train), in opening order (eval)
+                order, row_ptr = pack_rows(b - a, L, key)
+                d, i, a, b, g, k = d[order], i[order], a[order], b[order], g[order], k[order]
             else:
                 row_ptr = np.arange(len(d) + 1, dtype=np.int64)
-            win = _Window(w, start, len(row_ptr) - 1, d, i, a, b, row_ptr=row_ptr)
+            win = _Window(w, start, len(row_ptr) - 1, d, i, a, b, row_ptr=row_ptr, g=g, k=k)
         win.overflow = over
         win.next_start = {"src": src.snapshot(), "overflow": over,
                           "consumed": start["consumed"] + win.size}
@@ -438,6 +437,13 @@ class MixtureStream(IterableDataset):
     # ---------------------------------------------------------------- batches
     def _collate(self, segs: list) -> dict:
         B, L = self.batch_size, self.seq_len
+        if self.mode == "packed":
+            for win, _, _ in segs:
+                if win.layout is None:
+                    win.layout = PackedLayout(self._tokens(), win.d, win.i, win.a, win.b,
+                                              win.g, win.k, win.row_ptr, L)
+            return collate_packed(self._tokens(), [(w.layout, u0, u1) for w, u0, u1 in segs],
+                                  B, L, self.pad_id)
         D, I, A, E, R, N, T = [], [], [], [], [], [], []
         base = 0
         for win, u0, u1 in segs:
@@ -463,8 +469,6 @@ class MixtureStream(IterableDataset):
 
         d, i, a, b = cat(D), cat(I), cat(A), cat(E)
         store = self._tokens()
-        if self.mode == "packed":
-            return collate_packed(store, d, i, a, b, cat(R), B, L, self.pad_id)
         if self.mode == "padded":
             return collate_padded(store, d, i, a, b, cat(R), B, self.pad_id)
         return collate_concat(store, d, i, a, b, cat(N), cat(T), B, L, self.pad_id, self.eos_id)
@@ -480,7 +484,7 @@ class MixtureStream(IterableDataset):
                 segs = cur.advance(per, collect=True)
                 cur.advance((ws - r - 1) * per)
                 batch = self._collate(segs)
-                batch["_state"] = self._public(cur.state())
+                batch["_state"] = self._public_at(cur)
                 yield batch
             else:
                 cur.advance(ws * per)
@@ -536,6 +540,19 @@ class MixtureStream(IterableDataset):
                 "window": st["window"], "draws": src["draws"], "offset": st["offset"],
                 "consumed": st["consumed"] + st["offset"], "datasets": ds,
                 "overflow_seen": list(st.get("overflow_seen") or st["overflow"])}
+
+    def _public_at(self, cur: _Cursor) -> dict:
+        """`_public(cur.state())`, the per-window part built once (states are read-only)."""
+        cur._settle()
+        w = cur.win
+        if w.public is None:
+            st = cur.state()
+            st["offset"] = 0
+            w.public = self._public(st)
+        st = dict(w.public)
+        st["offset"] = cur.off
+        st["consumed"] = w.start["consumed"] + cur.off
+        return st
 
     def _internal(self, pub: dict) -> dict:
         by = {(x["task_name"], x["key"]): x for x in pub["datasets"]}
@@ -596,12 +613,11 @@ class StreamLoader:
         self._state = stream.state_dict()
 
     def __iter__(self):
-        if self.num_workers == 0:
-            self.stream._tokens()  # opened once in this process, shared by the copies
-        feed = copy.copy(self.stream)
+        feed = copy.copy(self.stream)  # (a copy drops _store and _maps: __getstate__)
         feed._feed_start = copy.deepcopy(self._state)
-        if self.num_workers > 0:
-            feed._store = None  # each worker memory-maps the shards itself
+        if self.num_workers == 0:  # opened once in this process, shared by the copies
+            feed._store, feed._maps = self.stream._tokens(), self.stream._sample_maps()
+        # else: each worker memory-maps the shards itself
         if self.num_workers == 0:
             it = feed._iter_batches(0, 1, feed._feed_start)
         else:
