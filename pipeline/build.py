@@ -7,6 +7,7 @@ order. Units depend only on the data, so the result is byte-identical for any wo
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -181,6 +182,8 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
         for plan in plans:
             if force or not plan.entry.is_valid():
                 plan.status = "build"
+                if force and plan.entry.partial.exists():  # --force: no unit of a killed run either
+                    shutil.rmtree(plan.entry.partial)
                 plan.entry.partial.mkdir(parents=True, exist_ok=True)
                 plan.job, plan.encoder_note = choose_encoder(plan.job, plan.units)
         tasks = [(p, u) for p in plans if p.status == "build" for u in p.units]

@@ -20,7 +20,7 @@ from .worker import DatasetJob, canonical_records, job_renderer
 
 SAMPLE_RECORDS = 256   # records checked per dataset, spread over its first units
 SAMPLE_UNITS = 16
-SAMPLE_CHARS = 1 << 18  # and at most this much text (HF encodes it: keep it quick)
+SAMPLE_CHARS = 1 << 17  # and at most this much text (HF encodes it: keep it quick)
 
 
 def sample_records(job: DatasetJob, units) -> list[dict]:

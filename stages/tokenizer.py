@@ -510,9 +510,8 @@ class TiktokenTokenizer(Tokenizer):
         return Pieces(cat(all_ids), cat(starts), cat(ends), _bounds(counts))
 
     def encode_documents(self, texts):
-        core = self._enc._core_bpe  # no thread pool: one worker process is one core
-        return [np.frombuffer(core.encode_to_tiktoken_buffer(self.normalize_data(t), set()), dtype=np.uint32
-                              ).astype(np.int64) for t in texts]
+        encode = self._enc._core_bpe.encode_ordinary  # no thread pool: one worker process is one core
+        return [np.fromiter(ids, np.int64, len(ids)) for ids in (encode(self.normalize_data(t)) for t in texts)]
 
     def reference_encode(self, text):
         text = unicodedata.normalize(self._norm, text) if self._norm else text
