@@ -16,12 +16,9 @@ Reports
      vs padded (batches of 8 padded to the longest), and greedy in-order packing for context.
   3. time to the first batch after resuming at sample 10^6 in a fresh process.
 
-The data: alpaca_zh_demo + sharegpt_zh_1K + numina_cot_1k (shared/corpora) rendered with the
-Qwen2.5 chat template and tokenizer. NOTE: the real builder (stages/pipeline) is not ready, so
-this script does its own minimal tokenization: transformers' apply_chat_template renders the
-conversation, each assistant turn (content + <|im_end|>) is a loss span found by rendering
-the prefix before it, samples are truncated at 4096 tokens; shards are written with
-stages.shard.write_shard and cached under --out.
+The data: alpaca_zh_demo + sharegpt_zh_1K + numina_cot_1k (shared/corpora) built by the
+pipeline (`build_mixture`: Qwen2.5 tokenizer and its own chat template, max_length 4096,
+overflow truncate, bad records set aside), cached under --out.
 """
 from __future__ import annotations
 
@@ -41,7 +38,7 @@ import numpy as np  # noqa: E402
 
 from torch.utils.data import IterableDataset  # noqa: E402
 
-from stages.shard import ShardArrays, read_shard, token_dtype, write_shard  # noqa: E402
+from stages.shard import read_shard  # noqa: E402
 from train.stream import MixtureStream  # noqa: E402
 
 CORPORA = Path("/work/shared/corpora")
@@ -55,84 +52,18 @@ SOURCES = {
 
 
 # --------------------------------------------------------------------------- data
-def _conversations(path: Path):
-    if path.suffix == ".json":
-        for r in json.loads(path.read_text("utf-8")):
-            q = r["instruction"] + ("\n" + r["input"] if r.get("input") else "")
-            yield [{"role": "user", "content": q}, {"role": "assistant", "content": r["output"]}]
-    else:
-        for line in path.read_text("utf-8").splitlines():
-            conv = json.loads(line)["conversations"]
-            role = {"human": "user", "gpt": "assistant", "system": "system"}
-            yield [{"role": role[m["from"]], "content": m["value"]} for m in conv]
-
-
 def build_real(out: Path) -> Path:
-    lock_path = out / "mixture.lock.json"
-    if lock_path.exists():
-        return lock_path
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from tokenizers import Tokenizer
-    from transformers import AutoTokenizer
-
-    tpl = AutoTokenizer.from_pretrained(str(TOKENIZER))
-    fast = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
-    vocab = len(tpl)
-    tok_sha = hashlib.sha256((TOKENIZER / "tokenizer.json").read_bytes()).hexdigest()
-    entries = []
-    for name, src in SOURCES.items():
-        texts, spans_c = [], []
-        for msgs in _conversations(src):
-            full = tpl.apply_chat_template(msgs, tokenize=False)
-            sp = []
-            for k, m in enumerate(msgs):
-                if m["role"] != "assistant":
-                    continue
-                pre = tpl.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True)
-                upto = tpl.apply_chat_template(msgs[: k + 1], tokenize=False)
-                assert full.startswith(upto) and upto.startswith(pre)
-                sp.append((len(pre), len(upto.rstrip("\n"))))
-            texts.append(full)
-            spans_c.append(sp)
-        encs = fast.encode_batch(texts, add_special_tokens=False)
-        toks, spans, lso, lens = [], [], [0], []
-        for enc, sp in zip(encs, spans_c):
-            ids = np.asarray(enc.ids[:SEQ], np.int64)
-            starts = np.asarray([o[0] for o in enc.offsets[:SEQ]], np.int64)
-            pairs = [(int(np.searchsorted(starts, a)), int(np.searchsorted(starts, b)))
-                     for a, b in sp]
-            pairs = [(a, b) for a, b in pairs if b > a]
-            toks.append(ids)
-            spans += pairs
-            lso.append(lso[-1] + len(pairs))
-            lens.append(len(ids))
-        d = out / name
-        d.mkdir(parents=True, exist_ok=True)
-        offsets = np.zeros(len(lens) + 1, np.int64)
-        np.cumsum(lens, out=offsets[1:])
-        arr = ShardArrays(np.concatenate(toks).astype(token_dtype(vocab)), offsets,
-                          np.arange(len(lens), dtype=np.int64),
-                          np.asarray(spans, np.int32).reshape(-1, 2), np.asarray(lso, np.int64))
-        sha = write_shard(d / "shard-00000.h5", arr, source=str(src))
-        key = hashlib.sha256(f"{name}:{sha}".encode()).hexdigest()
-        meta = {"schema_version": 1, "key": key, "nlines": len(lens), "n_tokens": int(sum(lens)),
-                "avg_token_per_line": float(np.mean(lens)), "length_unit": "tokens",
-                "tokenizer": {"path": str(TOKENIZER), "vocab_size": vocab, "sha256": tok_sha},
-                "build": {"format": "sharegpt", "max_length": SEQ, "overflow": "truncate"},
-                "shards": [{"file": "shard-00000.h5", "n_samples": len(lens),
-                            "n_tokens": int(sum(lens)), "sha256": sha}]}
-        (d / "meta.json").write_text(json.dumps(meta, indent=1))
-        entries.append((name, d, meta))
-    probs = [1 / 3 / m["avg_token_per_line"] for _, _, m in entries]  # equal token shares
-    lock = {"schema_version": 1, "manifest_sha256": "0" * 64, "seed": 1234, "max_length": SEQ,
-            "tokenizer": {"path": str(TOKENIZER), "vocab_size": vocab, "sha256": tok_sha},
-            "datasets": [{"dataset_name": n, "task_name": n, "abs_weight": 1 / 3,
-                          "token_share": 1 / 3, "sample_probability": p / sum(probs),
-                          "path": str(d.resolve()), "key": m["key"], "allow_repeat": True,
-                          "nlines": m["nlines"], "ave_tokens_per_line": m["avg_token_per_line"],
-                          "total_tokens": m["n_tokens"] / 1e9}
-                         for (n, d, m), p in zip(entries, probs)]}
-    lock_path.write_text(json.dumps(lock, indent=1))
+    """The three corpora built by the pipeline itself (Qwen2.5 tokenizer and its own chat
+    template, max_length 4096, overflow truncate), equal token shares; reused when cached."""
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = out / "mixture.json"
+    manifest.write_text(json.dumps({
+        "tokenizer": str(TOKENIZER), "template": "tokenizer", "max_length": SEQ, "seed": 1234,
+        "datasets": [{"dataset_name": name, "task_name": "sft", "abs_weight": 1 / 3, "path": str(src),
+                      "format": "alpaca" if src.suffix == ".json" else "sharegpt", "overflow": "truncate"}
+                     for name, src in SOURCES.items()]}, indent=1))
+    from pipeline.build import build_mixture
+    lock_path, _, _ = build_mixture(str(manifest), out=str(out), on_error="skip")
     return lock_path
 
 
@@ -328,8 +259,8 @@ def main() -> None:
     lk = json.loads(lock.read_text())
     desc = ", ".join("{} {} samples, mean {:.0f} tok".format(
         d["dataset_name"], d["nlines"], d["ave_tokens_per_line"]) for d in lk["datasets"])
-    print(f"data: {desc}  (built/cached in {time.perf_counter() - t0:.1f}s, own minimal "
-          "tokenization, Qwen2.5 template)")
+    print(f"data: {desc}  (built/cached by the pipeline in {time.perf_counter() - t0:.1f}s, "
+          "Qwen2.5 tokenizer and template)")
     tp = throughput(lock, a.batches)
     print(f"\n[1] packed throughput, one worker, seq_len {SEQ} x batch 8, {tp['batches']} batches, "
           f"{tp['samples']} samples, {tp['real_tokens']} real tokens (best of {tp['rounds']} "

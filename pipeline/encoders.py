@@ -24,18 +24,21 @@ SAMPLE_CHARS = 1 << 17  # and at most this much text (HF encodes it: keep it qui
 
 
 def sample_records(job: DatasetJob, units) -> list[dict]:
-    """Canonical records from the first `SAMPLE_UNITS` units, an equal share from each."""
+    """Canonical records from the first `SAMPLE_UNITS` units, an equal share (of records and
+    of text) from each, at least one record from each."""
     units = units[:SAMPLE_UNITS]
     per_unit = max(1, SAMPLE_RECORDS // max(len(units), 1))
-    out, chars = [], 0
+    chars_per_unit = SAMPLE_CHARS // max(len(units), 1)
+    out = []
     for unit in units:
+        chars = 0
         for _, _, canonical in islice(canonical_records(job, unit), per_unit):
             if isinstance(canonical, RecordError):
                 continue
             out.append(canonical)
             chars += len(repr(canonical))
-            if chars > SAMPLE_CHARS:
-                return out
+            if chars > chars_per_unit:
+                break
     return out
 
 
