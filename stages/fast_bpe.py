@@ -115,11 +115,11 @@ class FastBPE:
         # added tokens the trainer put in the model's vocabulary are not BPE tokens: leave them out
         added = {t["content"] for t in spec.get("added_tokens") or []}
         vocab: dict[str, int] = {t: i for t, i in model["vocab"].items() if t not in added}
-        to_latin1 = {ord(c): b for c, b in _byte_decoder().items()}  # byte-map char → char of that byte
-        try:
-            as_bytes = {tok: tok.translate(to_latin1).encode("latin-1") for tok in vocab}
-        except UnicodeEncodeError:
-            raise NotExpressible("vocabulary is not byte-level (a token has a char outside the byte map)") from None
+        byte_of = _byte_decoder()
+        if not set("".join(vocab)) <= byte_of.keys():
+            raise NotExpressible("vocabulary is not byte-level (a token has a char outside the byte map)")
+        to_latin1 = {ord(c): b for c, b in byte_of.items()}  # byte-map char → the char of that byte
+        as_bytes = {tok: tok.translate(to_latin1).encode("latin-1") for tok in vocab}
         merges = [m.split(" ", 1) if isinstance(m, str) else m for m in model.get("merges") or []]
         made = [vocab.get(a + b) for a, b in merges]
         if None in made:

@@ -106,6 +106,10 @@ def test_not_expressible_tokenizers_say_why():
     spec["normalizer"] = {"type": "NFKC"}
     with pytest.raises(NotExpressible, match="normalizer 'NFKC'"):
         FastBPE.from_tokenizer_json(json.dumps(spec))
+    spec["normalizer"] = None
+    spec["model"]["vocab"]["a b"] = len(spec["model"]["vocab"])  # a plain space: not byte-level
+    with pytest.raises(NotExpressible, match="not byte-level"):
+        FastBPE.from_tokenizer_json(json.dumps(spec))
 
 
 def write_mix(folder: Path, tokenizer: str) -> Path:

@@ -443,31 +443,22 @@ def test_non_repeating_dataset_each_sample_once_then_stops(lock):
     assert {d for d, _ in ids[last + 1:]} == {0, 1}
 
 
-def test_finite_stream_ends_together_on_all_ranks(tmp_path):
-    dirs = [make_dataset(tmp_path, f"f{k}", np.full(n, 10), seed=k) for k, n in enumerate((23, 14))]
+@pytest.mark.parametrize("mode, batch", [("padded", 3), ("packed", 2)])
+def test_finite_stream_ends_together_on_all_ranks(tmp_path, mode, batch):
+    """Ranks stop together, every sample once; packed rows missing at the end are padding."""
+    dirs = [make_dataset(tmp_path, f"f{k}", np.full(n, 10 + k), seed=k) for k, n in enumerate((23, 14))]
     lk = make_lock(tmp_path / "lock.json", [{"dir": d, "abs_weight": 0.5, "allow_repeat": False}
                                             for d in dirs])
-    per_rank = [list(MixtureStream(lk, 32, mode="padded", batch_size=3, rank=r, world_size=2,
+    per_rank = [list(MixtureStream(lk, 32, mode=mode, batch_size=batch, rank=r, world_size=2,
                                    pack_window=8).loader(0)) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1])
     got = Counter(tuple(x) for bs in per_rank for b in bs for x in b["samples"].tolist())
     assert got == Counter([(0, i) for i in range(23)] + [(1, i) for i in range(14)])
-
-
-def test_finite_packed_stream_pads_missing_rows(tmp_path):
-    dirs = [make_dataset(tmp_path, f"p{k}", np.full(n, 10 + k), seed=k)
-            for k, n in enumerate((23, 14))]
-    lk = make_lock(tmp_path / "lock.json", [{"dir": d, "abs_weight": 0.5, "allow_repeat": False}
-                                            for d in dirs])
-    per_rank = [list(MixtureStream(lk, 32, mode="packed", batch_size=2, rank=r, world_size=2,
-                                   pack_window=8).loader(0)) for r in range(2)]
-    assert len(per_rank[0]) == len(per_rank[1])
-    got = Counter(tuple(x) for bs in per_rank for b in bs for x in b["samples"].tolist())
-    assert got == Counter([(0, i) for i in range(23)] + [(1, i) for i in range(14)])
-    for bs in per_rank:
-        for b in bs:
-            assert b["input_ids"].shape == (2, 32)
-            check_packed(b, dirs, 32, 0)
+    if mode == "packed":
+        for bs in per_rank:
+            for b in bs:
+                assert b["input_ids"].shape == (batch, 32)
+                check_packed(b, dirs, 32, 0)
     last = per_rank[1][-1]  # the last step ran out of rows: rank 1 has only padding
     assert last["samples"].shape == (0, 2) and (last["labels"] == -100).all()
 
