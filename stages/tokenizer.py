@@ -19,6 +19,7 @@ which matters for SentencePiece's "prefix space on the first word only").
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
 import os
@@ -280,7 +281,6 @@ class HFTokenizer(Tokenizer):
     def with_fast_bpe(self) -> "HFTokenizer":
         """A twin that encodes data text with tiktoken (same ids: see fast_bpe.py; a piece the
         fast encoder does not claim still goes through `tokenizers`)."""
-        import copy
         twin = copy.copy(self)
         twin._fast, twin.encoder = self.fast_bpe(), "tiktoken"
         return twin
@@ -321,7 +321,6 @@ class HFTokenizer(Tokenizer):
             (lambda xs: np.zeros(0, np.int64))
         return Pieces(cat(ids), cat(starts), cat(ends), _bounds(counts))
 
-
     def reference_encode(self, text):
         return self.hf(text, add_special_tokens=False, verbose=False)["input_ids"]
 
@@ -346,7 +345,6 @@ class HFTokenizer(Tokenizer):
 def copy_without_fast(tok: HFTokenizer) -> HFTokenizer:
     if tok._fast is None:
         return tok
-    import copy
     plain = copy.copy(tok)
     plain._fast, plain.encoder = None, "tokenizers"
     return plain
