@@ -275,7 +275,7 @@ def main() -> None:
     print(f"    raw read, memoryview join       {tp['raw_join_tok_s'] / 1e6:8.1f} M tok/s   "
           f"ratio {st / tp['raw_join_tok_s']:.2f}  (bytes only, uint32: the floor of any "
           "per-sample read)")
-    print(f"    raw reads = the tokens of exactly the delivered samples, in order, same shard "
+    print("    raw reads = the tokens of exactly the delivered samples, in order, same shard "
           "files, copied into one preallocated uint32 buffer")
     print(f"    stream as worker 1 of 4         {tp['one_of_4_workers_tok_s'] / 1e6:8.1f} M tok/s   "
           f"ratio {tp['one_of_4_workers_tok_s'] / tp['raw_view_tok_s']:.2f}  (every worker "

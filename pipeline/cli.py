@@ -26,7 +26,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--ray-address", help="Ray cluster address (default: start/attach a local one)")
     b.add_argument("--on-error", choices=("fail", "skip"), default="fail",
                    help="bad records: stop naming file:record (fail) or count and set aside (skip)")
-    b.add_argument("--force", action="store_true", help="rebuild even when a valid build exists (and redo the units a killed build left)")
+    b.add_argument("--force", action="store_true",
+                   help="rebuild even when a valid build exists (and redo the units a killed build left)")
     b.add_argument("--tokenizer", help="tokenizer (required for the FM9G list form)")
     b.add_argument("--template", help="chat template: tokenizer, chatml, none, hunyuan, hy3 or a .jinja file")
     b.add_argument("--max-length", type=int)

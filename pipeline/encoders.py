@@ -14,7 +14,6 @@ from itertools import islice
 import numpy as np
 
 from stages.errors import RecordError
-from stages.render import Renderer
 
 from .worker import DatasetJob, canonical_records, job_renderer
 
@@ -53,21 +52,19 @@ def _same(a, b) -> bool:
 
 def choose_encoder(job: DatasetJob, units) -> tuple[DatasetJob, str]:
     """→ (the job with its encoder set, a one-line reason)."""
-    plain = job_renderer(dataclasses.replace(job, encoder="default"))
-    tok = plain.tok
-    if tok.kind != "hf":
-        return dataclasses.replace(job, encoder="default"), f"{tok.encoder} (the tokenizer's own)"
+    plain_job, fast_job = (dataclasses.replace(job, encoder=e) for e in ("default", "tiktoken"))
+    plain = job_renderer(plain_job)
+    if plain.tok.kind != "hf":
+        return plain_job, f"{plain.tok.encoder} (the tokenizer's own)"
     try:
-        fast_tok = tok.with_fast_bpe()
+        plain.tok.fast_bpe()
     except Exception as e:
-        return dataclasses.replace(job, encoder="default"), f"tokenizers (tiktoken cannot express it: {e})"
+        return plain_job, f"tokenizers (tiktoken cannot express it: {e})"
     records = sample_records(job, units)
     if not records:
-        return dataclasses.replace(job, encoder="default"), "tokenizers (no record to check tiktoken on)"
-    fast = Renderer(fast_tok, plain.template, plain.loss)
-    ours, ref = fast.encode_batch(records), plain.encode_batch(records)
+        return plain_job, "tokenizers (no record to check tiktoken on)"
+    ours, ref = job_renderer(fast_job).encode_batch(records), plain.encode_batch(records)
     bad = next((i for i, (a, b) in enumerate(zip(ours, ref)) if not _same(a, b)), None)
     if bad is not None:
-        return (dataclasses.replace(job, encoder="default"),
-                f"tokenizers (tiktoken's ids differ from HF on sampled record {bad})")
-    return dataclasses.replace(job, encoder="tiktoken"), f"tiktoken (equal to HF on {len(records)} sampled records)"
+        return plain_job, f"tokenizers (tiktoken's ids differ from HF on sampled record {bad})"
+    return fast_job, f"tiktoken (equal to HF on {len(records)} sampled records)"

@@ -8,12 +8,10 @@ import time
 
 
 def unit_bytes(unit) -> int:
+    """Source bytes a unit covers (0 for a directory unit, e.g. an FM9G index dir)."""
     if unit.end >= 0:
         return unit.end - unit.start
-    try:
-        return os.path.getsize(unit.file) if os.path.isfile(unit.file) else 0
-    except OSError:
-        return 0
+    return os.path.getsize(unit.file) if os.path.isfile(unit.file) else 0
 
 
 class Progress:

@@ -94,10 +94,11 @@ def explain_sample(meta: dict, shard: Path, arrays, i: int, tok, *, seed: int,
                    template: str | None = None) -> tuple[list[str], str]:
     """Labels of the trained spans of sample i of a shard (see module doc), and a line on
     which piece of its record it is ("" when the record gave one sample). Raises _NoLabels."""
-    from mixtures.transforms import TransformError, apply_transform, load_transform
+    from mixtures.transforms import TransformError, load_transform
     from stages.errors import RecordError
-    from stages.formats import ADAPTERS
     from stages.render import Renderer
+
+    from .worker import DatasetJob, canonicalize
 
     with h5py.File(shard, "r") as f:
         source = str(f.attrs["source"])
@@ -105,18 +106,20 @@ def explain_sample(meta: dict, shard: Path, arrays, i: int, tok, *, seed: int,
     if tok.sha256 != meta["tokenizer"]["sha256"]:
         raise _NoLabels(f"the tokenizer {tok.path} changed since the build")
     tmpl = _template(meta, tok, template)
+    build, transform = meta["build"], meta.get("transform")
+    job = DatasetJob(meta["dataset_name"], build["format"], tok.path, tmpl.name, build["max_length"],
+                     build["overflow"], build.get("loss", "assistant"), transform and transform["path"],
+                     seed, on_error="skip", work_dir="")
     try:
-        canonical = ADAPTERS[meta["build"]["format"]](_read_record(source, rec))
-        if meta.get("transform"):
-            transform = load_transform(meta["transform"]["path"])
-            if transform.sha256 != meta["transform"]["sha256"]:
-                raise _NoLabels(f"the transform {transform.path} changed since the build")
-            canonical = apply_transform(transform, canonical, seed=seed, dataset_name=meta["dataset_name"],
-                                        record_index=rec, source=source)
-            if canonical is None:
-                raise _NoLabels("the transform now skips its record")
-    except (RecordError, TransformError) as e:
+        if transform and load_transform(transform["path"]).sha256 != transform["sha256"]:
+            raise _NoLabels(f"the transform {transform['path']} changed since the build")
+        canonical = canonicalize(job, rec, _read_record(source, rec), source)
+    except TransformError as e:
         raise _NoLabels(f"its record now fails: {e}") from None
+    if isinstance(canonical, RecordError):
+        why = "the transform now skips its record" if canonical.reason == "transform_skipped" else \
+            f"its record now fails: {canonical}"
+        raise _NoLabels(why)
     explained = Renderer(tok, tmpl, meta["build"].get("loss", "assistant")).explain(canonical)
     if isinstance(explained, RecordError):
         raise _NoLabels(f"its record now fails: {explained.located(source, rec)}")

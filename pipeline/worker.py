@@ -57,26 +57,28 @@ def job_renderer(job: DatasetJob) -> Renderer:
     return _renderer(job.tokenizer, job.template, job.loss, job.trust_remote_code, job.encoder)
 
 
+def canonicalize(job: DatasetJob, rec: int, raw, source: str):
+    """One raw record → its canonical form (adapted, then the dataset's transform), or the
+    RecordError that refused it."""
+    try:
+        if isinstance(raw, RecordError):
+            raise raw
+        canonical = ADAPTERS[job.format](raw)
+        if job.transform:
+            canonical = apply_transform(_transform(job.transform), canonical, seed=job.seed,
+                                        dataset_name=job.dataset_name, record_index=rec, source=source)
+            if canonical is None:
+                raise RecordError("transform_skipped", "the transform returned None")
+        return canonical
+    except RecordError as e:
+        return e
+
+
 def canonical_records(job: DatasetJob, unit: WorkUnit):
-    """(record number, raw record, canonical record or the RecordError that refused it), in
-    file order: read → adapt → transform, as every build of this dataset sees them."""
-    transform = _transform(job.transform) if job.transform else None
-    adapt = ADAPTERS[job.format]
+    """(record number, raw record, `canonicalize` of it), in file order: every record of the
+    unit as every build of this dataset sees it."""
     for rec, raw in iter_unit(unit):
-        try:
-            if isinstance(raw, RecordError):
-                raise raw
-            canonical = adapt(raw)
-            if transform is not None:
-                canonical = apply_transform(transform, canonical, seed=job.seed,
-                                            dataset_name=job.dataset_name, record_index=rec,
-                                            source=unit.file)
-                if canonical is None:
-                    raise RecordError("transform_skipped", "the transform returned None")
-        except RecordError as e:
-            yield rec, raw, e
-            continue
-        yield rec, raw, canonical
+        yield rec, raw, canonicalize(job, rec, raw, unit.file)
 
 
 @lru_cache(maxsize=16)
