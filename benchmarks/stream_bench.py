@@ -89,7 +89,7 @@ def _stream_time(s: MixtureStream, n_batches: int, wid: int = 0,
     return time.perf_counter() - t0, samples
 
 
-def throughput(lock: Path, n_batches: int, rounds: int = 5) -> dict:
+def throughput(lock: Path, n_batches: int, rounds: int = 9) -> dict:
     s = MixtureStream(lock, SEQ, mode="packed", batch_size=8)
     lens = _lengths(s)
     _, samples = _stream_time(s, n_batches)
@@ -125,18 +125,22 @@ def throughput(lock: Path, n_batches: int, rounds: int = 5) -> dict:
         return time.perf_counter() - t
 
     raw(views)
-    # a shared 2-core machine: interleave the measurements and keep the best of each
-    best = {"stream": [], "view": [], "memmap": [], "join": [], "of4": []}
+    # A shared machine whose speed drifts from second to second: each round times every
+    # method back to back, and the ratios are taken within a round (median and range over
+    # rounds), the rates from the round whose raw read was fastest.
+    rows = []
     for _ in range(rounds):
-        best["stream"].append(_stream_time(s, n_batches)[0])
-        best["view"].append(raw(views))
-        best["memmap"].append(raw(mm))
-        best["join"].append(raw_join())
-    # one of 4 DataLoader workers: walks (draws, packs) every window, reads every 4th batch
-    t4, s4 = min((_stream_time(s, n_batches // 4, 1, 4) for _ in range(rounds)),
-                 key=lambda x: x[0])
-    real4 = int(sum(lens[d][i] for d, i in np.concatenate(s4).tolist()))
-    t = {k: min(v) for k, v in best.items() if v}
+        t_s = _stream_time(s, n_batches)[0]
+        t_v, t_m, t_j = raw(views), raw(mm), raw_join()
+        t4, s4 = _stream_time(s, n_batches // 4, 1, 4)  # worker 1 of 4
+        real4 = int(sum(lens[d][i] for d, i in np.concatenate(s4).tolist()))
+        rows.append({"stream": real / t_s, "view": real / t_v, "memmap": real / t_m,
+                     "join": real / t_j, "of4": real4 / t4})
+    best = max(rows, key=lambda r: r["view"])
+
+    def ratio(a, b):
+        x = np.asarray([r[a] / r[b] for r in rows])
+        return {"median": float(np.median(x)), "min": float(x.min()), "max": float(x.max())}
 
     # the same through a DataLoader with one worker (includes the worker->main transport)
     s1 = MixtureStream(lock, SEQ, mode="packed", batch_size=8)
@@ -157,10 +161,9 @@ def throughput(lock: Path, n_batches: int, rounds: int = 5) -> dict:
         next(it2)
     t_ipc = time.perf_counter() - t0
     return {"batches": n_batches, "samples": len(ids), "real_tokens": real, "rounds": rounds,
-            "transport_floor_tok_s": real / t_ipc,
-            "stream_tok_s": real / t["stream"], "raw_memmap_tok_s": real / t["memmap"],
-            "raw_view_tok_s": real / t["view"], "raw_join_tok_s": real / t["join"],
-            "one_of_4_workers_tok_s": real4 / t4,
+            "transport_floor_tok_s": real / t_ipc, "best_round": best,
+            "stream_vs_view": ratio("stream", "view"), "stream_vs_memmap": ratio("stream", "memmap"),
+            "stream_vs_join": ratio("stream", "join"), "of4_vs_view": ratio("of4", "view"),
             "dataloader_1worker_tok_s": real / t_dl1}
 
 
@@ -263,23 +266,26 @@ def main() -> None:
           "Qwen2.5 tokenizer and template)")
     tp = throughput(lock, a.batches)
     print(f"\n[1] packed throughput, one worker, seq_len {SEQ} x batch 8, {tp['batches']} batches, "
-          f"{tp['samples']} samples, {tp['real_tokens']} real tokens (best of {tp['rounds']} "
-          "interleaved rounds each)")
-    st = tp["stream_tok_s"]
-    print(f"    stream (packed, in-process)     {st / 1e6:8.1f} M tok/s   (int64 input_ids, labels,"
-          " position_ids, cu_seqlens; windows drawn and packed on the way)")
-    print(f"    raw read, plain-view slices     {tp['raw_view_tok_s'] / 1e6:8.1f} M tok/s   "
-          f"ratio {st / tp['raw_view_tok_s']:.2f}  (target >= 0.5)")
-    print(f"    raw read, np.memmap slices      {tp['raw_memmap_tok_s'] / 1e6:8.1f} M tok/s   "
-          f"ratio {st / tp['raw_memmap_tok_s']:.2f}")
-    print(f"    raw read, memoryview join       {tp['raw_join_tok_s'] / 1e6:8.1f} M tok/s   "
-          f"ratio {st / tp['raw_join_tok_s']:.2f}  (bytes only, uint32: the floor of any "
-          "per-sample read)")
+          f"{tp['samples']} samples, {tp['real_tokens']} real tokens; {tp['rounds']} rounds, each "
+          "timing every method back to back: ratios are the median [min-max] of the per-round "
+          "ratios, rates from the round with the fastest raw read")
+    b = tp["best_round"]
+
+    def line(name, rate, r=None, note=""):
+        rt = f"ratio {r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]" if r else ""
+        print(f"    {name:<32}{rate / 1e6:8.1f} M tok/s   {rt:<24}{note}")
+    line("stream (packed, in-process)", b["stream"], None,
+         "(int64 input_ids, labels, position_ids, cu_seqlens; windows drawn and packed on the way)")
+    line("raw read, plain-view slices", b["view"], tp["stream_vs_view"],
+         "stream / this: target >= 0.5")
+    line("raw read, np.memmap slices", b["memmap"], tp["stream_vs_memmap"])
+    line("raw read, memoryview join", b["join"], tp["stream_vs_join"],
+         "(bytes only, uint32: the floor of any per-sample read)")
     print("    raw reads = the tokens of exactly the delivered samples, in order, same shard "
           "files, copied into one preallocated uint32 buffer")
-    print(f"    stream as worker 1 of 4         {tp['one_of_4_workers_tok_s'] / 1e6:8.1f} M tok/s   "
-          f"ratio {tp['one_of_4_workers_tok_s'] / tp['raw_view_tok_s']:.2f}  (every worker "
-          "draws and packs every window, reads a quarter of the batches)")
+    line("stream as worker 1 of 4", b["of4"], tp["of4_vs_view"],
+         "/ plain-view read (every worker draws and packs every window, reads a quarter of "
+         "the batches)")
     dl = tp["dataloader_1worker_tok_s"] / 1e6
     print(f"    stream via DataLoader, 1 worker {dl:8.1f} M tok/s   (torch's worker->main "
           f"transport alone, same tensors: {tp['transport_floor_tok_s'] / 1e6:.1f} M tok/s)")

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from stream_fixtures import (EOS, make_dataset, make_lock, read_sample,  # noqa: E402
                              standard_mixture)
 
+from train.kernels import permuted_positions  # noqa: E402
 from train.packing import pack_rows  # noqa: E402
 from train.sampling import MixtureSampler, feistel_permute, mix64  # noqa: E402
 from train.stream import MixtureStream, StreamError  # noqa: E402
@@ -72,6 +73,28 @@ def test_feistel_is_a_bijection_and_keyed():
         assert sorted(p.tolist()) == list(range(n))
     a, b = feistel_permute(np.arange(500), 500, 1), feistel_permute(np.arange(500), 500, 2)
     assert not np.array_equal(a, b)
+
+
+def test_compiled_sampler_permutation_equals_numpy_feistel():
+    """The sampler's compiled draw-by-draw permutation against feistel_permute (numpy, all
+    draws at once): dataset d's draws are its positions pos, pos+1, ... across epochs."""
+    rng = np.random.default_rng(3)
+    n = np.array([1, 2, 5, 17, 1000, 70000], np.int64)
+    bases = rng.integers(0, 2**63, len(n)).astype(np.uint64)
+    for _ in range(20):
+        choice = rng.integers(0, len(n), 3000)
+        pos = rng.integers(0, n)
+        epoch = rng.integers(0, 5, len(n))
+        got = permuted_positions(choice, pos, epoch, n, bases)
+        rank = np.zeros(len(choice), np.int64)
+        for d in range(len(n)):
+            sel = np.flatnonzero(choice == d)
+            rank[sel] = np.arange(len(sel))
+        q = pos[choice] + rank
+        ep = epoch[choice] + q // n[choice]
+        keys = mix64(mix64(ep.astype(np.uint64)) ^ bases[choice])
+        want = feistel_permute(q % n[choice], n[choice], keys)
+        assert np.array_equal(got, want)
 
 
 @pytest.mark.parametrize("block", [8192, 7, 1])
@@ -165,6 +188,9 @@ def test_pack_rows_is_exactly_best_fit_decreasing():
                 rng.integers(1, max(2, cap // 6), n) if kind == 1 else
                 rng.choice([1, max(1, cap // 3), max(1, cap // 2), cap], n) if kind == 2 else
                 rng.integers(1, 4, n))
+        if it % 50 == 0:  # beyond the counting sort's range
+            cap = 200_000
+            lens = rng.integers(1, cap + 1, n)
         row_of, nrows = naive_bfd(lens.tolist(), cap)
         key = int(rng.integers(0, 2**63)) if it % 2 else None
         order, row_ptr = pack_rows(lens, cap, key)
@@ -209,6 +235,21 @@ def test_rows_match_shards_and_loss_spans(lock, mode):
             assert ids.shape[1] == max(len(read_sample(dirs[d], i)[0]) for d, i in samples)
         seen += len(samples)
     assert seen >= 75
+
+
+def test_batches_the_caller_holds_are_never_overwritten(lock):
+    """Packed batches' memory is reused only once the caller has dropped them: keep every
+    third batch, drop the rest, and the kept ones still hold what they held when yielded."""
+    kept, copies = [], []
+    for j, b in enumerate(MixtureStream(lock, 96, batch_size=2, pack_window=40).loader()):
+        if j % 3 == 0:
+            kept.append(b)
+            copies.append({k: v.clone() for k, v in b.items() if torch.is_tensor(v)})
+        if j == 60:
+            break
+    for b, c in zip(kept, copies):
+        for k, v in c.items():
+            assert torch.equal(b[k], v), k
 
 
 def test_packing_fill_and_window_bound(lock):

@@ -4,10 +4,9 @@
 process) and answers, vectorised, "where are the tokens and loss spans of sample (d, i)".
 
 ``pack_rows`` is best-fit-decreasing bin packing of one look-ahead window of pieces into rows
-of ``seq_len`` tokens (exact BFD, one Python step per run of items that go to the same row);
-``PackedLayout`` precomputes, once per window and vectorised, what a packed batch needs (what
-to read, segments, label runs), so ``collate_packed`` is slices plus a few full-length numpy
-passes; ``collate_padded`` / ``collate_concat`` turn the pieces of one batch into tensors. A *piece* is ``[a, b)`` of sample ``(d, i)``: a whole sample,
+of ``seq_len`` tokens; ``collate_packed`` writes a packed batch in one compiled pass over its
+rows (both loops in train/kernels.py); ``collate_padded`` / ``collate_concat`` turn the pieces
+of one batch into tensors. A *piece* is ``[a, b)`` of sample ``(d, i)``: a whole sample,
 or a part of an over-long one after the overflow policy (then a document of its own).
 
 Label convention (HF causal LM, the model shifts): ``labels[t] = input_ids[t]`` where token t is
@@ -17,13 +16,15 @@ document predicts it. So ``n_trained`` counts exactly the predictions that carry
 """
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right, insort
+import sys
+import threading
 
 import numpy as np
 import torch
 
 from stages.shard import read_shard
 
+from .kernels import bfd_rows, fill_packed, piece_table, rows_csr, token_table
 from .sampling import mix64
 
 IGNORE = -100
@@ -78,34 +79,14 @@ class TokenStore:
         self.span_lo = np.ascontiguousarray(self.spans_all[:, 0])  # 1-D: cheaper to gather
         self.span_hi = np.ascontiguousarray(self.spans_all[:, 1])
         self.has_spans = np.asarray(has, bool)
-        dts = {t.dtype for t in self.tokens}
-        # one token dtype (one tokenizer): batches are read as bytes through memoryviews
-        self.dtype = dts.pop() if len(dts) == 1 else None
-        self._views: dict = {}
+        self._kernel_args = None
 
-    def read(self, pg: list, ps: list, pe: list, pad_id: int, seq_len: int) -> np.ndarray:
-        """Tokens [ps, pe) of shards pg, back to back, as int64; shard -1 is padding (pad_id).
-
-        The fast path joins memoryview slices: a slice costs a fraction of a numpy slice and
-        bytes.join copies in C, so a batch of ~100 pieces is read in about the time numpy
-        takes just to make the ~100 slice objects. One dtype conversion at the end."""
-        key = (pad_id, seq_len)
-        if key not in self._views:
-            dt = self.dtype
-            if dt is not None and np.array(pad_id).astype(dt) != pad_id:
-                dt = None  # pad id not representable in the token dtype
-            if dt is None:
-                arrs = self.tokens + [np.full(seq_len, pad_id, np.int64)]
-                self._views[key] = (None, arrs)
-            else:
-                arrs = self.tokens + [np.full(seq_len, pad_id, dt)]
-                self._views[key] = (dt, [memoryview(x) for x in arrs])
-        dt, v = self._views[key]
-        if dt is None:  # mixed dtypes: numpy slices converted one by one
-            parts = [np.asarray(v[g][s:e], np.int64) for g, s, e in zip(pg, ps, pe)]
-            return np.concatenate(parts) if parts else np.zeros(0, np.int64)
-        return np.frombuffer(b"".join([v[g][s:e] for g, s, e in zip(pg, ps, pe)]),
-                             dt).astype(np.int64)
+    def kernel_args(self) -> tuple:
+        """What `kernels.fill_packed` needs of the store (built once per process)."""
+        if self._kernel_args is None:
+            addr, proto, self._kernel_arrays = token_table(self.tokens)
+            self._kernel_args = (addr, proto, self.span_lo, self.span_hi)
+        return self._kernel_args
 
     def locate(self, d: np.ndarray, i: np.ndarray):
         """(shard id, index into off_all) of samples (d, i)."""
@@ -180,71 +161,32 @@ def mask_from_intervals(total: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarra
     return np.repeat(vals, runs)
 
 
-def pack_rows(lengths: np.ndarray, cap: int,
-              row_key: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def best_fit_rows(lengths: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Best-fit decreasing: items (all 0 < len <= cap) in order of decreasing length (ties by
     position) go to the open row with the least room that still fits them (ties: the row
-    opened first). Returns CSR (item order, row_ptr), items of a row in placement order, rows
-    in opening order, or with `row_key` in the seeded order argsort(mix64(row ^ row_key)).
-
-    One Python step places a whole *run* of consecutive items into one row (about 5 items per
-    step on SFT data): after item x goes to row j (room r), the next items keep going to j as
-    long as they fit and are all longer than q, the largest room of any other row below x -
-    no other row then has a room in [item, room of j], so best fit picks j again. Runs come
-    from two bisects (over the items and over their prefix sums); the result is exactly
-    item-by-item BFD."""
-    n = len(lengths)
-    if n == 0:
-        return np.zeros(0, np.int64), np.zeros(1, np.int64)
+    opened first). Returns (that item order, row of each item in it, number of rows)."""
     lengths = np.asarray(lengths, np.int64)
-    # stable argsort of 16-bit keys is a radix sort: twice as fast as on int64
-    order = np.argsort(cap - lengths if cap > 0xFFFF else (cap - lengths).astype(np.uint16),
-                       kind="stable")
-    xs = lengths[order]
-    cs = np.zeros(n + 1, np.int64)
-    np.cumsum(xs, out=cs[1:])
-    xl, cl, neg = xs.tolist(), cs.tolist(), (-xs).tolist()  # neg: ascending, for bisect
-    S = n.bit_length()  # open rows as sorted ints room << S | row: (room, row) order
-    M = (1 << S) - 1
-    NEW = (cap + 1) << S  # sentinel after every open row: "open a new row"
-    keys: list[int] = [NEW]
-    run_row: list[int] = []
-    run_end: list[int] = []
-    bl, br, ins = bisect_left, bisect_right, insort
-    add_row, add_end = run_row.append, run_end.append
-    nrows = t = 0
-    while t < n:
-        j = bl(keys, xl[t] << S)  # the best-fitting open row, if any
-        key = keys[j]
-        if key == NEW:
-            r, row = cap, nrows
-            nrows += 1
-        else:
-            del keys[j]
-            r, row = key >> S, key & M
-        q = keys[j - 1] >> S if j else -1
-        c = cl[t]
-        e = br(cl, c + r, t) - 1  # items that fit ...
-        e2 = bl(neg, -q, t)  # ... and are longer than q
-        if e2 < e:
-            e = e2
-        room = r - (cl[e] - c)
-        add_row(row)
-        add_end(e)
-        if room:
-            ins(keys, (room << S) | row)
-        t = e
-    rows = np.repeat(np.asarray(run_row, np.int64), np.diff(np.asarray([0] + run_end)))
+    order = (np.zeros(0, np.int64) if cap <= 1 << 17 else  # counted in the kernel
+             np.argsort(cap - lengths, kind="stable"))
+    return bfd_rows(lengths, order, int(cap))
+
+
+def rows_csr_ordered(order: np.ndarray, rows: np.ndarray, nrows: int,
+                     row_key: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`best_fit_rows`' result as CSR (item order, row_ptr), items of a row in placement order,
+    rows in opening order, or with `row_key` in the seeded order argsort(mix64(row ^ key))."""
     if row_key is not None and nrows > 1:
         rank = np.empty(nrows, np.int64)
         rank[np.argsort(mix64(np.arange(nrows, dtype=np.uint64) ^ np.uint64(row_key)),
                         kind="stable")] = np.arange(nrows)
         rows = rank[rows]
-    # CSR in placement order: stable sort of the decreasing-length order by row
-    placed = order[np.argsort(rows if nrows > 0xFFFF else rows.astype(np.uint16), kind="stable")]
-    row_ptr = np.zeros(nrows + 1, np.int64)
-    np.cumsum(np.bincount(rows, minlength=nrows), out=row_ptr[1:])
-    return placed, row_ptr
+    return rows_csr(order, rows, nrows)
+
+
+def pack_rows(lengths: np.ndarray, cap: int,
+              row_key: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Best-fit decreasing as CSR (see `best_fit_rows`, `rows_csr_ordered`)."""
+    return rows_csr_ordered(*best_fit_rows(lengths, cap), row_key)
 
 
 def _tensors(ids, labels, **extra) -> dict:
@@ -257,161 +199,71 @@ def _samples(d, i) -> torch.Tensor:
     return torch.from_numpy(np.stack([np.asarray(d, np.int64), np.asarray(i, np.int64)], 1))
 
 
-_TRAINED = np.iinfo(np.int64).max  # label "cap" of a trained token: min(id, cap) = id
-_RUNVALS = np.zeros(0, np.int64)
+class PackedPieces:
+    """One window's pieces in row order, as `kernels.fill_packed` reads them (built when a
+    batch of the window is read: a worker that only walks past a window needs its row count,
+    not its layout)."""
+
+    def __init__(self, store: TokenStore, d, i, a, b, g, k, packing: tuple):
+        placed, self.row_ptr = rows_csr_ordered(*packing)
+        self.table, self.samples = piece_table(placed, d, i, a, b, g, k, store.off_all,
+                                               store.lso_all, store.has_spans)
 
 
-_AR_VIEWS: dict = {}
+class BlockPool:
+    """Output blocks of packed batches, reused once the caller has dropped every tensor of
+    the batch that used one (the tensors hold the only other references to a block). A fresh
+    block costs a page fault per 4 KiB on first write - as much as writing the batch - so a
+    trainer that holds a batch or two while the next is made would pay it on every batch."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.blocks: list[np.ndarray] = []
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+
+    def take(self, shape: tuple) -> np.ndarray:
+        with self._lock:
+            for k in range(len(self.blocks)):
+                # references to a free block: the list, and getrefcount's own argument
+                if self.blocks[k].shape == shape and sys.getrefcount(self.blocks[k]) == 2:
+                    return self.blocks[k]
+            block = np.empty(shape, np.int64)
+            if len(self.blocks) < min(8, max(2, self.max_bytes // block.nbytes)):
+                self.blocks.append(block)
+            else:  # keep the newest blocks: the batch shape may have changed
+                self.blocks = self.blocks[1:] + [block]
+            return block
 
 
-def _arange_view(n: int) -> memoryview:
-    if n not in _AR_VIEWS:
-        _AR_VIEWS[n] = memoryview(np.arange(n, dtype=np.int64))
-    return _AR_VIEWS[n]
-
-
-def _runvals(n: int) -> np.ndarray:
-    """[cap_trained, -100, cap_trained, -100, ...] of length n (label runs alternate)."""
-    global _RUNVALS
-    if len(_RUNVALS) < n:
-        _RUNVALS = np.tile(np.asarray([_TRAINED, IGNORE], np.int64), (n + 1) // 2 + 1024)
-    return _RUNVALS[:n]
-
-
-class PackedLayout:
-    """One window's packed rows, precomputed once per window (vectorised over its ~1000
-    pieces) so that a batch, rows [u0, u1), is only slices of it plus a few full-length numpy
-    passes (`collate_packed`).
-
-    Window coordinates: token t of row r is r * seq_len + t. Per row, in order:
-      parts     what to read: each piece (shard pg, tokens [ps, pe)), then the row's padding
-                (shard -1) if any; `part_ptr[r]` is the row's first part.
-      segments  = the parts (a document per piece, the padding as a segment of its own):
-                their lengths give position_ids and cu_seqlens.
-      runs      label runs alternating trained / untrained (trained first), lengths `run_len`,
-                `run_ptr[r]` the row's first run; a row starts with an empty trained run.
-                Trained: inside the piece's loss spans (every token without spans), never a
-                document's first token.
-    """
-
-    def __init__(self, store: TokenStore, d, i, a, b, g, k, row_ptr, seq_len: int):
-        """Pieces [a, b) of samples (d, i) (shard g, index k into the store's offsets, as
-        `TokenStore.locate` gives them), row-major, rows as CSR row_ptr."""
-        L = seq_len
-        R, P = len(row_ptr) - 1, len(d)
-        m = b - a
-        row = np.repeat(np.arange(R, dtype=np.int64), np.diff(row_ptr))
-        cm = np.zeros(P + 1, np.int64)
-        np.cumsum(m, out=cm[1:])
-        row_tok = cm[row_ptr[1:]] - cm[row_ptr[:-1]]
-        wpos = row * L + (cm[:-1] - cm[row_ptr[:-1]][row])  # each piece's first token
-
-        # parts: pieces and pads interleaved (pad of row r right after its last piece)
-        at_piece = np.arange(P) + row
-        at_pad = row_ptr[1:] + np.arange(R)
-        pg = np.empty(P + R, np.int64)
-        ps = np.zeros(P + R, np.int64)
-        plen = np.empty(P + R, np.int64)
-        pg[at_piece], ps[at_piece], plen[at_piece] = g, store.off_all[k] + a, m
-        pg[at_pad], plen[at_pad] = -1, L - row_tok
-        keep = plen > 0
-        kc = np.zeros(P + R + 1, np.int64)
-        np.cumsum(keep, out=kc[1:])
-        self.part_ptr = kc[row_ptr + np.arange(R + 1)].tolist()
-        self.seg_len = plen[keep]
-        self.seg_list = self.seg_len.tolist()
-        self.pg, self.ps = pg[keep].tolist(), ps[keep].tolist()
-        self.pe = (ps[keep] + self.seg_len).tolist()
-
-        # trained intervals in window coordinates: loss spans clipped to the piece, or the
-        # whole piece for shards without spans; minus each document's first token
-        s0, s1 = store.lso_all[k], store.lso_all[k + 1]
-        sx = ranges_index(s0, s1)
-        own = np.repeat(np.arange(P), s1 - s0)
-        aa, wo = a[own], wpos[own]
-        shift = wo - aa
-        lo = np.clip(store.span_lo[sx], aa, b[own]) + shift
-        hi = np.clip(store.span_hi[sx], aa, b[own]) + shift
-        no = np.flatnonzero(~store.has_spans[g])
-        if len(no):
-            lo = np.concatenate([lo, wpos[no]])
-            hi = np.concatenate([hi, wpos[no] + m[no]])
-            wo = np.concatenate([wo, wpos[no]])
-        lo = np.maximum(lo, wo + 1)
-        hi = np.maximum(hi, lo)
-        # an empty "marker" interval at each piece start first, then sort and merge (spans
-        # are normally sorted and disjoint already; merging makes any input safe)
-        lo = np.concatenate([wpos, lo])
-        hi = np.concatenate([wpos, hi])
-        o = np.argsort(lo, kind="stable")
-        lo, hi = lo[o], np.maximum.accumulate(hi[o])
-        lo[1:] = np.maximum(lo[1:], hi[:-1])
-        K = len(lo)
-        run_len = np.empty(2 * K + 1, np.int64)
-        run_len[0] = lo[0] if K else R * L
-        run_len[2:2 * K:2] = lo[1:] - hi[:-1]
-        run_len[1:2 * K:2] = hi - lo
-        run_len[2 * K] = R * L - (hi[-1] if K else 0)
-        self.run_len = run_len
-        marker_at = np.empty(K, np.int64)
-        marker_at[o] = np.arange(K)
-        first = np.append(marker_at[row_ptr[:-1]], K)  # each row's first piece's marker
-        self.run_ptr = (2 * first + 1).tolist()  # row R: 2K + 1, the end
-        tc = np.zeros(2 * K + 2, np.int64)
-        trained = run_len.copy()
-        trained[::2] = 0
-        np.cumsum(trained, out=tc[1:])
-        self.trained_before = tc[2 * first + 1].tolist()
-        self.samples = np.empty((P, 2), np.int64)
-        self.samples[:, 0], self.samples[:, 1] = d, i
-        self.row_ptr = row_ptr.tolist()
-
-
-def collate_packed(store: TokenStore, segs: list, nrows: int, seq_len: int,
-                   pad_id: int) -> dict:
-    """Rows [u0, u1) of each (PackedLayout, u0, u1) in segs, back to back, then all-padding
-    rows up to nrows (the end of a finite stream). Every full-length array costs one or two
-    numpy passes: ids (read + cast), position_ids (repeat + subtract), labels (repeat +
-    minimum)."""
+def collate_packed(store: TokenStore, segs: list, nrows: int, seq_len: int, pad_id: int,
+                   pool: BlockPool | None = None) -> dict:
+    """Rows [u0, u1) of each (PackedPieces, u0, u1) in segs, back to back, then all-padding
+    rows up to nrows (the end of a finite stream). input_ids, labels and position_ids are
+    views of one block (from `pool` when given)."""
     L = seq_len
-    pg, ps, pe, seg, sll, runs, smp = [], [], [], [], [], [], []
-    n_trained = have = 0
-    for lay, u0, u1 in segs:
-        x0, x1 = lay.part_ptr[u0], lay.part_ptr[u1]
-        pg += lay.pg[x0:x1]
-        ps += lay.ps[x0:x1]
-        pe += lay.pe[x0:x1]
-        seg.append(lay.seg_len[x0:x1])
-        sll += lay.seg_list[x0:x1]
-        runs.append(lay.run_len[lay.run_ptr[u0]:lay.run_ptr[u1]])
-        n_trained += lay.trained_before[u1] - lay.trained_before[u0]
-        smp.append(lay.samples[lay.row_ptr[u0]:lay.row_ptr[u1]])
-        have += u1 - u0
-    if have < nrows:  # missing rows: all padding, one segment each, untrained
-        miss = nrows - have
-        pg += [-1] * miss
-        ps += [0] * miss
-        pe += [L] * miss
-        seg.append(np.full(miss, L, np.int64))
-        sll += [L] * miss
-        runs.append(np.asarray([0, miss * L], np.int64))
-    ids = store.read(pg, ps, pe, pad_id, L)
-    rl = runs[0] if len(runs) == 1 else np.concatenate(runs)
-    labels = np.repeat(_runvals(len(rl)), rl)
-    np.minimum(ids, labels, out=labels)  # (while ids is still in cache)
-    # position ids: each segment's 0..n-1, joined from slices of one arange (one pass)
-    ar = _arange_view(L)
-    pos = np.frombuffer(bytearray().join([ar[:n] for n in sll]), np.int64)
-    sl = seg[0] if len(seg) == 1 else np.concatenate(seg)
-    cu = np.zeros(len(sl) + 1, np.int32)
-    np.cumsum(sl, out=cu[1:])
-    samples = (smp[0].copy() if len(smp) == 1 else np.concatenate(smp) if smp
-               else np.zeros((0, 2), np.int64))
-    return {"input_ids": torch.from_numpy(ids.reshape(nrows, L)),
-            "labels": torch.from_numpy(labels.reshape(nrows, L)),
-            "position_ids": torch.from_numpy(pos.reshape(nrows, L)),
-            "cu_seqlens": torch.from_numpy(cu), "max_seqlen": int(sl.max()),
-            "n_trained": int(n_trained), "samples": torch.from_numpy(samples)}
+    n = nrows * L
+    out = pool.take((3, n)) if pool is not None else np.empty((3, n), np.int64)
+    cu = np.zeros(sum(int(w.row_ptr[u1] - w.row_ptr[u0]) for w, u0, u1 in segs) + nrows + 1,
+                  np.int32)
+    addr, proto, lo, hi = store.kernel_args()
+    ncu, at, trained, longest, smp = 1, 0, 0, 0, []
+    for w, u0, u1 in segs:
+        ncu, tr, lg = fill_packed(addr, proto, w.table, lo, hi, w.row_ptr, u0, u1, L, pad_id,
+                                  out, cu, ncu, at)
+        trained, longest, at = trained + tr, max(longest, lg), at + (u1 - u0) * L
+        smp.append(w.samples[w.row_ptr[u0]:w.row_ptr[u1]])
+    ids, labels, pos = out
+    if at < n:  # missing rows: all padding, one segment each, untrained
+        ids[at:], labels[at:] = pad_id, IGNORE
+        pos[at:] = np.tile(np.arange(L, dtype=np.int64), (n - at) // L)
+        cu[ncu:ncu + (n - at) // L] = np.arange(at + L, n + 1, L)
+        ncu, longest = ncu + (n - at) // L, L
+    samples = np.concatenate(smp) if len(smp) > 1 else smp[0].copy() if smp else \
+        np.zeros((0, 2), np.int64)
+    t = torch.from_numpy(out).view(3, nrows, L)
+    return {"input_ids": t[0], "labels": t[1], "position_ids": t[2],
+            "cu_seqlens": torch.from_numpy(cu[:ncu]), "max_seqlen": int(longest),
+            "n_trained": int(trained), "samples": torch.from_numpy(samples)}
 
 
 def collate_padded(store: TokenStore, d, i, a, b, row, nrows: int, pad_id: int) -> dict:

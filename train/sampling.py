@@ -20,6 +20,8 @@ import hashlib
 
 import numpy as np
 
+from .kernels import permuted_positions
+
 U64 = np.uint64
 GOLDEN = U64(0x9E3779B97F4A7C15)
 _M1 = U64(0xBF58476D1CE4E5B9)
@@ -121,6 +123,8 @@ class MixtureSampler:
         self.n = [int(v) for v in n_train]
         self.repeat = [bool(v) for v in allow_repeat]
         self.bases = [int(v) for v in dataset_bases]
+        self._n_arr = np.asarray(self.n, np.int64)
+        self._bases_arr = np.asarray(self.bases, dtype=U64)
         self.seed_base = int(seed_base)
         # Draws are generated `block` at a time (a window of 1024 is mostly numpy call
         # overhead) into a look-ahead buffer; the public state below only counts what `draw`
@@ -203,15 +207,8 @@ class MixtureSampler:
             choice = choice[:cut]
             # q: this draw's position in its dataset's stream of draws (pos + rank within chunk)
             counts = np.bincount(choice, minlength=len(self.n))
-            order = np.argsort(choice, kind="stable")
-            rank = np.empty(cut, np.int64)
-            rank[order] = np.arange(cut) - np.repeat(np.cumsum(counts) - counts, counts)
-            n_arr = np.asarray(self.n, np.int64)[choice]
-            q = np.asarray(pos, np.int64)[choice] + rank
-            ep = np.asarray(epoch, np.int64)[choice] + q // n_arr
-            bases = np.asarray(self.bases, dtype=U64)[choice]
-            t = feistel_permute(q % n_arr, n_arr,
-                                mix64(mix64(ep.astype(U64)) ^ bases))
+            t = permuted_positions(choice, np.asarray(pos, np.int64), np.asarray(epoch, np.int64),
+                                   self._n_arr, self._bases_arr)
             self._advance(epoch, pos, counts.tolist())
             out_d.append(choice)
             out_t.append(t)

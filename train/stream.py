@@ -27,7 +27,9 @@ one of the last batch the caller took, so worker prefetch does not matter.
 
 Batches (dicts of tensors; labels follow the HF convention, see train/packing.py):
   packed  input_ids, labels, position_ids [B, seq_len] int64; cu_seqlens int32 over the
-          flattened batch (documents, and each row's padding as its own segment); max_seqlen
+          flattened batch (documents, and each row's padding as its own segment); max_seqlen.
+          The three are views of one block, written in one compiled pass; its memory is
+          reused for a later batch only once every tensor of this one is dropped.
   padded  input_ids, labels, attention_mask [B, longest piece in the batch]
   concat  input_ids, labels [B, seq_len]
   all     n_trained (labels != -100), samples LongTensor [k, 2] of (dataset, sample index)
@@ -52,8 +54,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stages.shard import FORMAT_VERSION, file_sha256, token_dtype
 
-from .packing import (PackedLayout, TokenStore, collate_concat, collate_packed, collate_padded,
-                      pack_rows)
+from .kernels import locate_samples
+from .packing import (BlockPool, PackedPieces, TokenStore, best_fit_rows, collate_concat,
+                      collate_packed, collate_padded)
 from .sampling import ListSource, MixtureSampler, hash_uniform, stable_hash64
 
 STATE_VERSION = 1
@@ -143,14 +146,15 @@ class _Window:
     i: np.ndarray
     a: np.ndarray
     b: np.ndarray
-    row_ptr: np.ndarray | None = None  # rows modes (pieces stored row-major)
+    row_ptr: np.ndarray | None = None  # padded (one piece per row)
     g: np.ndarray | None = None  # packed: shard of each piece and its index into the store's
     k: np.ndarray | None = None  # offsets (TokenStore.locate), for the layout
     nreal: np.ndarray | None = None  # concat: real length of each document
     starts: np.ndarray | None = None  # concat: token start of each document in the window
     overflow: list[int] | None = None  # counts including this window
     next_start: dict | None = None
-    layout: PackedLayout | None = None  # packed: built when a batch of this window is read
+    packing: tuple | None = None  # packed: best_fit_rows' result and the row order key
+    pieces: PackedPieces | None = None  # packed: built when a batch of this window is read
     public: dict | None = None  # the public state at offset 0 (shared by its batches' states)
 
 
@@ -251,6 +255,7 @@ class MixtureStream(IterableDataset):
             raise StreamError("split='validation' needs validation_percentage > 0")
         self._store = None
         self._maps = None
+        self._pool = None  # packed batches' output blocks, per process
         self._state = self._initial_state()
         self._feed_start = None  # set on the copies a loader hands to DataLoader workers
 
@@ -345,6 +350,7 @@ class MixtureStream(IterableDataset):
         st = self.__dict__.copy()
         st["_store"] = None  # memmaps are re-opened lazily in each worker
         st["_maps"] = None
+        st["_pool"] = None
         return st
 
     def _tokens(self) -> TokenStore:
@@ -389,10 +395,8 @@ class MixtureStream(IterableDataset):
                     i[sel] = m[t[sel]]
         else:
             i = t
-        g, k = store.locate(d, i)
-        n = store.off_all[k + 1] - store.off_all[k]
-        keep = n > 0
-        d, i, n, g, k = d[keep], i[keep], n[keep], g[keep], k[keep]
+        d, i, g, k, n = locate_samples(d, i, store.ds_base, store.first, store.off_base,
+                                       store.off_all)  # empty samples dropped
         over = list(start["overflow"])
         nd = len(self.datasets)
         if self.mode == "concat":
@@ -424,11 +428,12 @@ class MixtureStream(IterableDataset):
             if self.mode == "packed":
                 key = (stable_hash64("tokenmill-rows", self.seed, w) if self.split == "train"
                        else None)  # rows in a seeded order (train), in opening order (eval)
-                order, row_ptr = pack_rows(b - a, L, key)
-                d, i, a, b, g, k = d[order], i[order], a[order], b[order], g[order], k[order]
+                order, rows, nrows = best_fit_rows(b - a, L)
+                win = _Window(w, start, nrows, d, i, a, b, g=g, k=k,
+                              packing=(order, rows, nrows, key))
             else:
-                row_ptr = np.arange(len(d) + 1, dtype=np.int64)
-            win = _Window(w, start, len(row_ptr) - 1, d, i, a, b, row_ptr=row_ptr, g=g, k=k)
+                win = _Window(w, start, len(d), d, i, a, b, g=g, k=k,
+                              row_ptr=np.arange(len(d) + 1, dtype=np.int64))
         win.overflow = over
         win.next_start = {"src": src.snapshot(), "overflow": over,
                           "consumed": start["consumed"] + win.size}
@@ -439,11 +444,13 @@ class MixtureStream(IterableDataset):
         B, L = self.batch_size, self.seq_len
         if self.mode == "packed":
             for win, _, _ in segs:
-                if win.layout is None:
-                    win.layout = PackedLayout(self._tokens(), win.d, win.i, win.a, win.b,
-                                              win.g, win.k, win.row_ptr, L)
-            return collate_packed(self._tokens(), [(w.layout, u0, u1) for w, u0, u1 in segs],
-                                  B, L, self.pad_id)
+                if win.pieces is None:
+                    win.pieces = PackedPieces(self._tokens(), win.d, win.i, win.a, win.b,
+                                              win.g, win.k, win.packing)
+            if self._pool is None:
+                self._pool = BlockPool()
+            return collate_packed(self._tokens(), [(w.pieces, u0, u1) for w, u0, u1 in segs],
+                                  B, L, self.pad_id, self._pool)
         D, I, A, E, R, N, T = [], [], [], [], [], [], []
         base = 0
         for win, u0, u1 in segs:

@@ -1,0 +1,291 @@
+"""Compiled inner loops of the training stream (numba, cached on disk after the first run).
+
+Loops that are per item or per token by nature and cost far more as Python steps or numpy
+passes than the read they serve:
+
+* ``pack_rows_csr`` / ``bfd_rows`` - best-fit decreasing: the rows of a window.
+* ``fill_packed`` - one pass that writes a packed batch: input_ids (read from the shard
+  memmaps), labels (from the loss spans), position_ids and cu_seqlens, row by row.
+* ``permuted_positions`` - the sampler's keyed Feistel permutation, one draw at a time.
+
+Shards are passed to ``fill_packed`` as the addresses of their token arrays (`token_table`):
+a list of arrays cannot cross into compiled code without a typed container that is itself
+compiled at every process start. The arrays must outlive the table (TokenStore keeps both).
+Compiled code is cached next to this file (or in numba's user cache dir when that is not
+writable): the first run on a machine compiles for about 10 s, later processes load it.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, types
+from numba.extending import intrinsic
+
+IGNORE = -100
+
+
+def token_table(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list]:
+    """(address per shard, proto, arrays) for `fill_packed`. Every shard is read as the
+    dtype of `proto` (an empty array: compiled code is specialised on it): uint16 when all
+    shards are, else uint32 - a shard of another dtype is converted to it in memory (shards of
+    one lock share a tokenizer, so they share a dtype unless built by hand). The addresses
+    point into the returned arrays: keep them alive as long as the table."""
+    dt = np.uint16 if all(a.dtype == np.uint16 for a in arrays) else np.uint32
+    keep = [np.ascontiguousarray(a) if a.dtype == dt else np.asarray(a, dt) for a in arrays]
+    addr = np.asarray([a.ctypes.data for a in keep], np.int64)
+    return addr, np.zeros(0, dt), keep
+
+
+@intrinsic
+def _pointer(typingctx, address, proto):
+    """The array of proto's dtype at `address` (no bounds: offsets come from the shard index)."""
+    sig = types.CPointer(proto.dtype)(types.int64, proto)
+
+    def codegen(context, builder, signature, args):
+        return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def locate_samples(d, i, ds_base, first, off_base, off_all):
+    """Samples (dataset d, index i) found in the store (TokenStore.locate), empty ones
+    dropped: rows d, i, shard, index into off_all, length of the samples kept, in order."""
+    out = np.empty((5, len(d)), np.int64)
+    c = 0
+    for j in range(len(d)):
+        gs = ds_base[d[j]] + i[j]
+        g = np.searchsorted(first, gs, side="right") - 1
+        k = off_base[g] + gs - first[g]
+        n = off_all[k + 1] - off_all[k]
+        if n > 0:
+            out[0, c], out[1, c], out[2, c], out[3, c], out[4, c] = d[j], i[j], g, k, n
+            c += 1
+    return out[:, :c]
+
+
+@njit(cache=True, nogil=True)
+def bfd_rows(lengths, order, cap):
+    """Best-fit decreasing. Items are taken in `order` (decreasing length, ties by position;
+    computed here by a counting sort when empty), each goes to the open row with the least
+    room that still fits it (ties: the row opened first), else to a new row. Returns
+    (order, row of each item in that order, number of rows). Rows whose room is below the
+    smallest item can take nothing more and leave the scan."""
+    n = len(lengths)
+    if len(order) == 0 and n:
+        ptr = np.zeros(cap + 2, np.int64)
+        for t in range(n):
+            ptr[cap - lengths[t] + 1] += 1
+        for v in range(cap + 1):
+            ptr[v + 1] += ptr[v]
+        order = np.empty(n, np.int64)
+        for t in range(n):
+            v = cap - lengths[t]
+            order[ptr[v]] = t
+            ptr[v] += 1
+    row_of = np.empty(n, np.int64)
+    room = np.empty(n, np.int64)  # of the open rows, unordered
+    rid = np.empty(n, np.int64)  # their row numbers
+    nopen = 0
+    nrows = 0
+    smallest = lengths[order[n - 1]] if n else 0
+    for t in range(n):
+        x = lengths[order[t]]
+        best = -1
+        for s in range(nopen):
+            v = room[s]
+            if v >= x and (best < 0 or v < room[best] or (v == room[best]
+                                                          and rid[s] < rid[best])):
+                best = s
+        if best < 0:
+            best = nopen
+            room[best] = cap
+            rid[best] = nrows
+            nopen += 1
+            nrows += 1
+        room[best] -= x
+        row_of[t] = rid[best]
+        if room[best] < smallest:  # full for good: swap-remove
+            nopen -= 1
+            room[best] = room[nopen]
+            rid[best] = rid[nopen]
+    return order, row_of, nrows
+
+
+@njit(cache=True, nogil=True)
+def piece_table(placed, d, i, a, b, g, k, off_all, lso_all, has_spans):
+    """Pieces in `placed` order as fill_packed reads them: rows shard, first token in the
+    shard, length, first token in the sample, loss spans [q0, q1) (-1, -1: a sample without
+    spans) - and the (dataset, sample) of each."""
+    P = len(placed)
+    table = np.empty((6, P), np.int64)
+    samples = np.empty((P, 2), np.int64)
+    for j in range(P):
+        p = placed[j]
+        kk, gg = k[p], g[p]
+        table[0, j] = gg
+        table[1, j] = off_all[kk] + a[p]
+        table[2, j] = b[p] - a[p]
+        table[3, j] = a[p]
+        if has_spans[gg]:
+            table[4, j], table[5, j] = lso_all[kk], lso_all[kk + 1]
+        else:
+            table[4, j], table[5, j] = -1, -1
+        samples[j, 0], samples[j, 1] = d[p], i[p]
+    return table, samples
+
+
+@njit(cache=True, nogil=True)
+def rows_csr(order, rows, nrows):
+    """CSR of items by row (a counting sort: within a row, items keep their order)."""
+    row_ptr = np.zeros(nrows + 1, np.int64)
+    for t in range(len(rows)):
+        row_ptr[rows[t] + 1] += 1
+    for r in range(nrows):
+        row_ptr[r + 1] += row_ptr[r]
+    fill = row_ptr[:-1].copy()
+    placed = np.empty(len(rows), np.int64)
+    for t in range(len(rows)):
+        placed[fill[rows[t]]] = order[t]
+        fill[rows[t]] += 1
+    return placed, row_ptr
+
+
+@njit(cache=True, nogil=True)
+def _copy_run(src, s, t, j0, j1, trained, ids, labels, pos):
+    """Tokens j0..j1-1 of a piece (source index s + j, output index t + j)."""
+    for j in range(j0, j1):
+        v = src[s + j]
+        ids[t + j] = v
+        labels[t + j] = v if trained else IGNORE
+        pos[t + j] = j
+
+
+@njit(cache=True, nogil=True)
+def _write_piece(src, s, m, a, all_trained, q0, q1, span_lo, span_hi, ids, labels, pos, t):
+    """Tokens [a, a + m) of a sample, from src[s:], at output index t; returns the number of
+    trained tokens. Trained: inside the sample's loss spans q0..q1-1 (every token if
+    all_trained), never the piece's first token (a document's first token has nothing before
+    it). Sorted, disjoint spans (what the pipeline writes) are walked as runs in one pass;
+    anything else is written untrained first, then the union of its spans is applied."""
+    ordered = True
+    if not all_trained:
+        for q in range(q0, q1):
+            if span_lo[q] > span_hi[q] or (q > q0 and span_lo[q] < span_hi[q - 1]):
+                ordered = False
+    n = 0
+    if ordered:
+        j = 0
+        for q in range(q0, q0 + 1 if all_trained else q1):
+            lo = min(max((a if all_trained else span_lo[q]) - a, 1), m)
+            hi = min(max((a + m if all_trained else span_hi[q]) - a, lo), m)
+            _copy_run(src, s, t, j, lo, False, ids, labels, pos)
+            _copy_run(src, s, t, lo, hi, True, ids, labels, pos)
+            n += hi - lo
+            j = hi
+        _copy_run(src, s, t, j, m, False, ids, labels, pos)
+        return n
+    _copy_run(src, s, t, 0, m, False, ids, labels, pos)
+    for q in range(q0, q1):
+        for j in range(max(span_lo[q] - a, 1), min(span_hi[q] - a, m)):
+            labels[t + j] = ids[t + j]
+    for j in range(m):
+        n += labels[t + j] != IGNORE
+    return n
+
+
+@njit(cache=True, nogil=True)
+def fill_packed(addr, proto, pieces, span_lo, span_hi, row_ptr, r0, r1, seq_len, pad_id, out,
+                cu, ncu, at):
+    """Rows [r0, r1) of a window written from flat position `at` of out[0] (input_ids),
+    out[1] (labels), out[2] (position_ids). Piece p (row_ptr order) is tokens
+    [pieces[1, p], + pieces[2, p]) of shard pieces[0, p], which are tokens [pieces[3, p], ...)
+    of a sample whose loss spans are span_lo/hi[pieces[4, p]:pieces[5, p]] (-1: a sample
+    without spans, all trained). Each piece is a document (positions from 0); the rest of a
+    row is padding (pad_id, untrained, a segment of its own). cu[ncu - 1] is the flat position
+    reached; segment ends are appended. Returns (ncu, trained tokens, longest segment)."""
+    ids, labels, pos = out[0], out[1], out[2]
+    trained = 0
+    longest = 0
+    for r in range(r0, r1):
+        used = 0
+        for p in range(row_ptr[r], row_ptr[r + 1]):
+            m, q0 = pieces[2, p], pieces[4, p]
+            trained += _write_piece(_pointer(addr[pieces[0, p]], proto), pieces[1, p], m,
+                                    pieces[3, p], q0 < 0, q0, pieces[5, p], span_lo, span_hi,
+                                    ids, labels, pos, at + used)
+            used += m
+            cu[ncu] = at + used
+            ncu += 1
+            longest = max(longest, m)
+        if used < seq_len:
+            for j in range(seq_len - used):
+                ids[at + used + j] = pad_id
+                labels[at + used + j] = IGNORE
+                pos[at + used + j] = j
+            longest = max(longest, seq_len - used)
+            cu[ncu] = at + seq_len
+            ncu += 1
+        at += seq_len
+    return ncu, trained, longest
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_ROUNDS = 6
+
+
+@njit(cache=True, nogil=True)
+def _mix64(z):
+    """splitmix64 finaliser (sampling.mix64) on one uint64."""
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True, nogil=True)
+def permuted_positions(choice, pos, epoch, n, bases):
+    """Sample (train position) of each draw of a chunk: the draws of dataset d are its
+    positions pos[d], pos[d] + 1, ...; position q is q % n of epoch epoch[d] + q // n, mapped
+    through that epoch's keyed Feistel permutation - exactly sampling.feistel_permute with key
+    mix64(mix64(epoch) ^ base), one scalar draw at a time (round keys computed once per
+    dataset and epoch)."""
+    nd = len(n)
+    q = pos.copy()
+    cur_e = np.full(nd, -1, np.int64)
+    rk = np.zeros((nd, _ROUNDS), np.uint64)
+    half = np.zeros(nd, np.uint64)
+    for d in range(nd):  # half the bits of the smallest even-bit power of two >= n
+        bits, v = 0, max(n[d], 1) - 1
+        while v:
+            bits += 1
+            v >>= 1
+        bits = max(bits, 2)
+        half[d] = np.uint64((bits + (bits & 1)) // 2)
+    out = np.empty(len(choice), np.int64)
+    for j in range(len(choice)):
+        d = choice[j]
+        nn = n[d]
+        qq = q[d]
+        q[d] = qq + 1
+        if nn <= 1:
+            out[j] = 0
+            continue
+        e = epoch[d] + qq // nn
+        if e != cur_e[d]:
+            key = _mix64(_mix64(np.uint64(e)) ^ bases[d])
+            for r in range(_ROUNDS):
+                rk[d, r] = _mix64(key + np.uint64(r + 1) * _GOLDEN)
+            cur_e[d] = e
+        h = half[d]
+        mask = (np.uint64(1) << h) - np.uint64(1)
+        y = np.uint64(qq % nn)
+        while True:  # cycle-walking back into [0, n)
+            left = y >> h
+            right = y & mask
+            for r in range(_ROUNDS):
+                left, right = right, left ^ (_mix64(right ^ rk[d, r]) & mask)
+            y = (left << h) | right
+            if y < np.uint64(nn):
+                break
+        out[j] = np.int64(y)
+    return out
