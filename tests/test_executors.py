@@ -56,10 +56,14 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, sample_tokenizer, env):
         time.sleep(0.05)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    done_before = {f.name for f in cache.glob("*.partial/unit-*.h5")}
+    # a unit is finished once its summary (.json) is in place; the kill may land between
+    # its shard's rename and its summary's, and then it is rightly redone
+    done_before = {f.name for f in cache.glob("*.partial/unit-*.h5")
+                   if f.with_suffix(".json").exists()}
     assert done_before, "the build was killed before any unit finished"
     assert not any((d / "meta.json").exists() for d in cache.iterdir() if d.is_dir())
-    mtimes = {f.name: f.stat().st_mtime_ns for f in cache.glob("*.partial/unit-*.h5")}
+    mtimes = {f.name: f.stat().st_mtime_ns for f in cache.glob("*.partial/unit-*.h5")
+              if f.name in done_before}
 
     p = build(mix, cache, env)
     assert p.wait(timeout=300) == 0, p.stderr.read().decode()
