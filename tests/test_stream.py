@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from stream_fixtures import (EOS, make_dataset, make_lock, read_sample,  # noqa: E402
                              standard_mixture)
 
-from train.kernels import permuted_positions  # noqa: E402
+from train.kernels import mixture_choices, permuted_positions  # noqa: E402
 from train.packing import pack_rows  # noqa: E402
-from train.sampling import MixtureSampler, feistel_permute, mix64  # noqa: E402
+from train.sampling import MixtureSampler, feistel_permute, mix64, uniforms  # noqa: E402
 from train.stream import MixtureStream, StreamError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,6 +95,18 @@ def test_compiled_sampler_permutation_equals_numpy_feistel():
         keys = mix64(mix64(ep.astype(np.uint64)) ^ bases[choice])
         want = feistel_permute(q % n[choice], n[choice], keys)
         assert np.array_equal(got, want)
+
+
+def test_compiled_mixture_choices_equal_numpy_searchsorted():
+    rng = np.random.default_rng(4)
+    for k in (1, 2, 3, 40):
+        cdf = np.cumsum(rng.random(k))
+        cdf /= cdf[-1]
+        active = np.sort(rng.choice(100, k, replace=False)).astype(np.int64)
+        base, j0 = int(rng.integers(0, 2**63)), int(rng.integers(0, 2**40))
+        u = uniforms(base, j0, 5000)
+        want = active[np.minimum(np.searchsorted(cdf, u, side="right"), k - 1)]
+        assert np.array_equal(mixture_choices(np.uint64(base), j0, 5000, cdf, active), want)
 
 
 @pytest.mark.parametrize("block", [8192, 7, 1])
@@ -571,3 +583,17 @@ def test_checks_at_open(tmp_path):
     (d / "shard-00000.h5").unlink()
     with pytest.raises(StreamError, match="missing shard"):
         MixtureStream(lk, 16)
+
+
+@pytest.mark.parametrize("field", ["offsets", "loss_span_offsets"])
+def test_an_index_pointing_outside_its_array_is_refused(tmp_path, field):
+    """Batches are filled by compiled code that does not bounds-check: an offset past the end
+    (or going backwards) must stop the stream with the shard named, before any read."""
+    import h5py
+    d = make_dataset(tmp_path, "c", [5, 6, 7])
+    lk = make_lock(tmp_path / "lock.json", [{"dir": d, "abs_weight": 1.0}])
+    with h5py.File(d / "shard-00000.h5", "r+") as f:
+        f[field][-1] = f[field][-1] + 1000
+    s = MixtureStream(lk, 16, verify="none")
+    with pytest.raises(ValueError, match=f"shard-00000.h5: {field} are not"):
+        next(iter(s.loader()))

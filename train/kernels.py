@@ -17,7 +17,7 @@ writable): the first run on a machine compiles for about 10 s, later processes l
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, types
+from numba import carray, njit, types, uintp
 from numba.extending import intrinsic
 
 IGNORE = -100
@@ -150,22 +150,25 @@ def rows_csr(order, rows, nrows):
 
 
 @njit(cache=True, nogil=True)
-def _copy_run(src, s, t, j0, j1, trained, ids, labels, pos):
-    """Tokens j0..j1-1 of a piece (source index s + j, output index t + j)."""
-    for j in range(j0, j1):
-        v = src[s + j]
-        ids[t + j] = v
-        labels[t + j] = v if trained else IGNORE
-        pos[t + j] = j
+def _copy_run(src, j0, j1, trained, ids, labels, pos):
+    """Tokens j0..j1-1 of a piece: src, ids, labels, pos are the piece's own slices.
+    (Unsigned indices: no negative-index wraparound, so the loop vectorises.)"""
+    for j in range(uintp(j0), uintp(j1)):
+        v = src[j]
+        ids[j] = v
+        labels[j] = v if trained else IGNORE
+        pos[j] = j
 
 
 @njit(cache=True, nogil=True)
-def _write_piece(src, s, m, a, all_trained, q0, q1, span_lo, span_hi, ids, labels, pos, t):
-    """Tokens [a, a + m) of a sample, from src[s:], at output index t; returns the number of
-    trained tokens. Trained: inside the sample's loss spans q0..q1-1 (every token if
-    all_trained), never the piece's first token (a document's first token has nothing before
-    it). Sorted, disjoint spans (what the pipeline writes) are walked as runs in one pass;
-    anything else is written untrained first, then the union of its spans is applied."""
+def _write_piece(src, a, all_trained, q0, q1, span_lo, span_hi, ids, labels, pos):
+    """Tokens [a, a + m) of a sample (src, m = len(src)) into ids, labels, pos (slices of
+    length m); returns the number of trained tokens. Trained: inside the sample's loss spans
+    q0..q1-1 (every token if all_trained), never the piece's first token (a document's first
+    token has nothing before it). Sorted, disjoint spans (what the pipeline writes) are
+    walked as runs in one pass; anything else is written untrained first, then the union of
+    its spans is applied."""
+    m = len(src)
     ordered = True
     if not all_trained:
         for q in range(q0, q1):
@@ -177,19 +180,27 @@ def _write_piece(src, s, m, a, all_trained, q0, q1, span_lo, span_hi, ids, label
         for q in range(q0, q0 + 1 if all_trained else q1):
             lo = min(max((a if all_trained else span_lo[q]) - a, 1), m)
             hi = min(max((a + m if all_trained else span_hi[q]) - a, lo), m)
-            _copy_run(src, s, t, j, lo, False, ids, labels, pos)
-            _copy_run(src, s, t, lo, hi, True, ids, labels, pos)
+            _copy_run(src, j, lo, False, ids, labels, pos)
+            _copy_run(src, lo, hi, True, ids, labels, pos)
             n += hi - lo
             j = hi
-        _copy_run(src, s, t, j, m, False, ids, labels, pos)
+        _copy_run(src, j, m, False, ids, labels, pos)
         return n
-    _copy_run(src, s, t, 0, m, False, ids, labels, pos)
+    _copy_run(src, 0, m, False, ids, labels, pos)
     for q in range(q0, q1):
         for j in range(max(span_lo[q] - a, 1), min(span_hi[q] - a, m)):
-            labels[t + j] = ids[t + j]
+            labels[j] = ids[j]
     for j in range(m):
-        n += labels[t + j] != IGNORE
+        n += labels[j] != IGNORE
     return n
+
+
+@njit(cache=True, nogil=True)
+def _pad(ids, labels, pos, pad_id):
+    for j in range(uintp(len(ids))):
+        ids[j] = pad_id
+        labels[j] = IGNORE
+        pos[j] = j
 
 
 @njit(cache=True, nogil=True)
@@ -208,19 +219,18 @@ def fill_packed(addr, proto, pieces, span_lo, span_hi, row_ptr, r0, r1, seq_len,
     for r in range(r0, r1):
         used = 0
         for p in range(row_ptr[r], row_ptr[r + 1]):
-            m, q0 = pieces[2, p], pieces[4, p]
-            trained += _write_piece(_pointer(addr[pieces[0, p]], proto), pieces[1, p], m,
-                                    pieces[3, p], q0 < 0, q0, pieces[5, p], span_lo, span_hi,
-                                    ids, labels, pos, at + used)
+            m, q0, t = pieces[2, p], pieces[4, p], at + used
+            src = carray(_pointer(addr[pieces[0, p]] + pieces[1, p] * proto.itemsize, proto),
+                         (m,))
+            trained += _write_piece(src, pieces[3, p], q0 < 0, q0, pieces[5, p], span_lo,
+                                    span_hi, ids[t:t + m], labels[t:t + m], pos[t:t + m])
             used += m
             cu[ncu] = at + used
             ncu += 1
             longest = max(longest, m)
         if used < seq_len:
-            for j in range(seq_len - used):
-                ids[at + used + j] = pad_id
-                labels[at + used + j] = IGNORE
-                pos[at + used + j] = j
+            t = at + used
+            _pad(ids[t:at + seq_len], labels[t:at + seq_len], pos[t:at + seq_len], pad_id)
             longest = max(longest, seq_len - used)
             cu[ncu] = at + seq_len
             ncu += 1
@@ -240,6 +250,20 @@ def _mix64(z):
     z = (z ^ (z >> np.uint64(30))) * _M1
     z = (z ^ (z >> np.uint64(27))) * _M2
     return z ^ (z >> np.uint64(31))
+
+
+@njit(cache=True, nogil=True)
+def mixture_choices(base, j0, count, cdf, active):
+    """Dataset of draws j0 .. j0+count-1: `active[k]` for the first k with cdf[k] > u_j (the
+    last if none), u_j the j-th uniform of the counter stream `base` - exactly
+    sampling.uniforms and np.searchsorted(cdf, u, side="right")."""
+    out = np.empty(count, np.int64)
+    last = len(active) - 1
+    for j in range(count):
+        z = _mix64(np.uint64(j0 + j) * _GOLDEN + base)
+        u = np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+        out[j] = active[min(np.searchsorted(cdf, u, side="right"), last)]
+    return out
 
 
 @njit(cache=True, nogil=True)
@@ -289,3 +313,30 @@ def permuted_positions(choice, pos, epoch, n, bases):
                 break
         out[j] = np.int64(y)
     return out
+
+
+_WARM = False
+
+
+def warm_up() -> None:
+    """Run every kernel once on tiny inputs, so this process has numba's machinery loaded
+    (about 0.5 s the first time). DataLoader workers forked afterwards inherit it instead of
+    each paying it on their first batch."""
+    global _WARM
+    if _WARM:
+        return
+    z, one = np.zeros(1, np.int64), np.ones(1, np.int64)
+    order, rows, nrows = bfd_rows(one, np.zeros(0, np.int64), 1)
+    rows_csr(order, rows, nrows)
+    locate_samples(z, z, z, np.array([0, 1], np.int64), z, np.array([0, 1], np.int64))
+    piece_table(z, z, z, z, one, z, z, z, z, np.zeros(1, bool))
+    permuted_positions(z, z, z, np.array([3], np.int64), np.zeros(1, np.uint64))
+    mixture_choices(np.uint64(1), 0, 1, np.ones(1), z)
+    for dt in (np.uint16, np.uint32):
+        tok = np.zeros(1, dt)
+        addr, proto, _ = token_table([tok])
+        out = np.empty((3, 2), np.int64)
+        fill_packed(addr, proto, np.array([[0], [0], [1], [0], [-1], [-1]], np.int64),
+                    np.zeros(0, np.int32), np.zeros(0, np.int32), np.array([0, 1], np.int64),
+                    0, 1, 2, 0, out, np.zeros(3, np.int32), 1, 0)
+    _WARM = True

@@ -40,6 +40,20 @@ def ranges_index(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.repeat(shift, lens) + np.arange(total, dtype=np.int64)
 
 
+def _check_index(path, sh) -> None:
+    """Offsets that stay inside their arrays: the compiled batch fill reads tokens and spans
+    at them without bounds checks, so a damaged index must fail here, not there."""
+    def ok(offsets, size):
+        o = np.asarray(offsets)
+        return len(o) > 0 and o[0] == 0 and o[-1] <= size and bool((np.diff(o) >= 0).all())
+    if not ok(sh.offsets, len(sh.tokens)):
+        raise ValueError(f"{path}: offsets are not a non-decreasing index from 0 into the "
+                         f"{len(sh.tokens)} tokens")
+    if sh.loss_spans is not None and not ok(sh.loss_span_offsets, len(sh.loss_spans)):
+        raise ValueError(f"{path}: loss_span_offsets are not a non-decreasing index from 0 into "
+                         f"the {len(sh.loss_spans)} loss spans")
+
+
 class TokenStore:
     """All shards of all datasets, memory-mapped. Per-sample memory: the shards' own `offsets`
     (and `loss_span_offsets`) concatenated; tokens stay on disk (np.memmap, plain views)."""
@@ -53,6 +67,7 @@ class TokenStore:
         for paths in shard_paths:
             for p in paths:
                 sh = read_shard(p, mmap=True)
+                _check_index(p, sh)
                 tok = sh.tokens
                 self.tokens.append(tok.view(np.ndarray) if isinstance(tok, np.memmap) else tok)
                 off_base.append(pos)
@@ -260,8 +275,9 @@ def collate_packed(store: TokenStore, segs: list, nrows: int, seq_len: int, pad_
         ncu, longest = ncu + (n - at) // L, L
     samples = np.concatenate(smp) if len(smp) > 1 else smp[0].copy() if smp else \
         np.zeros((0, 2), np.int64)
-    t = torch.from_numpy(out).view(3, nrows, L)
-    return {"input_ids": t[0], "labels": t[1], "position_ids": t[2],
+    o = out.reshape(3, nrows, L)  # (tensors of numpy views: cheaper than torch indexing)
+    return {"input_ids": torch.from_numpy(o[0]), "labels": torch.from_numpy(o[1]),
+            "position_ids": torch.from_numpy(o[2]),
             "cu_seqlens": torch.from_numpy(cu[:ncu]), "max_seqlen": int(longest),
             "n_trained": int(trained), "samples": torch.from_numpy(samples)}
 

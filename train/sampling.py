@@ -20,7 +20,7 @@ import hashlib
 
 import numpy as np
 
-from .kernels import permuted_positions
+from .kernels import mixture_choices, permuted_positions
 
 U64 = np.uint64
 GOLDEN = U64(0x9E3779B97F4A7C15)
@@ -195,8 +195,7 @@ class MixtureSampler:
             act = np.asarray(active, dtype=np.int64)
             cdf = np.cumsum(self.probs[act])
             cdf /= cdf[-1]
-            u = uniforms(self.seed_base, self._g_draws, remaining)
-            choice = act[np.minimum(np.searchsorted(cdf, u, side="right"), len(act) - 1)]
+            choice = mixture_choices(U64(self.seed_base), self._g_draws, remaining, cdf, act)
             cut = remaining
             for d in active:  # first draw that uses up a non-repeating dataset ends this chunk
                 if not self.repeat[d]:

@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from stages.shard import FORMAT_VERSION, file_sha256, token_dtype
 
-from .kernels import locate_samples
+from .kernels import locate_samples, warm_up
 from .packing import (BlockPool, PackedPieces, TokenStore, best_fit_rows, collate_concat,
                       collate_packed, collate_padded)
 from .sampling import ListSource, MixtureSampler, hash_uniform, stable_hash64
@@ -628,6 +628,7 @@ class StreamLoader:
         if self.num_workers == 0:
             it = feed._iter_batches(0, 1, feed._feed_start)
         else:
+            warm_up()  # once per process; forked workers inherit the loaded kernels
             it = iter(DataLoader(feed, batch_size=None, num_workers=self.num_workers,
                                  collate_fn=_identity, **self.kw))
         for batch in it:
