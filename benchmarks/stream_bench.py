@@ -89,7 +89,7 @@ def _stream_time(s: MixtureStream, n_batches: int, wid: int = 0,
     return time.perf_counter() - t0, samples
 
 
-def throughput(lock: Path, n_batches: int, rounds: int = 9) -> dict:
+def throughput(lock: Path, n_batches: int, rounds: int = 25) -> dict:
     s = MixtureStream(lock, SEQ, mode="packed", batch_size=8)
     lens = _lengths(s)
     _, samples = _stream_time(s, n_batches)

@@ -134,6 +134,21 @@ def piece_table(placed, d, i, a, b, g, k, off_all, lso_all, has_spans):
 
 
 @njit(cache=True, nogil=True)
+def seeded_rows(rows, nrows, row_key):
+    """Row numbers renumbered into the seeded order argsort(mix64(row ^ row_key)) (mix64 is a
+    bijection: no ties, so any sort gives the stable order)."""
+    h = np.empty(nrows, np.uint64)
+    for r in range(nrows):
+        h[r] = _mix64(np.uint64(r) ^ row_key)
+    rank = np.empty(nrows, np.int64)
+    rank[np.argsort(h)] = np.arange(nrows)
+    out = np.empty_like(rows)
+    for t in range(len(rows)):
+        out[t] = rank[rows[t]]
+    return out
+
+
+@njit(cache=True, nogil=True)
 def rows_csr(order, rows, nrows):
     """CSR of items by row (a counting sort: within a row, items keep their order)."""
     row_ptr = np.zeros(nrows + 1, np.int64)
@@ -147,6 +162,18 @@ def rows_csr(order, rows, nrows):
         placed[fill[rows[t]]] = order[t]
         fill[rows[t]] += 1
     return placed, row_ptr
+
+
+@njit(cache=True, nogil=True)
+def packed_layout(order, rows, nrows, row_key, keyed, d, i, a, b, g, k, off_all, lso_all,
+                  has_spans):
+    """A window's best-fit result (bfd_rows) as fill_packed reads it: rows in the seeded order
+    when `keyed`, pieces row by row. Returns (row_ptr, piece table, samples)."""
+    if keyed and nrows > 1:
+        rows = seeded_rows(rows, nrows, row_key)
+    placed, row_ptr = rows_csr(order, rows, nrows)
+    table, samples = piece_table(placed, d, i, a, b, g, k, off_all, lso_all, has_spans)
+    return row_ptr, table, samples
 
 
 @njit(cache=True, nogil=True)
@@ -327,9 +354,9 @@ def warm_up() -> None:
         return
     z, one = np.zeros(1, np.int64), np.ones(1, np.int64)
     order, rows, nrows = bfd_rows(one, np.zeros(0, np.int64), 1)
-    rows_csr(order, rows, nrows)
     locate_samples(z, z, z, np.array([0, 1], np.int64), z, np.array([0, 1], np.int64))
-    piece_table(z, z, z, z, one, z, z, z, z, np.zeros(1, bool))
+    packed_layout(order, rows, nrows, np.uint64(1), True, z, z, z, one, z, z, z, z,
+                  np.zeros(1, bool))
     permuted_positions(z, z, z, np.array([3], np.int64), np.zeros(1, np.uint64))
     mixture_choices(np.uint64(1), 0, 1, np.ones(1), z)
     for dt in (np.uint16, np.uint32):

@@ -24,8 +24,7 @@ import torch
 
 from stages.shard import read_shard
 
-from .kernels import bfd_rows, fill_packed, piece_table, rows_csr, token_table
-from .sampling import mix64
+from .kernels import bfd_rows, fill_packed, packed_layout, rows_csr, seeded_rows, token_table
 
 IGNORE = -100
 
@@ -186,22 +185,15 @@ def best_fit_rows(lengths: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray
     return bfd_rows(lengths, order, int(cap))
 
 
-def rows_csr_ordered(order: np.ndarray, rows: np.ndarray, nrows: int,
-                     row_key: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """`best_fit_rows`' result as CSR (item order, row_ptr), items of a row in placement order,
-    rows in opening order, or with `row_key` in the seeded order argsort(mix64(row ^ key))."""
-    if row_key is not None and nrows > 1:
-        rank = np.empty(nrows, np.int64)
-        rank[np.argsort(mix64(np.arange(nrows, dtype=np.uint64) ^ np.uint64(row_key)),
-                        kind="stable")] = np.arange(nrows)
-        rows = rank[rows]
-    return rows_csr(order, rows, nrows)
-
-
 def pack_rows(lengths: np.ndarray, cap: int,
               row_key: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Best-fit decreasing as CSR (see `best_fit_rows`, `rows_csr_ordered`)."""
-    return rows_csr_ordered(*best_fit_rows(lengths, cap), row_key)
+    """Best-fit decreasing (see `best_fit_rows`) as CSR (item order, row_ptr), items of a row
+    in placement order, rows in opening order, or with `row_key` in the seeded order
+    argsort(mix64(row ^ row_key))."""
+    order, rows, nrows = best_fit_rows(lengths, cap)
+    if row_key is not None and nrows > 1:
+        rows = seeded_rows(rows, nrows, np.uint64(row_key))
+    return rows_csr(order, rows, nrows)
 
 
 def _tensors(ids, labels, **extra) -> dict:
@@ -217,12 +209,14 @@ def _samples(d, i) -> torch.Tensor:
 class PackedPieces:
     """One window's pieces in row order, as `kernels.fill_packed` reads them (built when a
     batch of the window is read: a worker that only walks past a window needs its row count,
-    not its layout)."""
+    not its layout). `packing`: best_fit_rows' result and the row order key (None: rows in
+    opening order)."""
 
     def __init__(self, store: TokenStore, d, i, a, b, g, k, packing: tuple):
-        placed, self.row_ptr = rows_csr_ordered(*packing)
-        self.table, self.samples = piece_table(placed, d, i, a, b, g, k, store.off_all,
-                                               store.lso_all, store.has_spans)
+        order, rows, nrows, key = packing
+        self.row_ptr, self.table, self.samples = packed_layout(
+            order, rows, nrows, np.uint64(key or 0), key is not None, d, i, a, b, g, k,
+            store.off_all, store.lso_all, store.has_spans)
 
 
 class BlockPool:

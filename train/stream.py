@@ -386,15 +386,13 @@ class MixtureStream(IterableDataset):
         store = self._tokens()
         L = self.seq_len
         d, t = src.draw(self.pack_window)
-        if self.split == "train":
-            maps = self._sample_maps()
-            i = t.copy()
-            for x, m in enumerate(maps):
+        i = t
+        if self.split == "train" and any(m is not None for m in self._sample_maps()):
+            i = t.copy()  # train positions -> sample ids, where a validation split holds some
+            for x, m in enumerate(self._sample_maps()):
                 if m is not None:
                     sel = d == x
                     i[sel] = m[t[sel]]
-        else:
-            i = t
         d, i, g, k, n = locate_samples(d, i, store.ds_base, store.first, store.off_base,
                                        store.off_all)  # empty samples dropped
         over = list(start["overflow"])
@@ -406,10 +404,9 @@ class MixtureStream(IterableDataset):
             win = _Window(w, start, int(ends[-1]) if len(ends) else 0, d, i,
                           np.zeros(len(d), np.int64), vl, nreal=n, starts=ends - vl)
         else:
-            a = np.zeros(len(d), np.int64)
-            b = n.copy()
-            long_ = np.flatnonzero(n > L)
-            if long_.size:
+            a, b = np.zeros(len(d), np.int64), n
+            if len(n) and n.max() > L:
+                long_ = np.flatnonzero(n > L)
                 for x, c in enumerate(np.bincount(d[long_], minlength=nd).tolist()):
                     over[x] += c
                 item = np.arange(len(d))
