@@ -3,10 +3,18 @@
 Loops that are per item or per token by nature and cost far more as Python steps or numpy
 passes than the read they serve:
 
-* ``pack_rows_csr`` / ``bfd_rows`` - best-fit decreasing: the rows of a window.
+* ``mixture_choices`` / ``permuted_positions`` - the sampler: which dataset each draw picks,
+  and the keyed Feistel permutation of its epoch, one draw at a time.
+* ``locate_samples`` - where a window's samples are (shard, offsets index, length).
+* ``bfd_rows`` - best-fit decreasing: the rows of a window; ``packed_layout`` - those rows in
+  their seeded order, as a table of pieces.
 * ``fill_packed`` - one pass that writes a packed batch: input_ids (read from the shard
   memmaps), labels (from the loss spans), position_ids and cu_seqlens, row by row.
-* ``permuted_positions`` - the sampler's keyed Feistel permutation, one draw at a time.
+
+Each has a plain numpy / Python counterpart in the tests (feistel_permute, uniforms +
+searchsorted, a naive best-fit, tokens and spans read back from the shards) that it must
+match exactly. There are no bounds checks in compiled code: TokenStore refuses an index
+that points outside its arrays before anything is read.
 
 Shards are passed to ``fill_packed`` as the addresses of their token arrays (`token_table`):
 a list of arrays cannot cross into compiled code without a typed container that is itself
