@@ -93,7 +93,7 @@ class TokenStore:
         self.span_lo = np.ascontiguousarray(self.spans_all[:, 0])  # 1-D: cheaper to gather
         self.span_hi = np.ascontiguousarray(self.spans_all[:, 1])
         self.has_spans = np.asarray(has, bool)
-        self._kernel_args = None
+        self._kernel_args = self._kernel_arrays = None  # built on first use (kernel_args)
 
     def kernel_args(self) -> tuple:
         """What `kernels.fill_packed` needs of the store (built once per process)."""
