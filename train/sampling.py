@@ -11,7 +11,9 @@ may change between releases): splitmix64 mixing in wrapping uint64 arithmetic.
   epoch e is ``feistel_permute(arange(n), n, key(seed, dataset, e))``: position p of the epoch
   is evaluated on demand, no permutation array is stored.
 * ``MixtureSampler`` - the global sample sequence of the train split. Its whole state is
-  ``draws`` (the counter) and ``(epoch, pos)`` per dataset.
+  ``draws`` (the counter) and ``(epoch, pos)`` per dataset. It computes the two functions
+  above draw by draw in compiled code (kernels.mixture_choices / permuted_positions); the
+  numpy versions here are their definition, and the tests hold the kernels to them.
 * ``ListSource`` - a fixed list (the validation split), state ``draws`` only.
 """
 from __future__ import annotations
@@ -204,7 +206,6 @@ class MixtureSampler:
                     if hit.size >= left:
                         cut = min(cut, int(hit[left - 1]) + 1)
             choice = choice[:cut]
-            # q: this draw's position in its dataset's stream of draws (pos + rank within chunk)
             counts = np.bincount(choice, minlength=len(self.n))
             t = permuted_positions(choice, np.asarray(pos, np.int64), np.asarray(epoch, np.int64),
                                    self._n_arr, self._bases_arr)
