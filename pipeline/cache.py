@@ -77,9 +77,10 @@ class FingerprintMemo:
 
 def dataset_key(*, sources: list[dict], format: str, transform_sha256: str | None, seed: int,
                 template_sha256: str, tokenizer_sha256: str, max_length: int, overflow: str,
-                loss: str, txt_paragraphs: bool) -> str:
+                loss: str, txt_paragraphs: bool, shard_tokens: int | None = None) -> str:
     """sha256 over everything that decides the shards' bytes — and nothing else
-    (not output paths, not worker counts)."""
+    (not output paths, not worker counts). `shard_tokens` (the assemble step's target shard
+    size) is part of the key whenever given."""
     parts = {
         "key_version": KEY_VERSION, "format_version": FORMAT_VERSION,
         "sources": [[s["name"], s["bytes"], s["hash"]] for s in sources],
@@ -89,6 +90,8 @@ def dataset_key(*, sources: list[dict], format: str, transform_sha256: str | Non
         "max_length": max_length, "overflow": overflow, "loss": loss,
         "txt_paragraphs": txt_paragraphs, "unit_bytes": UNIT_BYTES, "render_version": RENDER_VERSION,
     }
+    if shard_tokens is not None:
+        parts["shard_tokens"] = int(shard_tokens)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
