@@ -99,11 +99,63 @@ def read_shard(path: str | Path, mmap: bool = True) -> ShardArrays:
         )
 
 
-def loss_mask(length: int, spans: np.ndarray | None) -> np.ndarray:
-    """Boolean mask of trained positions for one sample (all True without spans)."""
-    if spans is None:
-        return np.ones(length, dtype=bool)
-    mask = np.zeros(length, dtype=bool)
-    for s, e in spans:
-        mask[s:e] = True
-    return mask
+def concat_shards(inputs: list[str | Path], output: str | Path, source: str) -> str:
+    """Join unit shards, in order, into one shard file (written like `write_shard`: the same
+    datasets, attrs and contiguous layout; one input gives the bytes write_shard gives for its
+    arrays). Copies one dataset at a time, unit by unit: memory O(largest unit). → sha256."""
+    inputs = [Path(p) for p in inputs]
+    files = [h5py.File(p, "r") for p in inputs]
+    try:
+        spans = {"loss_spans" in f for f in files}
+        if len(spans) > 1:
+            raise ValueError(f"{output}: cannot join shards with and without loss spans")
+        has_spans = spans == {True}
+        tdtypes = {f["tokens"].dtype for f in files}
+        if len(tdtypes) > 1:
+            raise ValueError(f"{output}: units have different token dtypes {sorted(map(str, tdtypes))}")
+        tdtype = tdtypes.pop() if files else np.dtype(np.uint16)
+        n_tok = [len(f["tokens"]) for f in files]
+        n_smp = [len(f["offsets"]) - 1 for f in files]
+        n_spn = [len(f["loss_spans"]) for f in files] if has_spans else []
+        with h5py.File(output, "w", track_order=False, libver=("earliest", "v110")) as out:
+            def put(name, dtype, parts, shape_tail=()):
+                """parts: (length, function giving that unit's block) per unit."""
+                total = sum(m for m, _ in parts)
+                d = out.create_dataset(name, shape=(total,) + shape_tail, dtype=dtype,
+                                       track_times=False)
+                at = 0
+                for m, block in parts:
+                    if m:
+                        d[at:at + m] = np.ascontiguousarray(block(), dtype=dtype)
+                    at += m
+
+            put("tokens", tdtype, [(m, lambda f=f: f["tokens"][...]) for f, m in zip(files, n_tok)])
+            put("offsets", np.int64, _index_parts(files, "offsets", n_smp, n_tok))
+            put("source_record", np.int64,
+                [(m, lambda f=f: f["source_record"][...]) for f, m in zip(files, n_smp)])
+            if has_spans:
+                put("loss_spans", np.int32,
+                    [(m, lambda f=f: f["loss_spans"][...].reshape(-1, 2)) for f, m in zip(files, n_spn)],
+                    (2,))
+                put("loss_span_offsets", np.int64, _index_parts(files, "loss_span_offsets", n_smp, n_spn))
+            out.attrs["format_version"] = FORMAT_VERSION
+            out.attrs["source"] = source
+            out.attrs["n_samples"] = sum(n_smp)
+            out.attrs["n_tokens"] = sum(n_tok)
+    finally:
+        for f in files:
+            f.close()
+    return file_sha256(output)
+
+
+def _index_parts(files, name: str, n_items: list[int], n_targets: list[int]) -> list:
+    """Blocks of a joined n+1 index: unit 0 whole, later units without their leading 0,
+    each shifted by the targets (tokens or spans) of the units before it."""
+    parts, base = [], 0
+    for u, (f, m) in enumerate(zip(files, n_items)):
+        lo = 0 if u == 0 else 1
+        parts.append((m + 1 - lo, lambda f=f, lo=lo, base=base: f[name][lo:].astype(np.int64) + base))
+        base += n_targets[u]
+    if not files:
+        parts.append((1, lambda: np.zeros(1, np.int64)))
+    return parts

@@ -1,6 +1,6 @@
 """Build small shard dirs (meta.json + shard-NNNNN.h5) and mixture locks for the stream tests,
-with `stages.shard.write_shard`, until the real builder lands. No pytest imports: the
-subprocess resume test imports this module too."""
+with the real writers (`stages.shard.write_shard`, `stages.built_dataset.write_meta`). No
+pytest imports: the subprocess resume test imports this module too."""
 from __future__ import annotations
 
 import hashlib
@@ -9,7 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.shard import ShardArrays, read_shard, token_dtype, write_shard
+from stages.built_dataset import SCHEMA_VERSION, describe_shard, write_meta
+from stages.shard import ShardArrays, file_sha256, read_shard, token_dtype, write_shard
 
 VOCAB = 1000
 EOS = 2
@@ -18,10 +19,12 @@ PAD = 0
 
 def make_dataset(root, name: str, lengths, *, vocab: int = VOCAB, spans: str = "sft",
                  n_shards: int = 1, seed: int = 0, overflow: str = "segment",
-                 max_length: int = 4096, end_with_eos: bool = False, dtype=None) -> Path:
+                 max_length: int = 4096, end_with_eos: bool = False, dtype=None,
+                 arrays: bool = True) -> Path:
     """A built dir with len(lengths) samples. spans: 'sft' (1-3 random trained spans per
     sample), 'messy' (like sft, plus spans that overlap, repeat, are empty or are out of
-    order), 'none' (no loss_spans dataset: all tokens trained)."""
+    order), 'none' (no loss_spans dataset: all tokens trained). arrays: record the shards'
+    byte offsets in meta.json (as the build does); False: shard entries without them."""
     rng = np.random.default_rng(seed)
     lengths = [int(x) for x in lengths]
     key = hashlib.sha256(f"{name}/{seed}/{lengths}/{spans}".encode()).hexdigest()
@@ -59,16 +62,20 @@ def make_dataset(root, name: str, lengths, *, vocab: int = VOCAB, spans: str = "
                         else None),
             loss_span_offsets=np.asarray(lso, np.int64) if spans != "none" else None)
         fname = f"shard-{s:05d}.h5"
-        sha = write_shard(out / fname, arr, source=f"{name}.jsonl")
-        shards.append({"file": fname, "n_samples": len(part), "n_tokens": int(sum(part)),
-                       "sha256": sha})
-    meta = {"schema_version": 1, "key": key, "nlines": len(lengths),
-            "n_tokens": int(sum(lengths)), "avg_token_per_line": float(np.mean(lengths)),
-            "length_unit": "tokens",
-            "tokenizer": {"path": None, "vocab_size": vocab, "sha256": "fixture-tokenizer"},
+        write_shard(out / fname, arr, source=f"{name}.jsonl")
+        shards.append(describe_shard(out / fname) if arrays else
+                      {"file": fname, "n_samples": len(part), "n_tokens": int(sum(part)),
+                       "sha256": file_sha256(out / fname)})
+    meta = {"schema_version": SCHEMA_VERSION, "dataset_name": name, "key": key,
+            "nlines": len(lengths), "records_read": len(lengths), "skipped": {},
+            "n_samples": len(lengths), "n_tokens": int(sum(lengths)),
+            "avg_token_per_line": float(np.mean(lengths)), "length_unit": "tokens",
+            "tokenizer": {"path": None, "vocab_size": vocab, "sha256": "fixture-tokenizer",
+                          "bos_id": None, "eos_id": EOS, "pad_id": PAD},
+            "dtype": str(dt),
             "build": {"format": "messages", "max_length": max_length, "overflow": overflow},
             "shards": shards}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+    write_meta(out, meta)
     return out
 
 
@@ -79,11 +86,8 @@ def make_lock(path, entries: list[dict], *, seed: int = 1234, max_length: int = 
     tw = sum(e["abs_weight"] for e in entries)
     probs = [e["abs_weight"] / m["avg_token_per_line"] for e, m in zip(entries, metas)]
     ps = sum(probs)
-    tok = {"path": None, "vocab_size": vocab, "sha256": "fixture-tokenizer"}
-    if eos_id is not None:
-        tok["eos_token_id"] = eos_id
-    if pad_id is not None:
-        tok["pad_token_id"] = pad_id
+    tok = {"path": None, "vocab_size": vocab, "sha256": "fixture-tokenizer",
+           "bos_id": None, "eos_id": eos_id, "pad_id": pad_id}  # as Tokenizer.info() gives
     ds = []
     for e, m, p in zip(entries, metas, probs):
         name = e.get("name") or Path(e["dir"]).name.rsplit("-", 1)[0]

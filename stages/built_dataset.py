@@ -1,0 +1,365 @@
+"""The built-dataset dir of DESIGN §4: its one owner.
+
+A built dir is ``meta.json`` + ``shard-NNNNN.h5`` files. This module writes meta.json
+(atomically, byte-deterministic), opens a dir with its meta.json validated by a schema, lists
+shards and sample lengths, locates a sample, describes a shard (the byte offsets of its
+contiguous datasets, so readers can memory-map without h5py) and checks a dir at two levels:
+
+* ``cheap``: meta.json and the lock entry agree, every shard file exists with a plausible size,
+  counts add up, array dtypes/shapes recorded in meta.json are the exact ones (no h5py open).
+* ``full``: also the sha256 of every shard and the structure of every array, read from the file.
+
+Every refusal is a `DatasetError` whose message starts with the dir or shard it is about.
+A shard from outside is untrusted input: nothing reaches compiled code unchecked
+(`check_arrays` is the one structural check, used by `check("full")` and by the stream).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import orjson
+
+from .errors import BuildError
+from .fsutil import atomic_write_bytes
+from .shard import FORMAT_VERSION, file_sha256, token_dtype
+
+SCHEMA_VERSION = 1
+ARRAYS = ("tokens", "offsets", "source_record", "loss_spans", "loss_span_offsets")
+# exact dtypes of the index arrays (tokens: token_dtype(vocab_size))
+INDEX_DTYPES = {"offsets": "int64", "source_record": "int64", "loss_spans": "int32",
+                "loss_span_offsets": "int64"}
+TOKEN_CHECK_ON_MAP = 1 << 24  # shards up to this many tokens get the vocab check on first map
+
+_ARRAY = {"type": "object", "required": ["offset", "dtype", "shape"],
+          "properties": {"offset": {"type": ["integer", "null"], "minimum": 0},
+                         "dtype": {"type": "string"},
+                         "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}}}}
+META_SCHEMA = {
+    "type": "object",
+    "required": ["schema_version", "key", "n_samples", "n_tokens", "tokenizer", "shards"],
+    "properties": {
+        "schema_version": {"const": SCHEMA_VERSION},
+        "key": {"type": "string", "minLength": 1},
+        "dataset_name": {"type": "string"},
+        "n_samples": {"type": "integer", "minimum": 0},
+        "n_tokens": {"type": "integer", "minimum": 0},
+        "nlines": {"type": "integer", "minimum": 0},
+        "records_read": {"type": "integer", "minimum": 0},
+        "skipped": {"type": "object", "additionalProperties": {"type": "integer", "minimum": 0}},
+        "tokenizer": {"type": "object", "required": ["vocab_size"],
+                      "properties": {"vocab_size": {"type": "integer", "minimum": 1},
+                                     "bos_id": {"type": ["integer", "null"]},
+                                     "eos_id": {"type": ["integer", "null"]},
+                                     "pad_id": {"type": ["integer", "null"]}}},
+        "build": {"type": "object"},
+        "shards": {"type": "array", "items": {
+            "type": "object", "required": ["file", "n_samples", "n_tokens", "sha256"],
+            "properties": {
+                # a plain file name inside the dir: a crafted meta.json must not point elsewhere
+                "file": {"type": "string", "pattern": r"^[^/\\.][^/\\]*\.h5$"},
+                "n_samples": {"type": "integer", "minimum": 0},
+                "n_tokens": {"type": "integer", "minimum": 0},
+                "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+                "arrays": {"type": "object", "required": ["tokens", "offsets"],
+                           "properties": {a: _ARRAY for a in ARRAYS},
+                           "additionalProperties": False}}}},
+    },
+}
+_VALIDATOR = jsonschema.Draft202012Validator(META_SCHEMA)
+
+
+class DatasetError(BuildError):
+    """A built dir (or one of its shards) that is refused; the message names it and the fault."""
+
+
+def write_meta(directory: str | Path, meta: dict, *, sort_keys: bool | None = None) -> Path:
+    """Write meta.json atomically: indent 2, trailing newline, byte-deterministic. Keys are
+    written in the order given when `sort_keys=False`; the default (None) sorts them, which
+    is what builds have always written."""
+    opt = orjson.OPT_INDENT_2 | (orjson.OPT_SORT_KEYS if sort_keys in (None, True) else 0)
+    path = Path(directory) / "meta.json"
+    atomic_write_bytes(path, orjson.dumps(meta, option=opt) + b"\n")
+    return path
+
+
+def _dtype_name(dt: np.dtype) -> str:
+    dt = np.dtype(dt)
+    return dt.name if dt.byteorder in "=<|" else dt.str  # ">i8": not the int64 a reader wants
+
+
+def describe_shard(path: str | Path) -> dict:
+    """The meta.json entry of a shard file: {file, n_samples, n_tokens, sha256, arrays:
+    {name: {offset, dtype, shape}}}; offset is the byte offset of the contiguous dataset in
+    the file (None when it is empty or not contiguous)."""
+    import h5py
+    path = Path(path)
+    arrays = {}
+    with h5py.File(path, "r") as f:
+        for name in ARRAYS:
+            if name in f:
+                d = f[name]
+                arrays[name] = {"offset": d.id.get_offset() if d.size else None,
+                                "dtype": _dtype_name(d.dtype), "shape": list(d.shape)}
+    n = arrays["offsets"]["shape"][0] - 1 if "offsets" in arrays else 0
+    nt = arrays["tokens"]["shape"][0] if "tokens" in arrays else 0
+    return {"file": path.name, "n_samples": n, "n_tokens": nt, "sha256": file_sha256(path),
+            "arrays": arrays}
+
+
+def read_meta(directory: str | Path) -> dict:
+    """meta.json of a dir, validated; DatasetError naming the dir and the field otherwise."""
+    d = Path(directory)
+    p = d / "meta.json"
+    try:
+        meta = orjson.loads(p.read_bytes())
+    except FileNotFoundError:
+        raise DatasetError(f"{d}: no meta.json (not a built dataset dir, or an unfinished build)") from None
+    except OSError as e:
+        raise DatasetError(f"{p}: cannot read: {e.strerror or e}") from None
+    except orjson.JSONDecodeError as e:
+        raise DatasetError(f"{p}: not valid JSON ({e})") from None
+    err = next(iter(sorted(_VALIDATOR.iter_errors(meta), key=lambda e: list(e.absolute_path))), None)
+    if err is not None:
+        where = "/".join(str(x) for x in err.absolute_path) or "(top level)"
+        msg = err.message if len(err.message) < 200 else err.message[:200] + "…"
+        raise DatasetError(f"{p}: field '{where}': {msg}")
+    return meta
+
+
+def open_built(directory: str | Path) -> "BuiltDataset":
+    d = Path(directory)
+    return BuiltDataset(d, read_meta(d))
+
+
+@dataclass
+class BuiltDataset:
+    dir: Path
+    meta: dict
+    first: np.ndarray = field(init=False)  # global sample id of each shard's sample 0 (+ total)
+
+    def __post_init__(self):
+        self.dir = Path(self.dir)
+        counts = [int(s["n_samples"]) for s in self.shards]
+        self.first = np.zeros(len(counts) + 1, np.int64)
+        np.cumsum(counts, out=self.first[1:])
+
+    @property
+    def shards(self) -> list[dict]:
+        return self.meta["shards"]
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        return [self.dir / s["file"] for s in self.shards]
+
+    @property
+    def n_samples(self) -> int:
+        return int(self.first[-1])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["tokenizer"]["vocab_size"])
+
+    @property
+    def token_dtype(self) -> np.dtype:
+        return token_dtype(self.vocab_size)
+
+    def special_id(self, which: str) -> int | None:
+        """bos / eos / pad id recorded at build time (Tokenizer.info()), or None."""
+        v = self.meta["tokenizer"].get(f"{which}_id")
+        return v if isinstance(v, int) else None
+
+    def locate(self, sample: int) -> tuple[int, int]:
+        """(shard number, index inside it) of sample number `sample` of the dir."""
+        if not 0 <= sample < self.n_samples:
+            raise IndexError(f"{self.dir}: sample {sample} out of range 0..{self.n_samples - 1}")
+        j = int(np.searchsorted(self.first, sample, side="right")) - 1
+        return j, int(sample - self.first[j])
+
+    def shard_arrays(self, j: int, mmap: bool = True):
+        from .shard import read_shard
+        return read_shard(self.shard_paths[j], mmap=mmap)
+
+    def sample_lengths(self) -> np.ndarray:
+        """Token count of every sample, in order (reads each shard's offsets)."""
+        parts = [np.diff(np.asarray(self.shard_arrays(j).offsets, np.int64))
+                 for j in range(len(self.shards))]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+    # ------------------------------------------------------------------ checks
+    def check(self, level: str = "cheap", lock_entry: dict | None = None,
+              lock_tokenizer: dict | None = None) -> None:
+        """Raise DatasetError with every fault found (one per line) unless the dir is sound."""
+        faults = self.faults(level, lock_entry, lock_tokenizer)
+        if faults:
+            raise DatasetError("\n".join(faults))
+
+    def faults(self, level: str = "cheap", lock_entry: dict | None = None,
+               lock_tokenizer: dict | None = None) -> list[str]:
+        if level not in ("cheap", "full"):
+            raise ValueError(f"check level must be cheap or full, got {level!r}")
+        out = self._meta_faults(lock_entry, lock_tokenizer)
+        for j, s in enumerate(self.shards):
+            where = f"{self.dir}/{s['file']}"
+            out += [f"{where}: {m}" for m in self._cheap_shard_faults(j)]
+        if level == "full" and not any(": missing" in f for f in out):
+            out += self._full_faults()
+        return out
+
+    def _meta_faults(self, e: dict | None, ltok: dict | None) -> list[str]:
+        m, where, out = self.meta, f"{self.dir}/meta.json", []
+        if sum(int(s["n_tokens"]) for s in self.shards) != m["n_tokens"]:
+            out.append(f"{where}: n_tokens {m['n_tokens']} != "
+                       f"{sum(int(s['n_tokens']) for s in self.shards)} in its shards")
+        if self.n_samples != m["n_samples"]:
+            out.append(f"{where}: n_samples {m['n_samples']} != {self.n_samples} in its shards")
+        if len({s["file"] for s in self.shards}) != len(self.shards):
+            out.append(f"{where}: a shard file is listed twice")
+        if e is not None:
+            if e.get("key") is not None and e["key"] != m["key"]:
+                out.append(f"{self.dir}: lock key {e['key']} != meta.json key {m['key']} "
+                           "(the lock's path points at another dataset's dir)")
+            n_lock = e.get("nlines")
+            if n_lock is not None and int(n_lock) != self.n_samples:
+                out.append(f"{self.dir}: lock nlines {n_lock} != {self.n_samples} samples in its shards")
+        mtok = m["tokenizer"]
+        for f in ("vocab_size", "sha256"):
+            if ltok and ltok.get(f) is not None and mtok.get(f) is not None and ltok[f] != mtok[f]:
+                out.append(f"{where}: tokenizer {f} {mtok[f]} != lock's {ltok[f]}")
+        return out
+
+    def _cheap_shard_faults(self, j: int) -> list[str]:
+        s, p = self.shards[j], self.shard_paths[j]
+        try:
+            size = p.stat().st_size
+        except FileNotFoundError:
+            return ["missing"]
+        except OSError as err:
+            return [f"unreadable ({err.strerror})"]
+        arrays = s.get("arrays")
+        if arrays is None:
+            return [] if size > 0 else ["empty file"]
+        return [f"{m} (meta.json)" for m in expected_layout_faults(
+            arrays, int(s["n_samples"]), int(s["n_tokens"]), self.token_dtype, size)]
+
+    def _full_faults(self) -> list[str]:
+        out = []
+        for j, s in enumerate(self.shards):
+            p = self.shard_paths[j]
+            where = f"{self.dir}/{s['file']}"
+            if file_sha256(p) != s["sha256"]:
+                out.append(f"{where}: sha256 differs from meta.json (corrupted or replaced)")
+            try:
+                out += [f"{where}: {m}" for m in self._shard_structure(j)]
+            except OSError as err:
+                out.append(f"{where}: unreadable HDF5 ({err})")
+        out += self._records_faults()
+        return out
+
+    def _records_faults(self) -> list[str]:
+        m = self.meta
+        if "records_read" not in m or "nlines" not in m:
+            return []
+        skipped = sum((m.get("skipped") or {}).values())
+        if m["records_read"] != m["nlines"] + skipped:
+            return [f"{self.dir}/meta.json: records_read {m['records_read']} != nlines "
+                    f"{m['nlines']} + skipped {skipped}"]
+        return []
+
+    def _shard_structure(self, j: int) -> list[str]:
+        import h5py
+        s, p = self.shards[j], self.shard_paths[j]
+        desc = describe_shard(p)
+        with h5py.File(p, "r") as h:
+            for name in ("tokens", "offsets", "source_record"):
+                if name not in h:
+                    return [f"dataset '{name}' missing"]
+            if int(h.attrs.get("format_version", -1)) != FORMAT_VERSION:
+                return [f"format_version {h.attrs.get('format_version')} unsupported "
+                        f"(want {FORMAT_VERSION})"]
+            out = expected_layout_faults(desc["arrays"], int(s["n_samples"]), int(s["n_tokens"]),
+                                         self.token_dtype, p.stat().st_size)
+            if h["tokens"].chunks is not None or h["tokens"].compression is not None:
+                out.append("tokens is chunked or compressed (must be contiguous)")
+            if s.get("arrays") is not None and s["arrays"] != desc["arrays"]:
+                out.append("arrays in meta.json differ from the file's datasets")
+            if out:
+                return out
+            arr = {k: h[k][...] for k in ARRAYS if k in h}
+        return check_arrays(arr, self.vocab_size, tokens=True, sorted_spans=True)
+
+
+def expected_layout_faults(arrays: dict, n: int, n_tokens: int, tdtype: np.dtype,
+                           file_size: int) -> list[str]:
+    """Dtypes, shapes and byte ranges of a shard's datasets (as describe_shard gives them)
+    against what its meta.json entry and the vocabulary say."""
+    out = []
+    want = dict(INDEX_DTYPES, tokens=_dtype_name(tdtype))
+    shapes = {"tokens": [n_tokens], "offsets": [n + 1], "source_record": [n]}
+    for name in ("tokens", "offsets"):
+        if name not in arrays:
+            out.append(f"dataset '{name}' missing")
+    if ("loss_spans" in arrays) != ("loss_span_offsets" in arrays):
+        out.append("loss_spans and loss_span_offsets must come together")
+    elif "loss_spans" in arrays:
+        shapes["loss_span_offsets"] = [n + 1]
+        sp = arrays["loss_spans"]["shape"]
+        if len(sp) != 2 or sp[1] != 2:
+            out.append(f"loss_spans shape {sp} (want [m, 2])")
+    for name, a in arrays.items():
+        if a["dtype"] != want[name]:
+            out.append(f"{name} dtype {a['dtype']} (want {want[name]}"
+                       + (f" for vocab size of dtype {want[name]})" if name == "tokens" else ")"))
+        if name in shapes and list(a["shape"]) != shapes[name]:
+            out.append(f"{name} shape {list(a['shape'])} but meta.json's n_samples/n_tokens "
+                       f"{n}/{n_tokens} need {shapes[name]}")
+        try:
+            size = int(np.prod(a["shape"])) * np.dtype(a["dtype"]).itemsize
+        except TypeError:
+            size = 0  # an unknown dtype name: already named above
+        if a["offset"] is None and size:
+            out.append(f"{name} is not contiguous (no byte offset)")
+        elif size and a["offset"] + size > file_size:
+            out.append(f"{name} bytes [{a['offset']}, {a['offset'] + size}) past the end of the "
+                       f"{file_size}-byte file (truncated?)")
+    return out
+
+
+def check_arrays(arr: dict, vocab_size: int, *, tokens: bool = True,
+                 sorted_spans: bool = False) -> list[str]:
+    """Structure of one shard's arrays (numpy arrays or memory maps of exact dtypes):
+    offsets 0 … len(tokens) non-decreasing, loss_span_offsets 0 … len(loss_spans)
+    non-decreasing, every span inside its sample ([s, e), 0 <= s < e <= length; sorted and
+    disjoint with sorted_spans), and (tokens=True) every token id < vocab_size."""
+    out = []
+    toks, offsets = arr["tokens"], np.asarray(arr["offsets"])
+    n = len(offsets) - 1
+    if n < 0 or offsets[0] != 0 or offsets[-1] != len(toks) or bool((np.diff(offsets) < 0).any()):
+        return [f"offsets are not a non-decreasing index from 0 to the {len(toks)} tokens"]
+    if "source_record" in arr and len(arr["source_record"]) != n:
+        out.append(f"source_record has {len(arr['source_record'])} entries for {n} samples")
+    if tokens and len(toks):
+        top = max(int(toks[j:j + (1 << 24)].max()) for j in range(0, len(toks), 1 << 24))
+        if top >= vocab_size:
+            out.append(f"token id {top} >= vocab size {vocab_size}")
+    if "loss_spans" in arr:
+        spans, lso = np.asarray(arr["loss_spans"]).reshape(-1, 2), np.asarray(arr["loss_span_offsets"])
+        if len(lso) != n + 1 or lso[0] != 0 or lso[-1] != len(spans) or bool((np.diff(lso) < 0).any()):
+            return out + [f"loss_span_offsets are not a non-decreasing index from 0 to the "
+                          f"{len(spans)} loss spans"]
+        lengths = np.diff(offsets)
+        owner = np.repeat(np.arange(n), np.diff(lso))
+        s0, s1 = spans[:, 0].astype(np.int64), spans[:, 1].astype(np.int64)
+        bad = (s0 < 0) | (s1 < s0) | (s1 > lengths[owner])
+        if sorted_spans:
+            bad |= s1 == s0
+            same = owner[1:] == owner[:-1]
+            bad[1:] |= same & (s0[1:] < s1[:-1])
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            out.append(f"loss span {spans[i].tolist()} of sample {int(owner[i])} lies outside the "
+                       f"sample (length {int(lengths[owner[i]])})"
+                       + (" or is empty or out of order" if sorted_spans else ""))
+    return out
