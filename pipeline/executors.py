@@ -6,36 +6,94 @@ whichever executor ran.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing as mp
 import os
 import signal
 import sys
+import threading
+import time
 
 from stages.errors import BuildError
 
 from .worker import process_unit
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+WATCHDOG_S = 0.5  # how often a worker checks that its driver is still alive
 
-def _ignore_sigint():
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def handle_sigterm_as_interrupt() -> None:
+    """SIGTERM (a scheduler's kill, `timeout`) stops a build like Ctrl-C: the pool is
+    terminated, finished units stay on disk and the CLI prints its `interrupted:` line."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _worker_init(driver_pid: int):
     # Ctrl-C reaches the whole process group: the driver alone handles it (and terminates the
     # pool), so workers stop without a traceback each. Finished units are already on disk.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # pool.terminate() must end us, not interrupt
+    die_with_parent(driver_pid)
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """A worker must not outlive its driver (SIGKILL, OOM kill): a worker stuck in a
+    transform would spin forever, reparented to init. Linux: the kernel sends SIGKILL when the
+    parent dies (PR_SET_PDEATHSIG); everywhere: a watchdog thread checks the parent pid."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # the watchdog below still covers it
+    if os.getppid() != parent_pid:  # the driver died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), name="tokenmill-watchdog",
+                     daemon=True).start()
+
+
+def _watch_parent(parent_pid: int):
+    while True:
+        time.sleep(WATCHDOG_S)
+        if os.getppid() != parent_pid:
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_local(tasks, workers: int, progress) -> dict:
     results = {}
-    if workers <= 1 or len(tasks) <= 1:
-        for plan, unit in tasks:
-            results[(plan.spec.dataset_name, unit.index)] = s = process_unit(plan.job, unit)
-            progress.advance(plan.spec.dataset_name, s)
-        return results
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with ctx.Pool(workers, maxtasksperchild=64, initializer=_ignore_sigint) as pool:
-        pending = [(plan, unit, pool.apply_async(process_unit, (plan.job, unit))) for plan, unit in tasks]
-        for plan, unit, res in pending:
-            s = res.get()  # re-raises a worker's RecordError, in unit order
-            results[(plan.spec.dataset_name, unit.index)] = s
-            progress.advance(plan.spec.dataset_name, s)
+    with _sigterm_interrupts():
+        if workers <= 1 or len(tasks) <= 1:
+            for plan, unit in tasks:
+                results[(plan.spec.dataset_name, unit.index)] = s = process_unit(plan.job, unit)
+                progress.advance(plan.spec.dataset_name, s)
+            return results
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ctx.Pool(workers, maxtasksperchild=64, initializer=_worker_init,
+                      initargs=(os.getpid(),)) as pool:
+            pending = [(plan, unit, pool.apply_async(process_unit, (plan.job, unit)))
+                       for plan, unit in tasks]
+            for plan, unit, res in pending:
+                s = res.get()  # re-raises a worker's RecordError, in unit order
+                results[(plan.spec.dataset_name, unit.index)] = s
+                progress.advance(plan.spec.dataset_name, s)
     return results
 
 

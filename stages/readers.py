@@ -11,6 +11,8 @@ import glob
 import gzip
 import io
 import os
+import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -27,6 +29,11 @@ KNOWN = LINE_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
 # Plain line files are split into ~8 MiB units (one shard each): small enough to spread one
 # large file over every core, large enough for sequential writes. Part of the dataset key.
 UNIT_BYTES = int(os.environ.get("TOKENMILL_UNIT_BYTES", 8 << 20))
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark at the start of a file is not data
+# A truncated or corrupt container is one counted fault (or the build's stop under --on-error
+# fail), never a quietly shorter file.
+CORRUPT = "corrupt_source"
+_TRUST_AFTER_S = 2.0  # a file modified this recently may change again within one mtime tick
 
 
 def base_suffix(path: str) -> str:
@@ -37,16 +44,23 @@ def base_suffix(path: str) -> str:
     return os.path.splitext(p)[1]
 
 
+def _hidden(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts)
+
+
 def expand_source(path: str) -> list[str]:
-    """A file, a directory (recursive, known extensions) or a glob → sorted file list."""
+    """A file, a directory (recursive, known extensions, hidden files and dirs such as
+    .DS_Store, ._x or .ipynb_checkpoints/ skipped) or a glob → sorted file list. A file named
+    explicitly is read whatever its name."""
     if any(ch in path for ch in "*?["):
         files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
     elif os.path.isdir(path):
         from .fm9g_index import is_fm9g_index_dir
         if is_fm9g_index_dir(path):
             return [path]
-        files = sorted(str(p) for p in Path(path).rglob("*")
-                       if p.is_file() and base_suffix(str(p)) in KNOWN)
+        root = Path(path)
+        files = sorted(str(p) for p in root.rglob("*")
+                       if not _hidden(p.relative_to(root)) and p.is_file() and base_suffix(str(p)) in KNOWN)
     elif os.path.isfile(path):
         return [path]
     else:
@@ -66,10 +80,43 @@ class WorkUnit:
     kind: str = "lines"  # lines | txt-paragraphs | json | parquet | fm9g
 
 
-def _line_units(path: str, first_index: int, unit_bytes: int) -> list[WorkUnit]:
+def file_stamp(st: os.stat_result) -> list[int]:
+    """What a memo entry is valid for: ctime moves on every write and cannot be set back
+    (unlike mtime, which `touch -d`, `cp -p` or rsync restore), so an edit is never missed."""
+    return [st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def memoised_digest(memo: dict | None, path: str) -> str | None:
+    """The content digest recorded for `path` in a fingerprint memo (pipeline/cache.py:
+    `{realpath: [*file_stamp, digest]}`), if the file's stamp still matches."""
+    if memo is None:
+        return None
+    st = os.stat(path)
+    hit = memo.get(os.path.realpath(path))
+    if hit and hit[:-1] == file_stamp(st) and time.time() - st.st_ctime > _TRUST_AFTER_S:
+        return hit[-1]
+    return None
+
+
+def _line_units(path: str, first_index: int, unit_bytes: int, memo: dict | None) -> list[WorkUnit]:
+    # The byte ranges depend only on the bytes and the unit size: memoised under the file's
+    # content digest, so planning a reused TB source is a stat, not a read of every byte.
+    digest = memoised_digest(memo, path)
+    key = f"units:{digest}:{unit_bytes}" if digest else None
+    ranges = memo.get(key) if key else None
+    if not ranges or ranges[-1][1] != os.path.getsize(path):
+        ranges = _scan_line_ranges(path, unit_bytes)
+        if key:
+            memo[key] = ranges
+    return [WorkUnit(first_index + k, path, start, end, first, "lines")
+            for k, (start, end, first) in enumerate(ranges)]
+
+
+def _scan_line_ranges(path: str, unit_bytes: int) -> list[list[int]]:
+    """[start, end, first record] of each unit: ~unit_bytes, extended to a line end."""
     size = os.path.getsize(path)
-    units, start, line_no = [], 0, 0
-    with open(path, "rb") as f:
+    ranges, start, line_no = [], 0, 0
+    with _open_plain(path) as f:
         while start < size:
             end = min(start + unit_bytes, size)
             if end < size:  # extend to the end of the line
@@ -78,10 +125,10 @@ def _line_units(path: str, first_index: int, unit_bytes: int) -> list[WorkUnit]:
                 end += len(rest)
             f.seek(start)
             n_lines = _count_lines(f, end - start)
-            units.append(WorkUnit(first_index + len(units), path, start, end, line_no, "lines"))
+            ranges.append([start, end, line_no])
             line_no += n_lines
             start = end
-    return units or [WorkUnit(first_index, path, 0, 0, 0, "lines")]
+    return ranges or [[0, 0, 0]]
 
 
 def _count_lines(f, nbytes: int) -> int:
@@ -97,7 +144,10 @@ def _count_lines(f, nbytes: int) -> int:
 
 
 def plan_units(files: list[str], *, txt_paragraphs: bool = False,
-               unit_bytes: int = UNIT_BYTES) -> list[WorkUnit]:
+               unit_bytes: int = UNIT_BYTES, memo: dict | None = None) -> list[WorkUnit]:
+    """Work units of a dataset's files. `memo`: the fingerprint memo the files were just
+    fingerprinted with (pipeline/cache.FingerprintMemo.data); line files' unit plans are read
+    from it and recorded in it."""
     units: list[WorkUnit] = []
     for path in files:
         if os.path.isdir(path):
@@ -113,19 +163,81 @@ def plan_units(files: list[str], *, txt_paragraphs: bool = False,
         elif compressed:
             units.append(WorkUnit(len(units), path, kind="lines"))
         else:
-            units.extend(_line_units(path, len(units), unit_bytes))
+            units.extend(_line_units(path, len(units), unit_bytes, memo))
     return units
 
 
+def _open_plain(path: str):
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise BuildError(f"{path}: cannot read: {e.strerror or e}") from None
+
+
 def open_bytes(path: str) -> io.BufferedIOBase:
+    """The decompressed bytes of a source. A truncated or corrupt .gz/.zst raises from read()
+    (EOFError, OSError, zlib.error, ZstdError: see `_STREAM_ERRORS`) instead of ending early."""
     low = path.lower()
     if low.endswith(".gz"):
-        return gzip.open(path, "rb")
+        return gzip.GzipFile(fileobj=_open_plain(path), mode="rb")
     if low.endswith(".zst"):
+        return io.BufferedReader(_ZstdFrames(_open_plain(path)), 1 << 20)
+    return _open_plain(path)
+
+
+class _ZstdFrames(io.RawIOBase):
+    """Frame by frame zstd decompression that raises at the end of the input when a frame is
+    unfinished: zstandard's own stream_reader returns a short read for a truncated file."""
+
+    def __init__(self, raw):
         import zstandard
-        raw = zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True)
-        return io.BufferedReader(raw)  # line iteration needs a buffered reader
-    return open(path, "rb")
+        self._raw, self._zstd = raw, zstandard.ZstdDecompressor()
+        self._obj, self._fed = self._zstd.decompressobj(), False  # _fed: the frame has begun
+        self._out, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self._pos >= len(self._out):
+            chunk = self._raw.read(1 << 20)
+            if not chunk:
+                if self._fed:
+                    raise EOFError("the zstd stream ends inside a frame (truncated file)")
+                return 0
+            self._out, self._pos = self._feed(chunk), 0
+        n = min(len(b), len(self._out) - self._pos)
+        b[:n] = self._out[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def _feed(self, chunk: bytes) -> bytes:
+        out = []
+        while chunk:
+            out.append(self._obj.decompress(chunk))
+            self._fed = True
+            if not self._obj.eof:
+                break
+            chunk = self._obj.unused_data  # the next frame starts in this chunk
+            self._obj, self._fed = self._zstd.decompressobj(), False
+        return b"".join(out)
+
+    def close(self):
+        self._raw.close()
+        super().close()
+
+
+def _stream_errors() -> tuple:
+    import zstandard
+    return (EOFError, OSError, zlib.error, zstandard.ZstdError)
+
+
+def _corrupt(src: str, done: str, record: int, e: BaseException) -> RecordError:
+    """The fault of a container that stops being readable after `done` ("1200 lines")."""
+    low = src.lower()
+    kind = "gzip stream" if low.endswith(".gz") else "zstd stream" if low.endswith(".zst") else "file"
+    return RecordError(CORRUPT, f"truncated or corrupt {kind} after {done}: {type(e).__name__}: {e}",
+                       source=src, record=record)
 
 
 def decode_utf8(raw: bytes, source: str, record: int) -> str:
@@ -150,13 +262,22 @@ def parse_json(raw: bytes, source: str, record: int):
 RawRecord = tuple[int, object]
 
 
-def _iter_lines(unit: WorkUnit) -> Iterator[tuple[int, bytes]]:
+def _iter_lines(unit: WorkUnit) -> Iterator[tuple[int, bytes | RecordError]]:
+    compressed = unit.file.lower().endswith(COMPRESSED)
+    i = unit.first_record
     with open_bytes(unit.file) as f:
-        if unit.end >= 0 and not unit.file.lower().endswith(COMPRESSED):
+        if unit.end >= 0 and not compressed:
             f.seek(unit.start)
             f = io.BytesIO(f.read(unit.end - unit.start))  # bounded: one unit
-        for i, line in enumerate(f, start=unit.first_record):
-            yield i, line.rstrip(b"\r\n") if line.endswith(b"\n") else line.rstrip(b"\r")
+        lines = iter(f)
+        try:
+            for line in lines:
+                if i == 0 and (compressed or unit.start == 0) and line.startswith(BOM):
+                    line = line[len(BOM):]
+                yield i, line.rstrip(b"\r\n") if line.endswith(b"\n") else line.rstrip(b"\r")
+                i += 1
+        except _stream_errors() as e:
+            yield i, _corrupt(unit.file, f"{i - unit.first_record} lines", i, e)
 
 
 def iter_unit(unit: WorkUnit) -> Iterator[RawRecord]:
@@ -174,7 +295,9 @@ def iter_unit(unit: WorkUnit) -> Iterator[RawRecord]:
         yield from _iter_paragraphs(src)
     elif base_suffix(src) in (".txt", ".text"):
         for i, raw in _iter_lines(unit):
-            if not raw.strip():  # blank lines separate documents; they are not records
+            if isinstance(raw, RecordError):
+                yield i, raw
+            elif not raw.strip():  # blank lines separate documents; they are not records
                 continue
             try:
                 yield i, decode_utf8(raw, src, i)
@@ -182,7 +305,9 @@ def iter_unit(unit: WorkUnit) -> Iterator[RawRecord]:
                 yield i, e
     else:
         for i, raw in _iter_lines(unit):
-            if raw.strip():
+            if isinstance(raw, RecordError):
+                yield i, raw
+            elif raw.strip():
                 yield _json_record(raw, src, i)
             else:
                 yield i, RecordError("empty_line", "empty line", source=src, record=i)
@@ -197,8 +322,14 @@ def _json_record(raw: bytes, src: str, i: int) -> RawRecord:
 
 def _iter_json_file(src: str) -> Iterator[RawRecord]:
     """A JSON list, a single JSON object, or JSON Lines saved as .json."""
-    with open_bytes(src) as f:
-        data = f.read()
+    try:
+        with open_bytes(src) as f:
+            data = f.read()
+    except _stream_errors() as e:
+        yield 0, _corrupt(src, "0 records", 0, e)
+        return
+    if data.startswith(BOM):
+        data = data[len(BOM):]
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -226,16 +357,17 @@ def _iter_json_file(src: str) -> Iterator[RawRecord]:
 def _iter_paragraphs(src: str) -> Iterator[RawRecord]:
     """Blank-line separated paragraphs; the record number is the paragraph's first line."""
     buf, first = [], 0
-    with open_bytes(src) as f:
-        for i, raw in enumerate(f):
-            line = raw.rstrip(b"\r\n")
-            if line.strip():
-                if not buf:
-                    first = i
-                buf.append(line)
-            elif buf:
-                yield _paragraph(buf, src, first)
-                buf = []
+    for i, raw in _iter_lines(WorkUnit(0, src, kind="txt-paragraphs")):
+        if isinstance(raw, RecordError):  # the tail is unreadable: one fault, at the line it broke
+            yield i, raw
+            return
+        if raw.strip():
+            if not buf:
+                first = i
+            buf.append(raw)
+        elif buf:
+            yield _paragraph(buf, src, first)
+            buf = []
     if buf:
         yield _paragraph(buf, src, first)
 
@@ -248,10 +380,15 @@ def _paragraph(lines: list[bytes], src: str, first: int) -> RawRecord:
 
 
 def _iter_parquet(src: str) -> Iterator[RawRecord]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    pf = pq.ParquetFile(src)
     i = 0
-    for batch in pf.iter_batches(batch_size=4096):
-        for row in batch.to_pylist():
-            yield i, row
-            i += 1
+    with _open_plain(src) as f:
+        try:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
+                for row in batch.to_pylist():
+                    yield i, row
+                    i += 1
+        except (pa.ArrowException, OSError, EOFError) as e:  # no footer, bad page, short file
+            yield i, RecordError(CORRUPT, f"truncated or corrupt parquet file after {i} rows: "
+                                 f"{type(e).__name__}: {e}", source=src, record=i)
