@@ -11,7 +11,7 @@ from importlib import resources
 IGNORE = -100  # label of a position that does not train (torch's cross-entropy ignore_index)
 DEFAULT_SEED = 1234
 
-FORMATS = ("text", "input-output", "alpaca", "sharegpt", "messages")  # what an adapter produces from
+FORMATS = ("text", "input-output", "alpaca", "sharegpt", "messages", "firefly")  # what an adapter produces from
 MANIFEST_FORMATS = ("auto",) + FORMATS
 OVERFLOW_MODES = ("segment", "truncate", "drop")
 LOSS_MODES = ("assistant", "last", "all")  # which turns train: every assistant turn, the last, everything
@@ -32,3 +32,6 @@ def builtin_templates() -> list[str]:
 def template_names() -> list[str]:
     """Every template name a manifest may give (besides a path to a .jinja file)."""
     return list(TEMPLATE_SOURCES) + builtin_templates()
+
+
+DEFAULT_SHARD_TOKENS = 2**30  # a dataset's shard target size in tokens (manifest `shard_tokens`)
