@@ -385,10 +385,12 @@ def _iter_parquet(src: str) -> Iterator[RawRecord]:
     i = 0
     with _open_plain(src) as f:
         try:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=4096):
-                for row in batch.to_pylist():
-                    yield i, row
-                    i += 1
+            pf = pq.ParquetFile(f)
+            for group in range(pf.num_row_groups):  # group by group: a damaged one stops at its row
+                for batch in pf.iter_batches(batch_size=4096, row_groups=[group]):
+                    for row in batch.to_pylist():
+                        yield i, row
+                        i += 1
         except (pa.ArrowException, OSError, EOFError) as e:  # no footer, bad page, short file
             yield i, RecordError(CORRUPT, f"truncated or corrupt parquet file after {i} rows: "
                                  f"{type(e).__name__}: {e}", source=src, record=i)
