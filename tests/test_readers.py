@@ -128,3 +128,51 @@ def test_sharegpt_errors_name_the_field(raw, field, reason):
     with pytest.raises(RecordError) as e:
         ADAPTERS["sharegpt"](raw)
     assert e.value.field == field and e.value.reason == reason
+
+
+def test_bom_at_the_start_of_a_file_is_not_data(tmp_path):
+    bom = b"\xef\xbb\xbf"
+    (tmp_path / "a.txt").write_bytes(bom + "héllo\nworld\n".encode())
+    (tmp_path / "b.jsonl").write_bytes(bom + jsonl_bytes(RECORDS[:2]))
+    (tmp_path / "c.json").write_bytes(bom + json.dumps(RECORDS[:2]).encode())
+    (tmp_path / "d.txt.gz").write_bytes(gzip.compress(bom + b"para one\n\npara two\n"))
+    assert [t for _, _, t in read_all(tmp_path / "a.txt")] == ["héllo", "world"]
+    assert [t for _, _, t in read_all(tmp_path / "b.jsonl")] == RECORDS[:2]
+    assert [t for _, _, t in read_all(tmp_path / "c.json")] == RECORDS[:2]
+    assert [t for _, _, t in read_all(tmp_path / "d.txt.gz", txt_paragraphs=True)] == ["para one", "para two"]
+    # only the file's first bytes: a BOM later in a file is text (U+FEFF), and a later unit's start is not a file start
+    (tmp_path / "e.txt").write_bytes(b"x\n" + bom + b"y\n")
+    assert [t for _, _, t in read_all(tmp_path / "e.txt")] == ["x", "\ufeffy"]
+
+
+def test_hidden_entries_of_a_directory_source_are_skipped(tmp_path):
+    d = tmp_path / "d"
+    (d / ".ipynb_checkpoints").mkdir(parents=True)
+    (d / "sub").mkdir()
+    (d / "a.jsonl").write_bytes(jsonl_bytes(RECORDS[:2]))
+    (d / "sub" / "b.jsonl").write_bytes(jsonl_bytes(RECORDS[2:]))
+    (d / "._a.jsonl").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS resource fork
+    (d / ".DS_Store.json").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (d / ".ipynb_checkpoints" / "a-checkpoint.jsonl").write_bytes(jsonl_bytes(RECORDS))
+    assert [f.split("/d/")[1] for f in expand_source(str(d))] == ["a.jsonl", "sub/b.jsonl"]
+    assert expand_source(str(d / "._a.jsonl")) == [str(d / "._a.jsonl")]  # named explicitly: read
+
+
+def test_unit_plan_is_memoised_by_content(tmp_path, monkeypatch):
+    from pipeline.cache import file_fingerprint
+    import stages.readers as readers
+    p = tmp_path / "big.jsonl"
+    p.write_bytes(jsonl_bytes([{"text": f"r{i} " + "x" * (i % 7)} for i in range(1000)]))
+    monkeypatch.setattr(readers, "_TRUST_AFTER_S", -1e9)  # no trust window: only the stat stamp decides
+    memo = {}
+    file_fingerprint(str(p), memo)
+    first = plan_units([str(p)], unit_bytes=1000, memo=memo)
+    assert first == plan_units([str(p)], unit_bytes=1000)  # the same plan as an unmemoised scan
+    monkeypatch.setattr(readers, "_scan_line_ranges", lambda *a: pytest.fail("re-scanned a memoised file"))
+    assert plan_units([str(p)], unit_bytes=1000, memo=memo) == first
+    monkeypatch.undo()
+    monkeypatch.setattr(readers, "_TRUST_AFTER_S", -1e9)
+    with open(p, "ab") as f:  # an edit changes the stamp: the memo is not used
+        f.write(b'{"text": "one more"}\n')
+    again = plan_units([str(p)], unit_bytes=1000, memo=memo)
+    assert sum(1 for u in again for _ in iter_unit(u)) == 1001
