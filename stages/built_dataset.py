@@ -90,12 +90,10 @@ def _dtype_name(dt: np.dtype) -> str:
     return dt.name if dt.byteorder in "=<|" else dt.str  # ">i8": not the int64 a reader wants
 
 
-def describe_shard(path: str | Path) -> dict:
-    """The meta.json entry of a shard file: {file, n_samples, n_tokens, sha256, arrays:
-    {name: {offset, dtype, shape}}}; offset is the byte offset of the contiguous dataset in
-    the file (None when it is empty or not contiguous)."""
+def shard_layout(path: str | Path) -> dict:
+    """{name: {offset, dtype, shape}} of a shard file's datasets (one h5py open); offset is
+    the byte offset of the contiguous dataset in the file (None: empty or not contiguous)."""
     import h5py
-    path = Path(path)
     arrays = {}
     with h5py.File(path, "r") as f:
         for name in ARRAYS:
@@ -103,6 +101,14 @@ def describe_shard(path: str | Path) -> dict:
                 d = f[name]
                 arrays[name] = {"offset": d.id.get_offset() if d.size else None,
                                 "dtype": _dtype_name(d.dtype), "shape": list(d.shape)}
+    return arrays
+
+
+def describe_shard(path: str | Path) -> dict:
+    """The meta.json entry of a shard file: {file, n_samples, n_tokens, sha256, arrays:
+    shard_layout(path)}."""
+    path = Path(path)
+    arrays = shard_layout(path)
     n = arrays["offsets"]["shape"][0] - 1 if "offsets" in arrays else 0
     nt = arrays["tokens"]["shape"][0] if "tokens" in arrays else 0
     return {"file": path.name, "n_samples": n, "n_tokens": nt, "sha256": file_sha256(path),
@@ -204,7 +210,7 @@ class BuiltDataset:
         for j, s in enumerate(self.shards):
             where = f"{self.dir}/{s['file']}"
             out += [f"{where}: {m}" for m in self._cheap_shard_faults(j)]
-        if level == "full" and not any(": missing" in f for f in out):
+        if level == "full" and not any(": missing shard" in f for f in out):
             out += self._full_faults()
         return out
 
@@ -235,14 +241,14 @@ class BuiltDataset:
         try:
             size = p.stat().st_size
         except FileNotFoundError:
-            return ["missing"]
+            return ["missing shard file"]
         except OSError as err:
             return [f"unreadable ({err.strerror})"]
         arrays = s.get("arrays")
         if arrays is None:
             return [] if size > 0 else ["empty file"]
         return [f"{m} (meta.json)" for m in expected_layout_faults(
-            arrays, int(s["n_samples"]), int(s["n_tokens"]), self.token_dtype, size)]
+            arrays, int(s["n_samples"]), int(s["n_tokens"]), self.vocab_size, size)]
 
     def _full_faults(self) -> list[str]:
         out = []
@@ -271,7 +277,7 @@ class BuiltDataset:
     def _shard_structure(self, j: int) -> list[str]:
         import h5py
         s, p = self.shards[j], self.shard_paths[j]
-        desc = describe_shard(p)
+        desc = {"arrays": shard_layout(p)}
         with h5py.File(p, "r") as h:
             for name in ("tokens", "offsets", "source_record"):
                 if name not in h:
@@ -280,7 +286,7 @@ class BuiltDataset:
                 return [f"format_version {h.attrs.get('format_version')} unsupported "
                         f"(want {FORMAT_VERSION})"]
             out = expected_layout_faults(desc["arrays"], int(s["n_samples"]), int(s["n_tokens"]),
-                                         self.token_dtype, p.stat().st_size)
+                                         self.vocab_size, p.stat().st_size)
             if h["tokens"].chunks is not None or h["tokens"].compression is not None:
                 out.append("tokens is chunked or compressed (must be contiguous)")
             if s.get("arrays") is not None and s["arrays"] != desc["arrays"]:
@@ -291,12 +297,16 @@ class BuiltDataset:
         return check_arrays(arr, self.vocab_size, tokens=True, sorted_spans=True)
 
 
-def expected_layout_faults(arrays: dict, n: int, n_tokens: int, tdtype: np.dtype,
-                           file_size: int) -> list[str]:
+def expected_layout_faults(arrays: dict, n: int, n_tokens: int, vocab_size: int,
+                           file_size: int, wider_tokens: bool = False) -> list[str]:
     """Dtypes, shapes and byte ranges of a shard's datasets (as describe_shard gives them)
-    against what its meta.json entry and the vocabulary say."""
+    against what its meta.json entry and the vocabulary say. Tokens must have the dtype the
+    build writes for the vocabulary (wider_tokens: uint32 is accepted too - a hand-made
+    shard the stream can still read safely)."""
     out = []
-    want = dict(INDEX_DTYPES, tokens=_dtype_name(tdtype))
+    want = dict(INDEX_DTYPES, tokens=_dtype_name(token_dtype(vocab_size)))
+    if wider_tokens and arrays.get("tokens", {}).get("dtype") == "uint32":
+        want["tokens"] = "uint32"
     shapes = {"tokens": [n_tokens], "offsets": [n + 1], "source_record": [n]}
     for name in ("tokens", "offsets"):
         if name not in arrays:
@@ -310,8 +320,9 @@ def expected_layout_faults(arrays: dict, n: int, n_tokens: int, tdtype: np.dtype
             out.append(f"loss_spans shape {sp} (want [m, 2])")
     for name, a in arrays.items():
         if a["dtype"] != want[name]:
-            out.append(f"{name} dtype {a['dtype']} (want {want[name]}"
-                       + (f" for vocab size of dtype {want[name]})" if name == "tokens" else ")"))
+            out.append(f"tokens dtype {a['dtype']} does not match vocab_size {vocab_size} "
+                       f"(want {want[name]})" if name == "tokens" else
+                       f"{name} dtype {a['dtype']} (want {want[name]})")
         if name in shapes and list(a["shape"]) != shapes[name]:
             out.append(f"{name} shape {list(a['shape'])} but meta.json's n_samples/n_tokens "
                        f"{n}/{n_tokens} need {shapes[name]}")

@@ -5,7 +5,6 @@ passes than the read they serve:
 
 * ``mixture_choices`` / ``permuted_positions`` - the sampler: which dataset each draw picks,
   and the keyed Feistel permutation of its epoch, one draw at a time.
-* ``locate_samples`` - where a window's samples are (shard, offsets index, length).
 * ``bfd_rows`` - best-fit decreasing: the rows of a window; ``packed_layout`` - those rows in
   their seeded order, as a table of pieces.
 * ``fill_packed`` - one pass that writes a packed batch: input_ids (read from the shard
@@ -13,12 +12,12 @@ passes than the read they serve:
 
 Each has a plain numpy / Python counterpart in the tests (feistel_permute, uniforms +
 searchsorted, a naive best-fit, tokens and spans read back from the shards) that it must
-match exactly. There are no bounds checks in compiled code: TokenStore refuses an index
-that points outside its arrays before anything is read.
+match exactly. There are no bounds checks in compiled code: TokenStore refuses a shard
+whose index points outside its arrays when it first maps it, before anything is read.
 
 Shards are passed to ``fill_packed`` as the addresses of their token arrays (`token_table`):
 a list of arrays cannot cross into compiled code without a typed container that is itself
-compiled at every process start. The arrays must outlive the table (TokenStore keeps both).
+compiled at every process start. The arrays must outlive the table (a window keeps both).
 Compiled code is cached next to this file (or in numba's user cache dir when that is not
 writable): the first run on a machine compiles for about 10 s, later processes load it.
 """
@@ -51,23 +50,6 @@ def _pointer(typingctx, address, proto):
     def codegen(context, builder, signature, args):
         return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
     return sig, codegen
-
-
-@njit(cache=True, nogil=True)
-def locate_samples(d, i, ds_base, first, off_base, off_all):
-    """Samples (dataset d, index i) found in the store (TokenStore.locate), empty ones
-    dropped: rows d, i, shard, index into off_all, length of the samples kept, in order."""
-    out = np.empty((5, len(d)), np.int64)
-    c = 0
-    for j in range(len(d)):
-        gs = ds_base[d[j]] + i[j]
-        g = np.searchsorted(first, gs, side="right") - 1
-        k = off_base[g] + gs - first[g]
-        n = off_all[k + 1] - off_all[k]
-        if n > 0:
-            out[0, c], out[1, c], out[2, c], out[3, c], out[4, c] = d[j], i[j], g, k, n
-            c += 1
-    return out[:, :c]
 
 
 @njit(cache=True, nogil=True)
@@ -119,24 +101,21 @@ def bfd_rows(lengths, order, cap):
 
 
 @njit(cache=True, nogil=True)
-def piece_table(placed, d, i, a, b, g, k, off_all, lso_all, has_spans):
-    """Pieces in `placed` order as fill_packed reads them: rows shard, first token in the
-    shard, length, first token in the sample, loss spans [q0, q1) (-1, -1: a sample without
-    spans) - and the (dataset, sample) of each."""
+def piece_table(placed, d, i, a, b, slot, start, q0, q1):
+    """Pieces in `placed` order as fill_packed reads them: rows shard slot, first token in
+    the shard, length, first token in the sample, loss spans [q0, q1) (-1, -1: a sample
+    without spans) - and the (dataset, sample) of each. Per item: slot (the window's token
+    table), start (the sample's first token in its shard), q0, q1 (its spans)."""
     P = len(placed)
     table = np.empty((6, P), np.int64)
     samples = np.empty((P, 2), np.int64)
     for j in range(P):
         p = placed[j]
-        kk, gg = k[p], g[p]
-        table[0, j] = gg
-        table[1, j] = off_all[kk] + a[p]
+        table[0, j] = slot[p]
+        table[1, j] = start[p] + a[p]
         table[2, j] = b[p] - a[p]
         table[3, j] = a[p]
-        if has_spans[gg]:
-            table[4, j], table[5, j] = lso_all[kk], lso_all[kk + 1]
-        else:
-            table[4, j], table[5, j] = -1, -1
+        table[4, j], table[5, j] = q0[p], q1[p]
         samples[j, 0], samples[j, 1] = d[p], i[p]
     return table, samples
 
@@ -173,14 +152,13 @@ def rows_csr(order, rows, nrows):
 
 
 @njit(cache=True, nogil=True)
-def packed_layout(order, rows, nrows, row_key, keyed, d, i, a, b, g, k, off_all, lso_all,
-                  has_spans):
+def packed_layout(order, rows, nrows, row_key, keyed, d, i, a, b, slot, start, q0, q1):
     """A window's best-fit result (bfd_rows) as fill_packed reads it: rows in the seeded order
     when `keyed`, pieces row by row. Returns (row_ptr, piece table, samples)."""
     if keyed and nrows > 1:
         rows = seeded_rows(rows, nrows, row_key)
     placed, row_ptr = rows_csr(order, rows, nrows)
-    table, samples = piece_table(placed, d, i, a, b, g, k, off_all, lso_all, has_spans)
+    table, samples = piece_table(placed, d, i, a, b, slot, start, q0, q1)
     return row_ptr, table, samples
 
 
@@ -362,9 +340,7 @@ def warm_up() -> None:
         return
     z, one = np.zeros(1, np.int64), np.ones(1, np.int64)
     order, rows, nrows = bfd_rows(one, np.zeros(0, np.int64), 1)
-    locate_samples(z, z, z, np.array([0, 1], np.int64), z, np.array([0, 1], np.int64))
-    packed_layout(order, rows, nrows, np.uint64(1), True, z, z, z, one, z, z, z, z,
-                  np.zeros(1, bool))
+    packed_layout(order, rows, nrows, np.uint64(1), True, z, z, z, one, z, z, z - 1, z - 1)
     permuted_positions(z, z, z, np.array([3], np.int64), np.zeros(1, np.uint64))
     mixture_choices(np.uint64(1), 0, 1, np.ones(1), z)
     for dt in (np.uint16, np.uint32):

@@ -1,7 +1,10 @@
 """Token access and batch assembly for the training stream.
 
-``TokenStore`` memory-maps every shard of every dataset of a lock (opened lazily, once per
-process) and answers, vectorised, "where are the tokens and loss spans of sample (d, i)".
+``TokenStore`` memory-maps the shards of a lock on first use (a bounded number at once, one
+map per shard file, byte offsets from meta.json) and answers, vectorised, "where are the
+tokens and loss spans of samples (d, i)" as a ``Located``; nothing per sample is copied into
+private memory. A shard is checked (dtypes, bounds) when first mapped, before compiled code
+reads it.
 
 ``pack_rows`` is best-fit-decreasing bin packing of one look-ahead window of pieces into rows
 of ``seq_len`` tokens; ``collate_packed`` writes a packed batch in one compiled pass over its
@@ -16,17 +19,26 @@ document predicts it. So ``n_trained`` counts exactly the predictions that carry
 """
 from __future__ import annotations
 
+import errno
+import mmap
+import os
 import sys
 import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from stages.shard import read_shard
+from stages.built_dataset import (TOKEN_CHECK_ON_MAP, check_arrays, expected_layout_faults,
+                                  shard_layout)
+from stages.constants import IGNORE
 
 from .kernels import bfd_rows, fill_packed, packed_layout, rows_csr, seeded_rows, token_table
 
-IGNORE = -100
+
+class StreamError(ValueError):
+    """A lock, shard or state that the stream refuses (message names the file and field)."""
 
 
 def ranges_index(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
@@ -39,118 +51,233 @@ def ranges_index(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.repeat(shift, lens) + np.arange(total, dtype=np.int64)
 
 
-def _check_index(path, sh) -> None:
-    """Offsets that stay inside their arrays: the compiled batch fill reads tokens and spans
-    at them without bounds checks, so a damaged index must fail here, not there."""
-    def ok(offsets, size):
-        o = np.asarray(offsets)
-        return len(o) > 0 and o[0] == 0 and o[-1] <= size and bool((np.diff(o) >= 0).all())
-    if not ok(sh.offsets, len(sh.tokens)):
-        raise ValueError(f"{path}: offsets are not a non-decreasing index from 0 into the "
-                         f"{len(sh.tokens)} tokens")
-    if sh.loss_spans is not None and not ok(sh.loss_span_offsets, len(sh.loss_spans)):
-        raise ValueError(f"{path}: loss_span_offsets are not a non-decreasing index from 0 into "
-                         f"the {len(sh.loss_spans)} loss spans")
+def default_max_mapped() -> int:
+    """Shards mapped at once per process: TOKENMILL_MAX_MAPPED_SHARDS, else a quarter of the
+    open-file limit (each map holds one descriptor), at most 4096 (vm.max_map_count is
+    65530 by default, shared by every map of the process)."""
+    env = os.environ.get("TOKENMILL_MAX_MAPPED_SHARDS")
+    if env:
+        return max(1, int(env))
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        soft = 1024
+    soft = 1 << 20 if soft == getattr(__import__("resource"), "RLIM_INFINITY", -1) else soft
+    return max(8, min(4096, soft // 4))
+
+
+_LIMIT_HELP = ("the process ran out of {what} ({err}); each mapped shard holds one file "
+               "descriptor and one memory map. Fix: raise the limit (`ulimit -n 65536`; "
+               "`sysctl -w vm.max_map_count=262144`), or map fewer shards at once "
+               "(TOKENMILL_MAX_MAPPED_SHARDS=256), or build with larger shards")
+
+
+class MappedShard:
+    """One shard file mapped once (one mmap, no h5py handle): its tokens, offsets and, when
+    present, loss spans as read-only views of the page cache, shared by every process."""
+
+    __slots__ = ("tokens", "offsets", "lso", "spans")
+
+    def __init__(self, path: str, entry: dict, vocab_size: int, check: bool):
+        try:
+            arrays = entry.get("arrays") or shard_layout(path)
+            size = os.stat(path).st_size
+        except OSError as e:
+            raise _os_error(path, e) from None
+        n, nt = int(entry["n_samples"]), int(entry["n_tokens"])
+        bad = expected_layout_faults(arrays, n, nt, vocab_size, size, wider_tokens=True)
+        if bad:
+            raise StreamError(f"{path}: {bad[0]}")
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise _os_error(path, e) from None
+
+        def view(name):
+            a = arrays.get(name)
+            if a is None:
+                return None
+            dt, shape = np.dtype(a["dtype"]), tuple(a["shape"])
+            if a["offset"] is None:
+                return np.zeros(shape, dt)
+            return np.frombuffer(mm, dt, int(np.prod(shape)), a["offset"]).reshape(shape)
+
+        self.tokens, self.offsets = view("tokens"), view("offsets")
+        self.lso, self.spans = view("loss_span_offsets"), view("loss_spans")
+        if check:  # bounds before any compiled read; token ids too when that is cheap
+            arr = {"tokens": self.tokens, "offsets": self.offsets}
+            if self.spans is not None:
+                arr.update(loss_spans=self.spans, loss_span_offsets=self.lso)
+            bad = check_arrays(arr, vocab_size, tokens=nt <= TOKEN_CHECK_ON_MAP)
+            if bad:
+                raise StreamError(f"{path}: {bad[0]}")
+
+
+def _os_error(path: str, e: OSError) -> StreamError:
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        return StreamError(f"{path}: " + _LIMIT_HELP.format(what="open files", err=e.strerror))
+    if e.errno == errno.ENOMEM:
+        return StreamError(f"{path}: " + _LIMIT_HELP.format(what="memory maps (vm.max_map_count)",
+                                                           err=e.strerror))
+    return StreamError(f"{path}: cannot map the shard: {e.strerror or e}")
+
+
+@dataclass
+class Located:
+    """Items (samples or pieces of them) of one window, found in their shards. Per item:
+    dataset d, sample i, slot (index into `tokens`), start (the sample's first token in its
+    shard), n (its length), q0/q1 (its loss spans in lo/hi; -1, -1: a sample without spans).
+    tokens: the token array of each shard the window uses; lo, hi: the window's spans."""
+    d: np.ndarray
+    i: np.ndarray
+    slot: np.ndarray
+    start: np.ndarray
+    n: np.ndarray
+    q0: np.ndarray
+    q1: np.ndarray
+    tokens: list
+    lo: np.ndarray
+    hi: np.ndarray
+
+    def take(self, idx) -> "Located":
+        return Located(self.d[idx], self.i[idx], self.slot[idx], self.start[idx], self.n[idx],
+                       self.q0[idx], self.q1[idx], self.tokens, self.lo, self.hi)
+
+    @staticmethod
+    def join(parts: list["Located"]) -> "Located":
+        """Items of several windows as one (slots and span indices renumbered)."""
+        if len(parts) == 1:
+            return parts[0]
+        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
+        slot, q0, q1, toks, lo, hi = [], [], [], [], [], []
+        ns = nq = 0
+        for p in parts:
+            slot.append(p.slot + ns)
+            has = p.q0 >= 0
+            q0.append(np.where(has, p.q0 + nq, -1))
+            q1.append(np.where(has, p.q1 + nq, -1))
+            toks += p.tokens
+            lo.append(p.lo)
+            hi.append(p.hi)
+            ns, nq = ns + len(p.tokens), nq + len(p.lo)
+        return Located(cat([p.d for p in parts]), cat([p.i for p in parts]), cat(slot),
+                       cat([p.start for p in parts]), cat([p.n for p in parts]), cat(q0),
+                       cat(q1), toks, np.concatenate(lo).astype(np.int32),
+                       np.concatenate(hi).astype(np.int32))
 
 
 class TokenStore:
-    """All shards of all datasets, memory-mapped. Per-sample memory: the shards' own `offsets`
-    (and `loss_span_offsets`) concatenated; tokens stay on disk (np.memmap, plain views)."""
+    """Every shard of every dataset of a lock, memory-mapped on first use (at most
+    `max_mapped` at once, least recently used unmapped first). Private memory per process:
+    per-shard bookkeeping (cumulative sample counts), nothing per sample - offsets, spans and
+    tokens are read through the maps, shared by every process of a node via the page cache."""
 
-    def __init__(self, shard_paths: list[list[str]]):
-        self.tokens: list[np.ndarray] = []
-        offs, lsos, spans, has = [], [], [], []
-        ds_base, first = [0], [0]
-        off_base, span_base = [], 0
-        pos = 0
-        for paths in shard_paths:
-            for p in paths:
-                sh = read_shard(p, mmap=True)
-                _check_index(p, sh)
-                tok = sh.tokens
-                self.tokens.append(tok.view(np.ndarray) if isinstance(tok, np.memmap) else tok)
-                off_base.append(pos)
-                offs.append(np.asarray(sh.offsets, np.int64))
-                pos += len(sh.offsets)
-                n = sh.n_samples
-                first.append(first[-1] + n)
-                if sh.loss_spans is not None:
-                    sp = np.asarray(sh.loss_spans, np.int32).reshape(-1, 2)
-                    lsos.append(np.asarray(sh.loss_span_offsets, np.int64) + span_base)
-                    spans.append(sp)
-                    span_base += len(sp)
-                    has.append(True)
-                else:
-                    lsos.append(np.full(n + 1, span_base, np.int64))
-                    has.append(False)
-            ds_base.append(first[-1])
-        self.ds_base = np.asarray(ds_base, np.int64)  # global sample id of each dataset's sample 0
-        self.first = np.asarray(first, np.int64)  # global sample id of each shard's sample 0
-        self.off_base = np.asarray(off_base, np.int64)
-        self.off_all = np.concatenate(offs) if offs else np.zeros(0, np.int64)
-        self.lso_all = np.concatenate(lsos) if lsos else np.zeros(0, np.int64)
-        self.spans_all = np.concatenate(spans) if spans else np.zeros((0, 2), np.int32)
-        self.span_lo = np.ascontiguousarray(self.spans_all[:, 0])  # 1-D: cheaper to gather
-        self.span_hi = np.ascontiguousarray(self.spans_all[:, 1])
-        self.has_spans = np.asarray(has, bool)
-        self._kernel_args = self._kernel_arrays = None  # built on first use (kernel_args)
+    def __init__(self, shards: list[list[tuple[str, dict]]], vocab_size: int,
+                 max_mapped: int | None = None, check: bool = True):
+        """shards: per dataset, (path, meta.json shard entry) of each of its shards."""
+        self.paths = [p for ds in shards for p, _ in ds]
+        self.entries = [e for ds in shards for _, e in ds]
+        counts = [int(e["n_samples"]) for e in self.entries]
+        self.first = np.zeros(len(counts) + 1, np.int64)  # global id of each shard's sample 0
+        np.cumsum(counts, out=self.first[1:])
+        per_ds = np.cumsum([0] + [len(ds) for ds in shards])
+        self.ds_base = self.first[per_ds]  # global sample id of each dataset's sample 0
+        self.vocab_size = int(vocab_size)
+        self.max_mapped = max_mapped or default_max_mapped()
+        self.check = check
+        self._mapped: OrderedDict[int, MappedShard] = OrderedDict()
+        self._checked: set[int] = set()
 
-    def kernel_args(self) -> tuple:
-        """What `kernels.fill_packed` needs of the store (built once per process)."""
-        if self._kernel_args is None:
-            addr, proto, self._kernel_arrays = token_table(self.tokens)
-            self._kernel_args = (addr, proto, self.span_lo, self.span_hi)
-        return self._kernel_args
+    def shard(self, g: int) -> MappedShard:
+        m = self._mapped.get(g)
+        if m is not None:
+            self._mapped.move_to_end(g)
+            return m
+        m = MappedShard(self.paths[g], self.entries[g], self.vocab_size,
+                        self.check and g not in self._checked)
+        self._checked.add(g)
+        self._mapped[g] = m
+        if len(self._mapped) > self.max_mapped:
+            self._mapped.popitem(last=False)  # unmapped once no window uses it any more
+        return m
 
-    def locate(self, d: np.ndarray, i: np.ndarray):
-        """(shard id, index into off_all) of samples (d, i)."""
-        gsid = self.ds_base[d] + i
-        g = np.searchsorted(self.first, gsid, side="right") - 1
-        return g, self.off_base[g] + (gsid - self.first[g])
+    def locate(self, d, i, drop_empty: bool = True) -> Located:
+        """Samples (dataset d, index i), in order; empty ones dropped."""
+        d, i = np.asarray(d, np.int64), np.asarray(i, np.int64)
+        gs = self.ds_base[d] + i
+        g = np.searchsorted(self.first, gs, side="right") - 1
+        j = gs - self.first[g]
+        uniq, slot = np.unique(g, return_inverse=True)
+        slot = slot.reshape(-1).astype(np.int64)
+        order = np.argsort(slot, kind="stable")
+        bounds = np.searchsorted(slot[order], np.arange(len(uniq) + 1))
+        start, end = np.empty(len(d), np.int64), np.empty(len(d), np.int64)
+        q0, q1 = np.full(len(d), -1, np.int64), np.full(len(d), -1, np.int64)
+        tokens, lo, hi, nq = [], [], [], 0
+        for u, gg in enumerate(uniq.tolist()):
+            sh = self.shard(gg)
+            sel = order[bounds[u]:bounds[u + 1]]
+            jj = j[sel]
+            start[sel], end[sel] = sh.offsets[jj], sh.offsets[jj + 1]
+            tokens.append(sh.tokens)
+            if sh.spans is not None:
+                s0, s1 = sh.lso[jj].astype(np.int64), sh.lso[jj + 1].astype(np.int64)
+                rows = sh.spans[ranges_index(s0, s1)]
+                lens = s1 - s0
+                q0[sel] = nq + np.cumsum(lens) - lens
+                q1[sel] = q0[sel] + lens
+                lo.append(rows[:, 0])
+                hi.append(rows[:, 1])
+                nq += len(rows)
+        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int32)  # noqa: E731
+        loc = Located(d, i, slot, start, end - start, q0, q1, tokens, cat(lo), cat(hi))
+        if drop_empty and len(d) and not (loc.n > 0).all():
+            loc = loc.take(np.flatnonzero(loc.n > 0))
+        return loc
 
-    def lengths(self, d: np.ndarray, i: np.ndarray) -> np.ndarray:
-        _, k = self.locate(d, i)
-        return self.off_all[k + 1] - self.off_all[k]
 
-    def last_tokens(self, d: np.ndarray, i: np.ndarray) -> np.ndarray:
-        g, k = self.locate(d, i)
-        end = self.off_all[k + 1]
-        out = np.full(len(d), -1, np.int64)
-        for gg in np.unique(g).tolist():
-            sel = np.flatnonzero((g == gg) & (end > self.off_all[k]))
-            out[sel] = self.tokens[gg][end[sel] - 1]
-        return out
+def last_tokens(loc: Located) -> np.ndarray:
+    """Last token of each item (all non-empty)."""
+    out = np.full(len(loc.d), -1, np.int64)
+    for u in np.unique(loc.slot).tolist():
+        sel = np.flatnonzero(loc.slot == u)
+        out[sel] = loc.tokens[u][loc.start[sel] + loc.n[sel] - 1]
+    return out
 
-    def fill(self, ids: np.ndarray, d, i, a, b, dst) -> tuple[np.ndarray, np.ndarray]:
-        """Copy tokens [a, b) of samples (d, i) to ids[dst:]; returns (shard, off index)."""
-        g, k = self.locate(d, i)
-        src = self.off_all[k] + a
-        toks = self.tokens
-        for gg, s, t, m in zip(g.tolist(), src.tolist(), np.asarray(dst).tolist(),
-                               (b - a).tolist()):
-            ids[t:t + m] = toks[gg][s:s + m]
-        return g, k
 
-    def trained_mask(self, total: int, g, k, a, b, dst) -> np.ndarray:
-        """Boolean mask over the flat batch: token trained per the loss spans of each piece
-        (pieces from shards without spans: all trained)."""
-        a = np.asarray(a, np.int64)
-        b = np.asarray(b, np.int64)
-        dst = np.asarray(dst, np.int64)
-        sp = self.has_spans[g]
-        if not sp.any():
-            return mask_from_intervals(total, dst, dst + (b - a))
-        w = np.flatnonzero(sp)
-        s0, s1 = self.lso_all[k[w]], self.lso_all[k[w] + 1]
-        rows = self.spans_all[ranges_index(s0, s1)]
-        own = np.repeat(w, s1 - s0)
-        aa, bb, dd = a[own], b[own], dst[own]
-        lo = np.clip(rows[:, 0], aa, bb) - aa + dd
-        hi = np.clip(rows[:, 1], aa, bb) - aa + dd
-        if not sp.all():
-            lo = np.concatenate([lo, dst[~sp]])
-            hi = np.concatenate([hi, dst[~sp] + (b - a)[~sp]])
-        return mask_from_intervals(total, lo, hi)
+def fill_tokens(ids: np.ndarray, loc: Located, a, b, dst) -> None:
+    """Copy tokens [a, b) of each item to ids[dst:]."""
+    toks = loc.tokens
+    for s, st, t, m in zip(loc.slot.tolist(), (loc.start + a).tolist(),
+                           np.asarray(dst).tolist(), (b - a).tolist()):
+        ids[t:t + m] = toks[s][st:st + m]
+
+
+def trained_mask(total: int, loc: Located, a, b, dst) -> np.ndarray:
+    """Boolean mask over the flat batch: token trained per the loss spans of each piece
+    (pieces of samples without spans: all trained)."""
+    a = np.asarray(a, np.int64)
+    b = np.asarray(b, np.int64)
+    dst = np.asarray(dst, np.int64)
+    sp = loc.q0 >= 0
+    if not sp.any():
+        return mask_from_intervals(total, dst, dst + (b - a))
+    w = np.flatnonzero(sp)
+    s0, s1 = loc.q0[w], loc.q1[w]
+    rows = ranges_index(s0, s1)
+    own = np.repeat(w, s1 - s0)
+    aa, bb, dd = a[own], b[own], dst[own]
+    lo = np.clip(loc.lo[rows], aa, bb) - aa + dd
+    hi = np.clip(loc.hi[rows], aa, bb) - aa + dd
+    if not sp.all():
+        lo = np.concatenate([lo, dst[~sp]])
+        hi = np.concatenate([hi, dst[~sp] + (b - a)[~sp]])
+    return mask_from_intervals(total, lo, hi)
 
 
 def mask_from_intervals(total: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
@@ -209,14 +336,19 @@ def _samples(d, i) -> torch.Tensor:
 class PackedPieces:
     """One window's pieces in row order, as `kernels.fill_packed` reads them (built when a
     batch of the window is read: a worker that only walks past a window needs its row count,
-    not its layout). `packing`: best_fit_rows' result and the row order key (None: rows in
-    opening order)."""
+    not its layout). `loc`: the window's pieces (Located, with a/b their token ranges);
+    `packing`: best_fit_rows' result and the row order key (None: rows in opening order).
+    Holds the token table and spans of the window's shards while a batch reads them."""
 
-    def __init__(self, store: TokenStore, d, i, a, b, g, k, packing: tuple):
+    def __init__(self, loc: Located, a, b, packing: tuple):
         order, rows, nrows, key = packing
         self.row_ptr, self.table, self.samples = packed_layout(
-            order, rows, nrows, np.uint64(key or 0), key is not None, d, i, a, b, g, k,
-            store.off_all, store.lso_all, store.has_spans)
+            order, rows, nrows, np.uint64(key or 0), key is not None, loc.d, loc.i, a, b,
+            loc.slot, loc.start, loc.q0, loc.q1)
+        self.addr, self.proto, self._keep = token_table(loc.tokens) if loc.tokens else \
+            (np.zeros(0, np.int64), np.zeros(0, np.uint16), [])
+        self.lo = np.ascontiguousarray(loc.lo, np.int32)
+        self.hi = np.ascontiguousarray(loc.hi, np.int32)
 
 
 class BlockPool:
@@ -244,7 +376,7 @@ class BlockPool:
             return block
 
 
-def collate_packed(store: TokenStore, segs: list, nrows: int, seq_len: int, pad_id: int,
+def collate_packed(segs: list, nrows: int, seq_len: int, pad_id: int,
                    pool: BlockPool | None = None) -> dict:
     """Rows [u0, u1) of each (PackedPieces, u0, u1) in segs, back to back, then all-padding
     rows up to nrows (the end of a finite stream). input_ids, labels and position_ids are
@@ -254,11 +386,10 @@ def collate_packed(store: TokenStore, segs: list, nrows: int, seq_len: int, pad_
     out = pool.take((3, n)) if pool is not None else np.empty((3, n), np.int64)
     cu = np.zeros(sum(int(w.row_ptr[u1] - w.row_ptr[u0]) for w, u0, u1 in segs) + nrows + 1,
                   np.int32)
-    addr, proto, lo, hi = store.kernel_args()
     ncu, at, trained, longest, smp = 1, 0, 0, 0, []
     for w, u0, u1 in segs:
-        ncu, tr, lg = fill_packed(addr, proto, w.table, lo, hi, w.row_ptr, u0, u1, L, pad_id,
-                                  out, cu, ncu, at)
+        ncu, tr, lg = fill_packed(w.addr, w.proto, w.table, w.lo, w.hi, w.row_ptr, u0, u1, L,
+                                  pad_id, out, cu, ncu, at)
         trained, longest, at = trained + tr, max(longest, lg), at + (u1 - u0) * L
         smp.append(w.samples[w.row_ptr[u0]:w.row_ptr[u1]])
     ids, labels, pos = out
@@ -276,15 +407,15 @@ def collate_packed(store: TokenStore, segs: list, nrows: int, seq_len: int, pad_
             "n_trained": int(trained), "samples": torch.from_numpy(samples)}
 
 
-def collate_padded(store: TokenStore, d, i, a, b, row, nrows: int, pad_id: int) -> dict:
+def collate_padded(loc: Located, a, b, row, nrows: int, pad_id: int) -> dict:
     """One piece per row, right-padded to the longest in the batch."""
     n = b - a
     width = max(1, int(n.max()) if len(n) else 1)
     total = nrows * width
     dst = row * width
     ids = np.full(total, pad_id, np.int64)
-    g, k = store.fill(ids, d, i, a, b, dst)
-    mask = store.trained_mask(total, g, k, a, b, dst)
+    fill_tokens(ids, loc, a, b, dst)
+    mask = trained_mask(total, loc, a, b, dst)
     mask[dst] = False
     labels = np.where(mask, ids, IGNORE)
     row_len = np.zeros(nrows, np.int64)
@@ -293,18 +424,18 @@ def collate_padded(store: TokenStore, d, i, a, b, row, nrows: int, pad_id: int) 
     return _tensors(
         ids.reshape(nrows, width), labels.reshape(nrows, width),
         attention_mask=torch.from_numpy(att),
-        n_trained=int(np.count_nonzero(mask)), samples=_samples(d, i))
+        n_trained=int(np.count_nonzero(mask)), samples=_samples(loc.d, loc.i))
 
 
-def collate_concat(store: TokenStore, d, i, a, b, nreal, dst, nrows: int, seq_len: int,
+def collate_concat(loc: Located, a, b, nreal, dst, nrows: int, seq_len: int,
                    pad_id: int, eos_id: int) -> dict:
     """Pieces [a, b) of documents in virtual coordinates (a document of nreal tokens that does
     not end with EOS has a virtual EOS at nreal), at flat positions dst of [nrows, seq_len]."""
     total = nrows * seq_len
     bc = np.minimum(b, nreal)
     ids = np.full(total, pad_id, np.int64)
-    g, k = store.fill(ids, d, i, a, bc, dst)
-    mask = store.trained_mask(total, g, k, a, bc, dst)
+    fill_tokens(ids, loc, a, bc, dst)
+    mask = trained_mask(total, loc, a, bc, dst)
     eos_at = np.flatnonzero(b > nreal)
     if eos_at.size:
         p = dst[eos_at] + (nreal[eos_at] - a[eos_at])
@@ -314,4 +445,4 @@ def collate_concat(store: TokenStore, d, i, a, b, nreal, dst, nrows: int, seq_le
     labels = np.where(mask, ids, IGNORE)
     return _tensors(
         ids.reshape(nrows, seq_len), labels.reshape(nrows, seq_len),
-        n_trained=int(np.count_nonzero(mask)), samples=_samples(d, i))
+        n_trained=int(np.count_nonzero(mask)), samples=_samples(loc.d, loc.i))

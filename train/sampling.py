@@ -105,10 +105,6 @@ def feistel_permute(x, n, keys) -> np.ndarray:
     return out
 
 
-def epoch_keys(dataset_base: int, epochs: np.ndarray) -> np.ndarray:
-    return mix64(mix64(np.asarray(epochs, dtype=U64)) ^ U64(dataset_base))
-
-
 class MixtureSampler:
     """The global train sample sequence: draw j picks a dataset with probability proportional to
     its lock `sample_probability` among the still-active datasets (uniform j of the seeded

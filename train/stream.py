@@ -48,25 +48,21 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import h5py
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from stages.shard import FORMAT_VERSION, file_sha256, token_dtype
+from stages.built_dataset import BuiltDataset, DatasetError, open_built
+from stages.constants import DEFAULT_SEED, OVERFLOW_MODES
+from stages.overflow import piece_bounds
 
-from .kernels import locate_samples, warm_up
-from .packing import (BlockPool, PackedPieces, TokenStore, best_fit_rows, collate_concat,
-                      collate_packed, collate_padded)
+from .kernels import warm_up
+from .packing import (BlockPool, Located, PackedPieces, StreamError, TokenStore, best_fit_rows,
+                      collate_concat, collate_packed, collate_padded, last_tokens)
 from .sampling import ListSource, MixtureSampler, hash_uniform, stable_hash64
 
 STATE_VERSION = 1
 MODES = ("packed", "padded", "concat")
-OVERFLOW = ("segment", "truncate", "drop")
-DEFAULT_SEED = 1234
-
-
-class StreamError(ValueError):
-    """A lock, shard or state that the stream refuses (message names the file and field)."""
+__all__ = ["MixtureStream", "StreamLoader", "StreamError", "verify_lock"]
 
 
 def lock_content_sha256(lock: dict) -> str:
@@ -90,9 +86,10 @@ def heldout_mask(key: str, n: int, validation_percentage: float) -> np.ndarray:
 
 
 def _special_id(tok_dir: Path | None, entry: dict, which: str) -> int | None:
-    for k in (f"{which}_token_id", f"{which}_id"):
-        if isinstance(entry.get(k), int):
-            return entry[k]
+    """The lock's (= Tokenizer.info()'s) bos/eos/pad id; for locks built before those were
+    recorded, read from the tokenizer files. (Goes once every lock records them.)"""
+    if isinstance(entry.get(f"{which}_id"), int) or f"{which}_id" in entry:
+        return entry.get(f"{which}_id")
     if tok_dir is None or not tok_dir.is_dir():
         return None
     try:
@@ -127,8 +124,7 @@ class _Dataset:
     task: str
     key: str
     path: Path
-    meta: dict
-    files: list[str]
+    built: BuiltDataset
     n: int
     allow_repeat: bool
     prob: float
@@ -147,8 +143,7 @@ class _Window:
     a: np.ndarray
     b: np.ndarray
     row_ptr: np.ndarray | None = None  # padded (one piece per row)
-    g: np.ndarray | None = None  # packed: shard of each piece and its index into the store's
-    k: np.ndarray | None = None  # offsets (TokenStore.locate), for the layout
+    loc: Located | None = None  # each piece's sample in its shard (TokenStore.locate)
     nreal: np.ndarray | None = None  # concat: real length of each document
     starts: np.ndarray | None = None  # concat: token start of each document in the window
     overflow: list[int] | None = None  # counts including this window
@@ -222,8 +217,8 @@ class MixtureStream(IterableDataset):
         if not (0 <= rank < world_size) or batch_size < 1 or seq_len < 2 or pack_window < 1:
             raise StreamError("need 0 <= rank < world_size, batch_size >= 1, seq_len >= 2, "
                               "pack_window >= 1")
-        if overflow is not None and overflow not in OVERFLOW:
-            raise StreamError(f"overflow must be one of {OVERFLOW}")
+        if overflow is not None and overflow not in OVERFLOW_MODES:
+            raise StreamError(f"overflow must be one of {OVERFLOW_MODES}")
         self.lock_path = Path(lock_path).resolve()
         try:
             self.lock = json.loads(self.lock_path.read_text("utf-8"))
@@ -247,6 +242,7 @@ class MixtureStream(IterableDataset):
             raise StreamError(f"{self.lock_path}: concat mode needs an EOS id: none in the lock's"
                               " tokenizer; pass eos_id=")
         self.datasets = self._open_datasets(overflow)
+        self._policies = np.array([ds.overflow for ds in self.datasets])
         for ds in self.datasets:
             self._verify(ds, verify)
             held = heldout_mask(ds.uid, ds.n, self.validation_percentage)
@@ -267,83 +263,39 @@ class MixtureStream(IterableDataset):
         out = []
         for k, e in enumerate(entries):
             where = f"{self.lock_path}: datasets[{k}]"
-            if not e.get("path"):
+            if not isinstance(e, dict) or not e.get("path"):
                 raise StreamError(f"{where}: missing 'path'")
             path = Path(e["path"])
             if not path.is_absolute():
                 path = self.lock_path.parent / path
             try:
-                meta = json.loads((path / "meta.json").read_text("utf-8"))
-            except (OSError, ValueError) as err:
-                raise StreamError(f"{where}: {path}/meta.json: {err}") from err
-            shards = meta.get("shards") or []
-            files = [str(path / s["file"]) for s in shards]
-            n = sum(int(s["n_samples"]) for s in shards)
+                built = open_built(path)
+            except DatasetError as err:
+                raise StreamError(f"{where}: {err}") from None
+            meta = built.meta
             prob = e.get("sample_probability")
             if prob is None:
-                ave = e.get("ave_tokens_per_line") or meta.get("avg_token_per_line") or 1.0
-                prob = float(e.get("token_share", e.get("abs_weight", 1.0))) / float(ave)
+                raise StreamError(f"{where}: missing 'sample_probability'")
             pol = overflow or e.get("overflow") or (meta.get("build") or {}).get("overflow")
-            pol = pol if pol in OVERFLOW else "segment"
-            key = str(e.get("key") or meta.get("key") or "")
+            pol = pol if pol in OVERFLOW_MODES else "segment"
+            key = str(e.get("key") or meta["key"])
             name = str(e.get("dataset_name", f"dataset{k}"))
             task = str(e.get("task_name", name))
-            out.append(_Dataset(k, name, task, key, path, meta, files, n,
+            out.append(_Dataset(k, name, task, key, path, built, built.n_samples,
                                 bool(e.get("allow_repeat", True)), float(prob), pol,
                                 uid=key or task))
         return out
 
     def _verify(self, ds: _Dataset, level: str) -> None:
-        where = f"{self.lock_path}: dataset {ds.task!r} ({ds.path})"
-        e = self.lock["datasets"][ds.index]
-        meta = ds.meta
+        """BuiltDataset.check at open: `cheap` (meta.json, the lock entry, file sizes and
+        the recorded dtypes; each shard's bounds again when first mapped) or `full` (also
+        sha256 and the structure of every shard)."""
         if level == "none":
             return
-        if e.get("key") and meta.get("key") and e["key"] != meta["key"]:
-            raise StreamError(f"{where}: lock key {e['key']} != meta.json key {meta['key']}")
-        if e.get("nlines") is not None and int(e["nlines"]) != ds.n:
-            raise StreamError(f"{where}: lock nlines {e['nlines']} != shards' {ds.n} samples")
-        # meta.json "nlines" counts source records (segment may split one into several
-        # samples); "n_samples" counts what the shards hold.
-        n_meta = meta.get("n_samples", meta.get("nlines"))
-        if n_meta is not None and int(n_meta) != ds.n:
-            raise StreamError(f"{where}: meta.json n_samples {n_meta} != shards' {ds.n}")
-        ltok, mtok = self.lock.get("tokenizer") or {}, meta.get("tokenizer") or {}
-        for f in ("vocab_size", "sha256"):
-            if ltok.get(f) is not None and mtok.get(f) is not None and ltok[f] != mtok[f]:
-                raise StreamError(f"{where}: tokenizer {f} {mtok[f]} in meta.json != lock's "
-                                  f"{ltok[f]}")
-        vocab = ltok.get("vocab_size") or mtok.get("vocab_size")
-        want = token_dtype(int(vocab)) if vocab else None
-        for s, fpath in zip(meta.get("shards") or [], ds.files):
-            if not Path(fpath).is_file():
-                raise StreamError(f"{where}: missing shard {fpath}")
-            with h5py.File(fpath, "r") as h:
-                at = h.attrs
-                if int(at.get("format_version", -1)) != FORMAT_VERSION:
-                    raise StreamError(f"{fpath}: format_version {at.get('format_version')} "
-                                      f"unsupported (want {FORMAT_VERSION})")
-                if int(at["n_samples"]) != int(s["n_samples"]) or \
-                        int(at["n_tokens"]) != int(s["n_tokens"]):
-                    raise StreamError(f"{fpath}: n_samples/n_tokens {at['n_samples']}/"
-                                      f"{at['n_tokens']} != meta.json {s['n_samples']}/"
-                                      f"{s['n_tokens']}")
-                dt = h["tokens"].dtype
-                if want is not None and dt != want:
-                    raise StreamError(f"{fpath}: tokens dtype {dt} does not match vocab_size "
-                                      f"{vocab} (expects {want})")
-                if h["offsets"].shape != (int(s["n_samples"]) + 1,):
-                    raise StreamError(f"{fpath}: offsets shape {h['offsets'].shape}")
-                if level == "full" and vocab:
-                    tk = h["tokens"]
-                    for j in range(0, tk.shape[0], 1 << 26):
-                        top = int(tk[j:j + (1 << 26)].max())
-                        if top >= int(vocab):
-                            raise StreamError(f"{fpath}: token id {top} >= vocab {vocab}")
-            if level == "full":
-                got = file_sha256(fpath)
-                if s.get("sha256") and got != s["sha256"]:
-                    raise StreamError(f"{fpath}: sha256 {got} != meta.json {s['sha256']}")
+        try:
+            ds.built.check(level, self.lock["datasets"][ds.index], self.lock.get("tokenizer"))
+        except DatasetError as err:
+            raise StreamError(f"{self.lock_path}: dataset {ds.task!r}: {err}") from None
 
     # ---------------------------------------------------------------- per-process data
     def __getstate__(self):
@@ -355,7 +307,9 @@ class MixtureStream(IterableDataset):
 
     def _tokens(self) -> TokenStore:
         if self._store is None:
-            self._store = TokenStore([ds.files for ds in self.datasets])
+            self._store = TokenStore(
+                [list(zip(map(str, ds.built.shard_paths), ds.built.shards)) for ds in self.datasets],
+                self.vocab_size or self.datasets[0].built.vocab_size)
         return self._store
 
     def _sample_maps(self):
@@ -393,46 +347,35 @@ class MixtureStream(IterableDataset):
                 if m is not None:
                     sel = d == x
                     i[sel] = m[t[sel]]
-        d, i, g, k, n = locate_samples(d, i, store.ds_base, store.first, store.off_base,
-                                       store.off_all)  # empty samples dropped
-        over = list(start["overflow"])
-        nd = len(self.datasets)
+        loc = store.locate(d, i)  # empty samples dropped
+        d, i, n = loc.d, loc.i, loc.n
+        over = start["overflow"]
         if self.mode == "concat":
-            last = store.last_tokens(d, i)
+            last = last_tokens(loc)
             vl = n + (last != self.eos_id)
             ends = np.cumsum(vl)
             win = _Window(w, start, int(ends[-1]) if len(ends) else 0, d, i,
-                          np.zeros(len(d), np.int64), vl, nreal=n, starts=ends - vl)
+                          np.zeros(len(d), np.int64), vl, nreal=n, starts=ends - vl, loc=loc)
         else:
             a, b = np.zeros(len(d), np.int64), n
             if len(n) and n.max() > L:
-                long_ = np.flatnonzero(n > L)
-                for x, c in enumerate(np.bincount(d[long_], minlength=nd).tolist()):
-                    over[x] += c
-                item = np.arange(len(d))
-                parts = [(item[n <= L], d[n <= L], i[n <= L], a[n <= L], b[n <= L])]
-                for j in long_.tolist():
-                    pol, nj = self.datasets[d[j]].overflow, int(n[j])
-                    cuts = (np.arange(0, nj, L) if pol == "segment" else
-                            np.zeros(1, np.int64) if pol == "truncate" else np.zeros(0, np.int64))
-                    m = len(cuts)
-                    parts.append((np.full(m, j), np.full(m, d[j]), np.full(m, i[j]), cuts,
-                                  np.minimum(cuts + L, nj)))
-                cat = [np.concatenate(x) for x in zip(*parts)]
-                o = np.argsort(cat[0], kind="stable")
-                d, i, a, b = (x[o].astype(np.int64) for x in cat[1:])
-                g, k = g[cat[0][o]], k[cat[0][o]]
+                nd = len(self.datasets)
+                over = (np.asarray(over, np.int64)
+                        + np.bincount(d[n > L], minlength=nd)).tolist()
+                item, a, b = piece_bounds(n, L, self._policies[d])
+                loc = loc.take(item)
+                d, i = loc.d, loc.i
             if self.mode == "packed":
                 key = (stable_hash64("tokenmill-rows", self.seed, w) if self.split == "train"
                        else None)  # rows in a seeded order (train), in opening order (eval)
                 order, rows, nrows = best_fit_rows(b - a, L)
-                win = _Window(w, start, nrows, d, i, a, b, g=g, k=k,
+                win = _Window(w, start, nrows, d, i, a, b, loc=loc,
                               packing=(order, rows, nrows, key))
             else:
-                win = _Window(w, start, len(d), d, i, a, b, g=g, k=k,
+                win = _Window(w, start, len(d), d, i, a, b, loc=loc,
                               row_ptr=np.arange(len(d) + 1, dtype=np.int64))
-        win.overflow = over
-        win.next_start = {"src": src.snapshot(), "overflow": over,
+        win.overflow = list(over)
+        win.next_start = {"src": src.snapshot(), "overflow": win.overflow,
                           "consumed": start["consumed"] + win.size}
         return win
 
@@ -442,13 +385,12 @@ class MixtureStream(IterableDataset):
         if self.mode == "packed":
             for win, _, _ in segs:
                 if win.pieces is None:
-                    win.pieces = PackedPieces(self._tokens(), win.d, win.i, win.a, win.b,
-                                              win.g, win.k, win.packing)
+                    win.pieces = PackedPieces(win.loc, win.a, win.b, win.packing)
             if self._pool is None:
                 self._pool = BlockPool()
-            return collate_packed(self._tokens(), [(w.pieces, u0, u1) for w, u0, u1 in segs],
-                                  B, L, self.pad_id, self._pool)
-        D, I, A, E, R, N, T = [], [], [], [], [], [], []
+            return collate_packed([(w.pieces, u0, u1) for w, u0, u1 in segs], B, L,
+                                  self.pad_id, self._pool)
+        P, A, E, R, N, T = [], [], [], [], [], []
         base = 0
         for win, u0, u1 in segs:
             if self.mode == "concat":
@@ -456,13 +398,13 @@ class MixtureStream(IterableDataset):
                 j1 = int(np.searchsorted(win.starts, u1, side="left"))
                 st = win.starts[j0:j1]
                 lo = np.maximum(st, u0)
-                D.append(win.d[j0:j1]); I.append(win.i[j0:j1]); N.append(win.nreal[j0:j1])
+                P.append(win.loc.take(slice(j0, j1))); N.append(win.nreal[j0:j1])
                 A.append(lo - st); E.append(np.minimum(st + win.b[j0:j1], u1) - st)
                 T.append(base + lo - u0)
                 base += u1 - u0
             else:
                 p0, p1 = win.row_ptr[u0], win.row_ptr[u1]
-                D.append(win.d[p0:p1]); I.append(win.i[p0:p1])
+                P.append(win.loc.take(slice(p0, p1)))
                 A.append(win.a[p0:p1]); E.append(win.b[p0:p1])
                 R.append(np.repeat(np.arange(base, base + u1 - u0, dtype=np.int64),
                                    np.diff(win.row_ptr[u0:u1 + 1])))
@@ -471,11 +413,11 @@ class MixtureStream(IterableDataset):
         def cat(x):
             return np.concatenate(x).astype(np.int64) if x else np.zeros(0, np.int64)
 
-        d, i, a, b = cat(D), cat(I), cat(A), cat(E)
-        store = self._tokens()
+        loc = Located.join(P) if P else self._tokens().locate([], [])
+        a, b = cat(A), cat(E)
         if self.mode == "padded":
-            return collate_padded(store, d, i, a, b, cat(R), B, self.pad_id)
-        return collate_concat(store, d, i, a, b, cat(N), cat(T), B, L, self.pad_id, self.eos_id)
+            return collate_padded(loc, a, b, cat(R), B, self.pad_id)
+        return collate_concat(loc, a, b, cat(N), cat(T), B, L, self.pad_id, self.eos_id)
 
     def _iter_batches(self, wid: int, nw: int, start: dict):
         cur = _Cursor(self, self._internal(start))
@@ -642,3 +584,10 @@ class StreamLoader:
     def stats(self) -> dict:
         return {"overflow": {d.task: c for d, c in
                              zip(self.stream.datasets, self._state["overflow_seen"])}}
+
+
+def verify_lock(lock_path, level: str = "full") -> None:
+    """The trainer's --verify_data: check every dataset of a lock before step 0 (`full`:
+    sha256 and structure of every shard, as `pipeline verify`; `cheap`: meta.json, lock and
+    file sizes). Raises StreamError naming the dir or shard and the fault."""
+    MixtureStream(lock_path, 2, verify=level)
