@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
+import itertools
 import multiprocessing as mp
 import os
 import signal
 import sys
 import threading
 import time
+from collections import deque
 
 from stages.errors import BuildError
 
@@ -77,23 +80,47 @@ def _watch_parent(parent_pid: int):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run_local(tasks, workers: int, progress) -> dict:
-    results = {}
+def _deliver(results: dict, on_result, progress, plan, unit, summary) -> None:
+    progress.advance(plan.spec.dataset_name, summary)
+    if on_result is None:
+        results[(plan.spec.dataset_name, unit.index)] = summary
+    else:
+        on_result(plan, unit, summary)
+
+
+def _windowed(tasks, window: int, submit, wait, deliver) -> None:
+    """Submit lazily with at most `window` units in flight; deliver results in task order.
+    A huge dataset's 10^5 units are never all pending (nor all in memory) at once."""
+    pending: deque = deque()
+    for plan, unit in tasks:
+        pending.append((plan, unit, submit(plan, unit)))
+        if len(pending) >= window:
+            plan0, unit0, handle = pending.popleft()
+            deliver(plan0, unit0, wait(handle))  # re-raises a worker's RecordError, in unit order
+    while pending:
+        plan0, unit0, handle = pending.popleft()
+        deliver(plan0, unit0, wait(handle))
+
+
+def run_local(tasks, workers: int, progress, on_result=None) -> dict:
+    """Run (plan, unit) tasks (any iterable, consumed lazily). Each summary goes to
+    `on_result(plan, unit, summary)` in task order, or, without it, into the returned dict
+    {(dataset_name, unit index): summary}."""
+    results: dict = {}
+    it = iter(tasks)
+    head = list(itertools.islice(it, 2))
+    tasks = itertools.chain(head, it)
+    deliver = functools.partial(_deliver, results, on_result, progress)
     with _sigterm_interrupts():
-        if workers <= 1 or len(tasks) <= 1:
+        if workers <= 1 or len(head) <= 1:
             for plan, unit in tasks:
-                results[(plan.spec.dataset_name, unit.index)] = s = process_unit(plan.job, unit)
-                progress.advance(plan.spec.dataset_name, s)
+                deliver(plan, unit, process_unit(plan.job, unit))
             return results
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with ctx.Pool(workers, maxtasksperchild=64, initializer=_worker_init,
                       initargs=(os.getpid(),)) as pool:
-            pending = [(plan, unit, pool.apply_async(process_unit, (plan.job, unit)))
-                       for plan, unit in tasks]
-            for plan, unit, res in pending:
-                s = res.get()  # re-raises a worker's RecordError, in unit order
-                results[(plan.spec.dataset_name, unit.index)] = s
-                progress.advance(plan.spec.dataset_name, s)
+            _windowed(tasks, 2 * workers, lambda plan, unit: pool.apply_async(process_unit, (plan.job, unit)),
+                      lambda res: res.get(), deliver)
     return results
 
 
@@ -102,7 +129,7 @@ def _paths_visible(paths: list[str]) -> tuple[str, list[str]]:
     return socket.gethostname(), [p for p in paths if not os.path.exists(p)]
 
 
-def run_ray(tasks, address: str | None, progress, shared_paths: list[str]) -> dict:
+def run_ray(tasks, address: str | None, progress, shared_paths: list[str], on_result=None) -> dict:
     try:
         import ray
     except ImportError:
@@ -120,10 +147,8 @@ def run_ray(tasks, address: str | None, progress, shared_paths: list[str]) -> di
             raise BuildError(f"Ray node {host} cannot see {', '.join(missing[:3])}: with --executor ray the "
                              "sources and the cache must be on a path every node shares (NFS, Lustre, …)")
     remote = ray.remote(num_cpus=1)(process_unit)
-    refs = [(plan, unit, remote.remote(plan.job, unit)) for plan, unit in tasks]
-    results = {}
-    for plan, unit, ref in refs:
-        s = ray.get(ref)
-        results[(plan.spec.dataset_name, unit.index)] = s
-        progress.advance(plan.spec.dataset_name, s)
+    results: dict = {}
+    window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    _windowed(tasks, window, lambda plan, unit: remote.remote(plan.job, unit), ray.get,
+              functools.partial(_deliver, results, on_result, progress))
     return results

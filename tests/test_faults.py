@@ -385,3 +385,46 @@ def test_sigterm_stops_a_build_like_ctrl_c(tmp_path, sample_tokenizer):
     assert driver.returncode in (130, 143), err
     assert "interrupted: finished work units are kept" in err and "Traceback" not in err
     assert left == []
+
+
+# -- lazy dispatch (issue 13): a bounded window of units in flight, results in task order -----
+
+class _Plan:
+    def __init__(self, name):
+        self.spec, self.job = type("Spec", (), {"dataset_name": name})(), None
+
+
+class _Unit:
+    def __init__(self, index):
+        self.index = index
+
+
+def _fake_unit(job, unit):
+    return {"unit": unit.index, "pid": os.getpid()}
+
+
+class _Progress:
+    def advance(self, name, summary):
+        pass
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_units_are_dispatched_lazily_in_order(monkeypatch, workers):
+    import pipeline.executors as ex
+    monkeypatch.setattr(ex, "process_unit", _fake_unit)
+    plan, pulled, got = _Plan("a"), [], []
+
+    def tasks():
+        for i in range(50):
+            pulled.append(i)
+            yield plan, _Unit(i)
+
+    def on_result(p, unit, summary):
+        assert summary["unit"] == unit.index == len(got)  # task order
+        assert len(pulled) - len(got) <= 2 * workers + 1  # never all 50 pending at once
+        got.append(unit.index)
+
+    assert ex.run_local(tasks(), workers, _Progress(), on_result=on_result) == {}
+    assert got == list(range(50))
+    kept = ex.run_local(((plan, _Unit(i)) for i in range(5)), workers, _Progress())
+    assert sorted(kept) == [("a", i) for i in range(5)]
