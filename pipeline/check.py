@@ -6,7 +6,7 @@ too, and checking N records costs little), the first N records that adapt — an
 dataset's transform — are taken in source order exactly as the workers read them, rendered
 and tokenized by tokenmill (`stages.render.Renderer`, as the workers do) and by the
 reference: transformers' own chat-template renderer with the tokenizer's own encoding, i.e.
-`tokenizer.apply_chat_template` (`stages.render.check_template`). Any difference in ids or in
+`tokenizer.apply_chat_template` (`stages.template_check.check_template`). Any difference in ids or in
 trained positions stops the build with exit status 1 before a single work unit runs; the
 message names the dataset, the record (file:record) and what differs. Samples are compared
 before the overflow policy (which only cuts ids and spans).
@@ -36,7 +36,9 @@ from dataclasses import dataclass, field
 
 from mixtures.transforms import TransformError
 from stages.errors import BuildError, RecordError
-from stages.render import ChatTemplate, Renderer, TemplateCheck, check_template
+from stages.jinja_env import ChatTemplate
+from stages.render import Renderer
+from stages.template_check import TemplateCheck, check_template
 
 from .worker import canonical_records
 

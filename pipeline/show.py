@@ -20,7 +20,8 @@ import numpy as np
 import orjson
 
 from mixtures.manifest import DEFAULT_SEED
-from stages.render import Encoded, Explained, available_templates, marked_text, span_labels
+from stages.jinja_env import available_templates
+from stages.render import Encoded, Explained
 from stages.shard import read_shard
 
 from .verify import built_dirs
@@ -37,14 +38,44 @@ def locate_shard(d: Path, meta: dict, index: int):
     raise IndexError(index)
 
 
-def locate(d: Path, meta: dict, index: int):
-    """Global sample index → (shard arrays, index within shard)."""
-    _, arrays, i = locate_shard(d, meta, index)
-    return arrays, i
-
-
 class _NoLabels(Exception):
     """Why the trained spans cannot be labelled (shown as a note)."""
+
+
+# -- the terminal display ------------------------------------------------------------
+GREEN, DIM, RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
+
+
+def marked_text(tok, ids, spans, color: bool = False, labels: list[str] | None = None) -> str:
+    """The decoded sample with trained spans marked: green on a terminal (`color`), else
+    ⟦…⟧. `labels[k]` (e.g. "assistant#3") is written in front of trained span k."""
+    ids = np.asarray(ids)
+    spans = [(0, len(ids))] if spans is None else [tuple(map(int, s)) for s in spans]
+    out, pos = [], 0
+    for k, (s, e) in enumerate(spans):
+        if pos < s:
+            text = tok.decode(ids[pos:s].tolist())
+            out.append(f"{DIM}{text}{RESET}" if color else text)
+        label = f"[{labels[k]}]" if labels and k < len(labels) and labels[k] else ""
+        text = tok.decode(ids[s:e].tolist())
+        out.append(f"{DIM}{label}{RESET}{GREEN}{text}{RESET}" if color else f"{label}⟦{text}⟧")
+        pos = e
+    if pos < len(ids):
+        text = tok.decode(ids[pos:].tolist())
+        out.append(f"{DIM}{text}{RESET}" if color else text)
+    return "".join(out)
+
+
+def span_labels(explained: Explained, messages: list[dict] | None = None) -> list[str]:
+    """For each trained span of an explained sample, the role and turn it trains
+    ("assistant#3"; "all" under loss: all; "text" for documents)."""
+    out = []
+    for s, e in (explained.encoded.spans if explained.encoded.spans is not None
+                 else [(0, len(explained.encoded.ids))]):
+        names = [f"{role}#{msg}" if msg >= 0 else role for rs, re_, msg, role in explained.regions
+                 if rs < e and re_ > s]
+        out.append("+".join(dict.fromkeys(names)))
+    return out
 
 
 def _read_record(source: str, rec: int):

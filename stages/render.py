@@ -26,171 +26,36 @@ How ids and trained positions are found, without searching for marker strings:
    no_trained_tokens. `check_template` compares samples with an independent reference.
 
 Per record that is 2 renders with generation blocks, 2 + 2·(assistant turns) without.
-Templates render in a sandboxed Jinja environment equal to transformers' chat-template one
-(same filters and globals, trim_blocks/lstrip_blocks), except that `strftime_now` reads a
-fixed time (template variable `tokenmill_now`, ISO format; default 2025-01-01T00:00:00), so
-builds are reproducible.
+Templates, their sandbox and `render` live in jinja_env.py; the reference check
+(`check_template`) in template_check.py; the terminal display in pipeline/show.py.
 """
 from __future__ import annotations
 
 import bisect
-import hashlib
-import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
-from functools import lru_cache
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 
+from .constants import LOSS_MODES
 from .errors import BuildError, RecordError
 from .formats import record_kind
+from .jinja_env import (GEN_CLOSE, GEN_OPEN, PH_CLOSE, PH_OPEN, PIECE_BREAK, RESERVED_RE, ChatTemplate,
+                        available_templates, compile_template, find_template, render, template_literal_text)
 from .tokenizer import Tokenizer
 
-BUILTIN_TEMPLATES = ("chatml", "none", "hunyuan", "hy3")
+__all__ = ["RENDER_VERSION", "ChatTemplate", "Encoded", "Explained", "Renderer", "available_templates",
+           "compile_template", "mask_to_spans", "resolve_template", "template_literal_text"]
+
 RENDER_VERSION = 2  # bump when the same inputs would give other ids or spans (belongs in cache keys)
-# Unicode noncharacters (never in real text): placeholder brackets, generation-block marks.
-PH_OPEN, PH_CLOSE, GEN_OPEN, GEN_CLOSE = "\ufdd0", "\ufdd1", "\ufdd2", "\ufdd3"
-PIECE_BREAK = "\ufdd5"  # template variable `piece_break`: a token boundary, no token
-RESERVED_RE = re.compile("[\ufdd0-\ufdd5]")
 PH_RE = re.compile(f"{PH_OPEN}(\\d+){PH_CLOSE}")
 GEN_RE = re.compile(f"[{GEN_OPEN}{GEN_CLOSE}]")
 DATA_FIELDS = ("content", "reasoning_content")
-LOSS_MODES = ("assistant", "last", "all")
-DEFAULT_NOW = "2025-01-01T00:00:00"
-
-
-# ---------------------------------------------------------------------------------------
-# templates
-# ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ChatTemplate:
-    name: str
-    text: str
-
-    @property
-    def sha256(self) -> str:
-        return hashlib.sha256(self.text.encode()).hexdigest()
-
-    @property
-    def has_generation_blocks(self) -> bool:
-        return re.search(r"\{%-?\s*generation\s*-?%\}", self.text) is not None
 
 
 def resolve_template(name: str, tokenizer: Tokenizer) -> ChatTemplate:
-    """`tokenizer` (the tokenizer's own), a built-in name, or a path to a .jinja file.
-    Built-ins are files in stages/templates/: a .jinja file placed there is a new built-in."""
-    if name == "tokenizer":
-        if not tokenizer.chat_template:
-            raise BuildError(f"{tokenizer.path}: template 'tokenizer' asked for, but the tokenizer "
-                             f"has no chat template; choose one of {', '.join(available_templates())}")
-        tmpl = ChatTemplate("tokenizer", tokenizer.chat_template)
-    elif Path(name).suffix == ".jinja" or "/" in name:
-        if not Path(name).is_file():
-            raise BuildError(f"template file {name!r} not found")
-        tmpl = ChatTemplate(Path(name).stem, Path(name).read_text(encoding="utf-8"))
-    else:
-        res = resources.files("stages") / "templates" / f"{name}.jinja"
-        if not res.is_file():
-            raise BuildError(f"unknown template {name!r}: use tokenizer, {', '.join(available_templates())} "
-                             "or a path to a .jinja file")
-        tmpl = ChatTemplate(name, res.read_text(encoding="utf-8"))
-    try:
-        compile_template(tmpl.text, False)
-    except Exception as e:
-        raise BuildError(f"template {tmpl.name!r} does not compile: {type(e).__name__}: {e}") from None
-    return tmpl
-
-
-def available_templates() -> list[str]:
-    folder = resources.files("stages") / "templates"
-    return sorted(p.name[:-6] for p in folder.iterdir() if p.name.endswith(".jinja"))
-
-
-@lru_cache(maxsize=32)
-def compile_template(text: str, mark_generation: bool):
-    """The template compiled in a sandbox equal to transformers' chat-template environment.
-    With `mark_generation`, `{% generation %}` blocks wrap their output in GEN marks."""
-    import jinja2
-    from jinja2 import nodes
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    class Generation(Extension):
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
-            return nodes.CallBlock(self.call_method("_block"), [], [], body).set_lineno(lineno)
-
-        def _block(self, caller):
-            out = caller()
-            return f"{GEN_OPEN}{out}{GEN_CLOSE}" if mark_generation else out
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    @jinja2.pass_context
-    def strftime_now(ctx, fmt):
-        return datetime.fromisoformat(ctx.get("tokenmill_now") or DEFAULT_NOW).strftime(fmt)
-
-    class TemplateDict:
-        def __call__(self, *args, **kwargs):
-            return dict(*args, **kwargs)
-
-        def fromkeys(self, *args, **kwargs):
-            return dict.fromkeys(*args, **kwargs)
-
-    class TemplateNamespace(jinja2.utils.Namespace):
-        def __init__(*args, **kwargs):
-            self, args = args[0], args[1:]
-            attrs = dict(*args, **kwargs)
-            for name in attrs:
-                TemplateNamespace._check_name(name)
-            jinja2.utils.Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name, value):
-            TemplateNamespace._check_name(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check_name(name):
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now,
-                       dict=TemplateDict(), namespace=TemplateNamespace, piece_break=PIECE_BREAK)
-    return env.from_string(text)
-
-
-@lru_cache(maxsize=32)
-def template_literal_text(text: str) -> str:
-    """The template's literal strings (raw text and string constants), joined by NULs — where
-    transformers looks for a template's control tokens."""
-    from jinja2 import nodes
-    tmpl = compile_template(text, False)
-    ast = tmpl.environment.parse(text)
-    literals = {n.data for n in ast.find_all(nodes.TemplateData)}
-    literals |= {n.value for n in ast.find_all(nodes.Const) if isinstance(n.value, str)}
-    return "\0".join(sorted(literals))
-
-
-def _render(template: ChatTemplate, messages, tools, extra: dict, mark: bool, add_gen: bool) -> str:
-    try:
-        return compile_template(template.text, mark).render(
-            messages=messages, tools=tools, documents=None, add_generation_prompt=add_gen, **extra)
-    except Exception as e:
-        raise RecordError("template_error", f"chat template {template.name!r} failed: "
-                          f"{type(e).__name__}: {e}") from None
+    """The template a build names (see jinja_env.find_template)."""
+    return find_template(name, tokenizer)
 
 
 # ---------------------------------------------------------------------------------------
@@ -254,13 +119,15 @@ class Renderer:
         self.unk_id = tokenizer.unk_id
 
     # -- record → placeholder messages ------------------------------------------------
-    def _messages(self, record: dict) -> list[dict]:
+    def messages(self, record: dict) -> list[dict]:
+        """The record's conversation as the template sees it (input-output → user + assistant)."""
         if record_kind(record) == "input-output":
             return [{"role": "user", "content": record["input"]},
                     {"role": "assistant", "content": record["output"]}]
         return record["messages"]
 
-    def _extra(self, record: dict) -> dict:
+    def template_vars(self, record: dict) -> dict:
+        """Template variables for this record: the tokenizer's, the dataset's, the record's own."""
         extra = dict(self.template_kwargs)
         if record.get("reasoning_effort") is not None:
             extra["reasoning_effort"] = record["reasoning_effort"]
@@ -327,8 +194,8 @@ class Renderer:
 
     # -- layout -----------------------------------------------------------------------
     def _layout(self, record: dict) -> _Layout:
-        messages = self._messages(record)
-        extra = self._extra(record)
+        messages = self.messages(record)
+        extra = self.template_vars(record)
         tools = record.get("tools")
         if tools is not None:
             self._check_structured(tools, "tools")
@@ -337,7 +204,7 @@ class Renderer:
                 self._check_structured(v, f"template_kwargs.{k}")
         ph_messages, real_messages, data = self._placeholders(messages)
 
-        marked = _render(self.template, ph_messages, tools, extra, self.generation, False)
+        marked = render(self.template, ph_messages, tools, extra, self.generation, False)
         blocks: list[tuple[int, int]] = []
         if self.generation:
             ph_text, blocks = _strip_generation_marks(marked)
@@ -351,7 +218,7 @@ class Renderer:
             ph_regions = self._prefix_regions(ph_messages, ph_text, tools, extra)
 
         layout = self._to_real(ph_text, data, ph_regions)
-        expected = _render(self.template, real_messages, tools, extra, False, False)
+        expected = render(self.template, real_messages, tools, extra, False, False)
         if expected != layout.text:
             raise RecordError("template_round_trip", "the template changes message text (e.g. splits "
                               "or rewrites it), so data and template text cannot be told apart")
@@ -362,7 +229,13 @@ class Renderer:
                               "(chatml, hunyuan, hy3) or drop the reasoning in a transform")
         return layout
 
-    def _selected(self, messages: list[dict]) -> list[int]:
+    def data_has_control_text(self, messages: list[dict]) -> bool:
+        """Whether a data string holds control-token text (encoded as text, never as the token)."""
+        return self.data_control_re is not None and any(
+            self.data_control_re.search(m.get(k) or "") for m in messages for k in DATA_FIELDS)
+
+    def trained_turns(self, messages: list[dict]) -> list[int]:
+        """Indices of the assistant turns that train under this loss mode."""
         turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         if self.loss == "last":
             turns = turns[-1:]
@@ -384,7 +257,7 @@ class Renderer:
                                       f"{len(assistant)} assistant turns, and a block cannot be "
                                       "matched to its turn")
                 owner.append(found.pop())
-        keep = set(self._selected(ph_messages))
+        keep = set(self.trained_turns(ph_messages))
         return [(s, e, i) for (s, e), i in zip(blocks, owner) if i in keep]
 
     @staticmethod
@@ -400,9 +273,9 @@ class Renderer:
 
     def _prefix_regions(self, ph_messages, ph_text, tools, extra):
         regions = []
-        for i in self._selected(ph_messages):
-            before = _render(self.template, ph_messages[:i], tools, extra, False, True)
-            upto = _render(self.template, ph_messages[: i + 1], tools, extra, False, False)
+        for i in self.trained_turns(ph_messages):
+            before = render(self.template, ph_messages[:i], tools, extra, False, True)
+            upto = render(self.template, ph_messages[: i + 1], tools, extra, False, False)
             if not (upto.startswith(before) and ph_text.startswith(upto)):
                 raise RecordError("template_not_prefix_stable", "the template renders earlier "
                                   "turns differently once later turns exist; loss spans cannot be "
@@ -600,239 +473,3 @@ def mask_to_spans(mask: np.ndarray) -> np.ndarray:
     padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
     edges = np.flatnonzero(np.diff(padded))
     return edges.reshape(-1, 2).astype(np.int32)
-
-
-# ---------------------------------------------------------------------------------------
-# --check-template: an independent reference
-# ---------------------------------------------------------------------------------------
-@dataclass
-class TemplateCheck:
-    """Result of `check_template`. `differ`: [(record index, what, detail)] for every sample
-    whose ids or trained positions differ from the reference; `not_checked`: {reason: count}
-    (records the renderer refuses, or where the reference cannot say)."""
-    template: str
-    checked: int = 0
-    ids_equal: int = 0
-    masks_checked: int = 0
-    masks_equal: int = 0
-    differ: list = field(default_factory=list)
-    not_checked: dict = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return not self.differ
-
-    def count(self, reason: str):
-        self.not_checked[reason] = self.not_checked.get(reason, 0) + 1
-
-    def summary(self) -> str:
-        head = (f"template {self.template!r}: {self.ids_equal}/{self.checked} samples with the reference's ids, "
-                f"{self.masks_equal}/{self.masks_checked} with its trained positions")
-        if self.not_checked:
-            head += "; not checked: " + ", ".join(f"{k} {v}" for k, v in sorted(self.not_checked.items()))
-        lines = [head] + [f"  record {i}: {what} differ — {detail}" for i, what, detail in self.differ[:10]]
-        if len(self.differ) > 10:
-            lines.append(f"  … and {len(self.differ) - 10} more")
-        return "\n".join(lines)
-
-
-class _FixedClock:
-    @staticmethod
-    def now(tz=None):
-        return datetime.fromisoformat(DEFAULT_NOW)
-
-
-def _reference_render(renderer: Renderer, messages, tools, kwargs, add_gen=False, mask=False, template=None):
-    """transformers' own Jinja renderer (as apply_chat_template uses it)."""
-    from unittest import mock
-
-    from transformers.utils import chat_template_utils as ctu
-    kw = {**renderer.tok.template_kwargs(), **kwargs, "piece_break": PIECE_BREAK}
-    now = kw.pop("tokenmill_now", None)
-    clock = _FixedClock
-    if now:
-        class clock(_FixedClock):  # noqa: N801
-            @staticmethod
-            def now(tz=None):
-                return datetime.fromisoformat(now)
-    with mock.patch.object(ctu, "datetime", clock):
-        texts, idx = ctu.render_jinja_template([messages], tools=tools,
-                                               chat_template=(template or renderer.template).text,
-                                               add_generation_prompt=add_gen, return_assistant_tokens_mask=mask,
-                                               **kw)
-    return texts[0], (idx[0] if mask else None)
-
-
-def _reference_ids(tok: Tokenizer, text: str, offsets=False):
-    """The tokenizer's own encoding of a rendered chat; a piece break splits it (each piece
-    encoded alone, FM9G style)."""
-    ids, offs, base = [], [], 0
-    for part in text.split(PIECE_BREAK):
-        if part:
-            if offsets:
-                got, o = tok.reference_offsets(part)
-                offs += [(a + base, b + base) for a, b in o]
-            else:
-                got = tok.reference_encode(part)
-            ids += list(got)
-        base += len(part) + 1
-    return (ids, offs) if offsets else ids
-
-
-def _reference_mask(renderer: Renderer, template: ChatTemplate, messages, tools, kwargs, text, ids
-                    ) -> np.ndarray | str:
-    """Trained positions as the reference says, or a reason why it cannot say."""
-    n = len(ids)
-    if renderer.loss == "all":
-        return np.ones(n, dtype=bool)
-    selected = set(renderer._selected(messages))
-    mask = np.zeros(n, dtype=bool)
-    if template.has_generation_blocks:
-        text2, blocks = _reference_render(renderer, messages, tools, kwargs, mask=True, template=template)
-        assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        if len(blocks) != len(assistant):
-            return "reference_blocks_unmatched"
-        ids2, offs = _reference_ids(renderer.tok, text2, offsets=True)
-        if ids2 != list(ids):
-            return "reference_offsets_differ"
-        s_a = np.array([a for a, _ in offs], dtype=np.int64)
-        e_a = np.array([b for _, b in offs], dtype=np.int64)
-        for (s, e), i in zip(sorted(blocks), assistant):
-            if i in selected:
-                mask |= (e_a > s) & (s_a < e)
-        return mask
-    controls = set(renderer.tok.control_tokens.values())
-    ids2, offs = _reference_ids(renderer.tok, text, offsets=True)
-    if ids2 != list(ids):
-        return "reference_offsets_differ"
-    s_a = np.array([a for a, _ in offs], dtype=np.int64)
-    e_a = np.array([b for _, b in offs], dtype=np.int64)
-    is_ctl = np.array([t in controls for t in ids2], dtype=bool)
-    for i in sorted(selected):
-        before = _reference_render(renderer, messages[:i], tools, kwargs, add_gen=True, template=template)[0]
-        upto = _reference_render(renderer, messages[: i + 1], tools, kwargs, template=template)[0]
-        if not (upto.startswith(before) and text.startswith(upto)):
-            return "reference_not_prefix"
-        start, end = len(before), len(upto)
-        # the turn ends at its last control token (the end-of-turn), else it trains whole
-        inside = np.flatnonzero(is_ctl & (s_a >= start) & (e_a <= end))
-        stop = int(e_a[inside[-1]]) if len(inside) else end
-        mask |= (e_a > start) & (s_a < stop)
-    return mask
-
-
-def check_template(renderer: Renderer, records: list[dict], reference: ChatTemplate | None = None
-                   ) -> TemplateCheck:
-    """Re-render chat records with the reference — transformers' own chat-template renderer
-    and the tokenizer's own encoding (`apply_chat_template`; for tiktoken, the original
-    loader's NFC + allowed_special="all") — and compare ids and trained positions with what
-    `renderer` produces. Trained positions come from the reference's own generation-block
-    indices, or from prefix renders for templates without them. `reference`: render the
-    reference with another template (e.g. a built-in checked against the tokenizer's own)."""
-    template = reference or renderer.template
-    report = TemplateCheck(renderer.template.name if reference is None
-                           else f"{renderer.template.name} vs {reference.name}")
-    ours = renderer.encode_batch(records)
-    for idx, (rec, enc) in enumerate(zip(records, ours)):
-        if record_kind(rec) == "text":
-            report.count("text_record")
-            continue
-        if isinstance(enc, RecordError):
-            report.count(f"renderer:{enc.reason}")
-            continue
-        messages = renderer._messages(rec)
-        tools = rec.get("tools")
-        kwargs = renderer._extra(rec)
-        data_ctl = renderer.data_control_re is not None and any(
-            renderer.data_control_re.search(m.get(k) or "") for m in messages for k in DATA_FIELDS)
-        try:
-            if data_ctl:
-                if renderer.tok.kind != "hf" or "piece_break" in template.text:
-                    report.count("reference_cannot_keep_control_text")
-                    continue
-                own = renderer.tok.template_kwargs()
-                user_kw = {k: v for k, v in kwargs.items() if k not in own or own[k] != v}
-                ref = renderer.tok.hf.apply_chat_template(
-                    messages, tools=tools, chat_template=template.text, tokenize=True,
-                    return_dict=False, sanitize_control_tokens=True, **user_kw)
-                text = None
-            else:
-                text, _ = _reference_render(renderer, messages, tools, kwargs, template=template)
-                ref = _reference_ids(renderer.tok, text)
-        except ValueError as e:
-            report.count("reference_failed")
-            if "sanitize" not in str(e):
-                report.differ.append((idx, "render", f"reference failed: {e}"))
-            continue
-        except Exception as e:  # the reference template fails where ours did not
-            report.differ.append((idx, "render", f"reference failed: {type(e).__name__}: {e}"))
-            continue
-        report.checked += 1
-        ids = enc.ids.tolist()
-        if ids != list(ref):
-            k = next((j for j, (a, b) in enumerate(zip(ids, ref)) if a != b), min(len(ids), len(ref)))
-            report.differ.append((idx, "ids", f"first difference at token {k} of {len(ids)}/{len(ref)}: "
-                                  f"ours {ids[k:k + 5]} reference {list(ref)[k:k + 5]}"))
-            continue
-        report.ids_equal += 1
-        if data_ctl:
-            report.count("mask_unverifiable_control_text")
-            continue
-        try:
-            ref_mask = _reference_mask(renderer, template, messages, tools, kwargs, text, ids)
-        except Exception as e:
-            report.differ.append((idx, "trained positions", f"reference failed: {type(e).__name__}: {e}"))
-            continue
-        if isinstance(ref_mask, str):
-            report.count(ref_mask)
-            continue
-        report.masks_checked += 1
-        mine = np.zeros(len(ids), dtype=bool)
-        for s, e in enc.spans if enc.spans is not None else [(0, len(ids))]:
-            mine[s:e] = True
-        if (mine == ref_mask).all():
-            report.masks_equal += 1
-        else:
-            k = int(np.flatnonzero(mine != ref_mask)[0])
-            report.differ.append((idx, "trained positions", f"first difference at token {k}: ours "
-                                  f"{'trained' if mine[k] else 'not trained'}, reference "
-                                  f"{'trained' if ref_mask[k] else 'not trained'}"))
-    return report
-
-
-# ---------------------------------------------------------------------------------------
-# showing a sample
-# ---------------------------------------------------------------------------------------
-GREEN, DIM, RESET = "\x1b[32m", "\x1b[2m", "\x1b[0m"
-
-
-def marked_text(tok: Tokenizer, ids, spans, color: bool = False, labels: list[str] | None = None) -> str:
-    """The decoded sample with trained spans marked: green on a terminal (`color`), else
-    ⟦…⟧. `labels[k]` (e.g. "assistant#3") is written in front of trained span k."""
-    ids = np.asarray(ids)
-    spans = [(0, len(ids))] if spans is None else [tuple(map(int, s)) for s in spans]
-    out, pos = [], 0
-    for k, (s, e) in enumerate(spans):
-        if pos < s:
-            text = tok.decode(ids[pos:s].tolist())
-            out.append(f"{DIM}{text}{RESET}" if color else text)
-        label = f"[{labels[k]}]" if labels and k < len(labels) and labels[k] else ""
-        text = tok.decode(ids[s:e].tolist())
-        out.append(f"{DIM}{label}{RESET}{GREEN}{text}{RESET}" if color else f"{label}⟦{text}⟧")
-        pos = e
-    if pos < len(ids):
-        text = tok.decode(ids[pos:].tolist())
-        out.append(f"{DIM}{text}{RESET}" if color else text)
-    return "".join(out)
-
-
-def span_labels(explained: Explained, messages: list[dict] | None = None) -> list[str]:
-    """For each trained span of an explained sample, the role and turn it trains
-    ("assistant#3"; "all" under loss: all; "text" for documents)."""
-    out = []
-    for s, e in (explained.encoded.spans if explained.encoded.spans is not None
-                 else [(0, len(explained.encoded.ids))]):
-        names = [f"{role}#{msg}" if msg >= 0 else role for rs, re_, msg, role in explained.regions
-                 if rs < e and re_ > s]
-        out.append("+".join(dict.fromkeys(names)))
-    return out

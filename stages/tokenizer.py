@@ -31,11 +31,9 @@ from pathlib import Path
 import numpy as np
 import orjson
 
+from .constants import TOKENIZER_FILES
 from .errors import BuildError
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                   "chat_template.json", "special_tokens_map.json", "added_tokens.json",
-                   "vocab.json", "merges.txt", "tokenizer.model")
+from .jinja_env import template_literal_text
 # Continuation marker: an extra added token put in front of a piece that does not start the
 # rendered text, then dropped. U+FDD0… are Unicode noncharacters: never in real text (render.py
 # refuses data that holds them).
@@ -161,13 +159,15 @@ class Tokenizer:
         """Tokens that are *control* tokens for a chat template: never produced from data
         text. As transformers' `sanitize_control_tokens`: every special token, plus the added
         tokens the template's literal text contains (not whitespace-only ones)."""
-        from .render import template_literal_text  # local: render imports this module
         literal = template_literal_text(template_text)
         return frozenset(self.special_tokens) | frozenset(
             t for t in self.control_tokens if t in literal and not t.isspace())
 
     def info(self) -> dict:
-        return {"path": self.path, "vocab_size": self.vocab_size, "sha256": self.sha256}
+        """What meta.json and the lock record of the tokenizer: the stream reads the special
+        ids from here instead of parsing tokenizer files (None: the tokenizer has no such token)."""
+        return {"path": self.path, "vocab_size": self.vocab_size, "sha256": self.sha256,
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "pad_id": self.pad_id}
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path} vocab={self.vocab_size}>"
@@ -385,36 +385,6 @@ def _load_ranks(path: Path, dedupe: bool) -> dict[bytes, int]:
     return ranks
 
 
-class _TiktokenHFShim:
-    """The bits of a transformers tokenizer that other code calls (`decode`,
-    `apply_chat_template`), for a tiktoken tokenizer that has no transformers class."""
-
-    def __init__(self, tok: "TiktokenTokenizer"):
-        self._tok = tok
-
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        ids = [int(i) for i in ids]
-        if skip_special_tokens:
-            specials = set(self._tok._enc._special_tokens.values())
-            ids = [i for i in ids if i not in specials]
-        return self._tok.decode(ids)
-
-    def convert_ids_to_tokens(self, ids):
-        return [self._tok._enc.decode_single_token_bytes(int(i)).decode("utf-8", "replace") for i in ids]
-
-    def apply_chat_template(self, conversation, tools=None, chat_template=None, add_generation_prompt=False,
-                            tokenize=True, **kwargs):
-        """Render with transformers' own Jinja renderer, then encode as the reference loader
-        does (NFC, every special token allowed). Data holding special-token text is encoded
-        as control tokens here, exactly like the original loader."""
-        from transformers.utils.chat_template_utils import render_jinja_template
-        kw = {**self._tok.template_kwargs(), **kwargs}
-        texts, _ = render_jinja_template([conversation], tools=tools,
-                                         chat_template=chat_template or self._tok.chat_template,
-                                         add_generation_prompt=add_generation_prompt, **kw)
-        return self._tok.reference_encode(texts[0]) if tokenize else texts[0]
-
-
 class TiktokenTokenizer(Tokenizer):
     kind = "tiktoken"
     encoder = "tiktoken"
@@ -470,7 +440,6 @@ class TiktokenTokenizer(Tokenizer):
         for text, i in specials.items():
             lens[i] = len(text.encode("utf-8"))
         self._byte_lens = lens
-        self.hf = _TiktokenHFShim(self)
 
     def normalize_data(self, text: str) -> str:
         if self._norm and not unicodedata.is_normalized(self._norm, text):

@@ -1,7 +1,7 @@
 """Parity with the reference on the real corpora in ../shared/corpora.
 
 For each tokenizer/template pair, every SFT dataset is adapted, rendered and tokenized by
-tokenmill and compared with the reference (`stages.render.check_template`): transformers'
+tokenmill and compared with the reference (`stages.template_check.check_template`): transformers'
 own chat-template renderer + the tokenizer's own encoding (`apply_chat_template`; for the
 Hunyuan tiktoken tokenizer, its tokenizer_config.json template encoded as the original loader
 does: NFC, allowed_special="all"). Ids must be equal, and trained positions equal to the
@@ -27,7 +27,8 @@ if str(ROOT) not in sys.path:
 
 from stages.errors import RecordError  # noqa: E402
 from stages.formats import ADAPTERS  # noqa: E402
-from stages.render import Renderer, check_template, resolve_template  # noqa: E402
+from stages.render import Renderer, resolve_template  # noqa: E402
+from stages.template_check import check_template  # noqa: E402
 from stages.tokenizer import load_tokenizer  # noqa: E402
 
 SHARED = ROOT.parent / "shared"

@@ -1,56 +1,28 @@
-"""Templates, tokenizers and loss spans with hand-written expected renderings.
+"""The renderer: templates and loss spans with hand-written expected renderings.
 
 Each expected string is the decoded sample with trained tokens inside ⟦…⟧. Real tokenizers
 from ../shared/tokenizers are used (Qwen2.5 HF, Hunyuan tiktoken, Mistral SentencePiece);
-the tests skip with a reason when that folder is absent.
+the tests skip with a reason when that folder is absent. Tokenizer loading: test_tokenizer.py.
 """
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
+from render_helpers import (ALPACA, DATA, HY, MISTRAL, QWEN, TOOL, TOOL_JSON, TWO_TURNS, marked, needs_tokenizers,
+                            reason, renderer)
 
+from pipeline.show import marked_text, span_labels
 from stages.errors import BuildError, RecordError
 from stages.formats import ADAPTERS
-from stages.render import (ChatTemplate, Renderer, available_templates, check_template, marked_text,
-                           resolve_template, span_labels)
+from stages.jinja_env import ChatTemplate, available_templates
+from stages.render import Renderer, resolve_template
+from stages.template_check import check_template
 from stages.tokenizer import load_tokenizer
 
-TOKS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
-QWEN, HY, MISTRAL = TOKS / "qwen2.5-family-internvl2_5-1b", TOKS / "hunyuan-a13b", TOKS / "mistral-sentencepiece"
-DATA = Path(__file__).resolve().parent / "data"
-
-needs_tokenizers = pytest.mark.skipif(not (QWEN.is_dir() and HY.is_dir() and MISTRAL.is_dir()),
-                                      reason="../shared/tokenizers is not available")
 pytestmark = needs_tokenizers
-
-TOOL = {"name": "get_weather", "description": "Weather for a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-TOOL_JSON = json.dumps(TOOL, ensure_ascii=False)
-
-
-def renderer(tok_path, template, loss="assistant", **kw):
-    tok = load_tokenizer(str(tok_path))
-    return Renderer(tok, resolve_template(str(template), tok), loss, **kw)
-
-
-def marked(r: Renderer, record) -> str:
-    enc = r.encode_batch([record])[0]
-    if isinstance(enc, RecordError):
-        raise enc
-    return marked_text(r.tok, enc.ids, enc.spans)
-
-
-def reason(r: Renderer, record) -> str:
-    enc = r.encode_batch([record])[0]
-    assert isinstance(enc, RecordError), f"expected a refusal, got {marked_text(r.tok, enc.ids, enc.spans)!r}"
-    return enc.reason
 
 
 # -- formats through templates -------------------------------------------------------
-ALPACA = ADAPTERS["alpaca"]({"instruction": "Translate", "input": "你好", "output": "Hello",
-                             "system": "Be brief.", "history": [["Hi", "Hi!"]]})
 ALPACA_CHATML = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                  "<|im_start|>assistant\n⟦Hi!<|im_end|>⟧\n<|im_start|>user\nTranslate\n你好<|im_end|>\n"
                  "<|im_start|>assistant\n⟦Hello<|im_end|>⟧\n")
@@ -112,11 +84,6 @@ def test_reasoning_a_template_cannot_render_is_refused():
     assert reason(renderer(QWEN, "tokenizer"), REASONING_TOOLS) == "reasoning_not_rendered"
 
 
-TWO_TURNS = ADAPTERS["messages"]({"messages": [
-    {"role": "system", "content": "S"},
-    {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1", "loss_weight": 0},
-    {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"},
-    {"role": "user", "content": "q3"}, {"role": "assistant", "content": "a3"}]})
 
 
 @pytest.mark.parametrize("template", ["chatml", "tokenizer"])
@@ -240,77 +207,6 @@ def test_none_template_fm9g_input_output_and_text():
     assert enc.ids.tolist() == want
     doc = r.encode_batch([{"text": "plain document"}])[0]
     assert doc.spans is None and doc.ids[0] == tok.bos_id and doc.ids[-1] == tok.eos_id
-
-
-# -- tokenizers ----------------------------------------------------------------------
-def test_tiktoken_hunyuan_loader():
-    tok = load_tokenizer(str(HY))
-    assert tok.kind == "tiktoken" and tok.vocab_size == 128167
-    assert (tok.eos_token, tok.eos_id, tok.pad_id) == ("<|eos|>", 127960, 127961)
-    assert tok.control_tokens["<|extra_0|>"] == 127962 and tok.control_tokens["<|startoftext|>"] == 127958
-    text = "混合 text, code: def f(x): return x**2 — ünïcode"
-    ids = tok.encode_texts([text])[0]
-    assert tok.decode(ids) == text
-    # a special token written in data stays text
-    ids = tok.encode_texts(["a <|eos|> b"])[0]
-    assert 127960 not in ids and tok.decode(ids) == "a <|eos|> b"
-    assert tok.hf.decode(ids) == "a <|eos|> b"  # what `pipeline show` calls
-    assert load_tokenizer(str(HY / "hy.tiktoken")).vocab_size == 128167  # the file alone
-    assert load_tokenizer(str(HY)) is tok  # loaded once per process
-
-
-def test_tiktoken_nfc_like_the_reference_loader():
-    tok = load_tokenizer(str(HY))
-    decomposed = "cafe\u0301"
-    r = Renderer(tok, resolve_template("hunyuan", tok))
-    rec = {"messages": [{"role": "user", "content": decomposed}, {"role": "assistant", "content": "ok"}]}
-    enc = r.encode_batch([rec])[0]
-    assert tok.decode(enc.ids).startswith("<|startoftext|>café<|extra_0|>")
-    assert check_template(r, [rec]).ok
-
-
-def test_sentencepiece_model_file(tmp_path):
-    os.symlink(MISTRAL / "tokenizer.model", tmp_path / "mistral-v1.model")
-    tok = load_tokenizer(str(tmp_path / "mistral-v1.model"))
-    assert (tok.kind, tok.vocab_size, tok.bos_id, tok.eos_id) == ("hf", 32000, 1, 2)
-    assert tok.encode_texts(["Hello world"])[0] == load_tokenizer(str(MISTRAL)).encode_texts(["Hello world"])[0]
-
-
-def test_sentencepiece_pieces_after_control_tokens_continue_the_text():
-    # Mistral's [INST] layout: text after </s> must not get SentencePiece's first-word prefix space
-    r = renderer(MISTRAL, DATA / "mistral_inst.jinja")
-    rec = ADAPTERS["messages"]({"messages": [
-        {"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"},
-        {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye"}]})
-    report = check_template(r, [rec, ALPACA, TWO_TURNS])
-    assert report.ok and report.ids_equal == 3, report.summary()
-
-
-def test_trust_remote_code_loader(tmp_path):
-    from tokenizers import Tokenizer as TkTokenizer
-    d = tmp_path / "custom"
-    d.mkdir()
-    (d / "my_tokenizer.py").write_text(
-        "from transformers import PreTrainedTokenizerFast\n"
-        "class MyTokenizer(PreTrainedTokenizerFast):\n"
-        "    pass\n")
-    TkTokenizer.from_file(str(QWEN / "tokenizer.json")).save(str(d / "tokenizer.json"))
-    (d / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "MyTokenizer", "auto_map": {"AutoTokenizer": [None, "my_tokenizer.MyTokenizer"]},
-        "eos_token": "<|im_end|>"}))
-    with pytest.raises(BuildError, match="trust_remote_code"):
-        load_tokenizer(str(d))
-    tok = load_tokenizer(str(d), trust_remote_code=True)
-    assert type(tok.hf).__name__ == "MyTokenizer" and tok.eos_id == 151645
-    assert tok.encode_texts(["你好"])[0] == [108386]
-
-
-def test_unknown_and_missing_tokenizers(tmp_path):
-    with pytest.raises(BuildError, match="not found"):
-        load_tokenizer(str(tmp_path / "nope"))
-    (tmp_path / "x.tiktoken").write_bytes(b"YQ== 0\n")
-    with pytest.raises(BuildError, match="pat_str"):
-        load_tokenizer(str(tmp_path / "x.tiktoken"))
 
 
 # -- special-token injection ---------------------------------------------------------
@@ -438,10 +334,3 @@ def test_every_builtin_template_renders_every_format():
             enc = r.encode_batch([rec])[0]
             assert not isinstance(enc, RecordError), (name, enc)
             assert enc.n_trained > 0 and np.all(np.diff(enc.spans, axis=1) > 0) if enc.spans is not None else True
-
-
-def test_tokenizer_json_file_alone():
-    tok = load_tokenizer(str(QWEN / "tokenizer.json"))
-    assert tok.kind == "hf" and tok.chat_template is None
-    assert tok.encode_texts(["你好 <|im_end|>"])[0] == load_tokenizer(str(QWEN)).encode_texts(["你好 <|im_end|>"])[0]
-    assert 151645 not in tok.encode_texts(["<|im_end|>"])[0]
