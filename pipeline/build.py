@@ -6,6 +6,8 @@ order. Units depend only on the data, so the result is byte-identical for any wo
 """
 from __future__ import annotations
 
+import errno
+import inspect
 import os
 import shutil
 import time
@@ -13,27 +15,24 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import orjson
 
-from mixtures.lock import make_lock, write_lock
+from mixtures.lock import LockError, make_lock, write_lock
 from mixtures.manifest import DatasetSpec, Mixture, load_manifest
 from mixtures.transforms import load_transform
 from stages.errors import BuildError, RecordError
 from stages.formats import detect_format
 from stages.readers import expand_source, iter_unit, plan_units
 from stages.render import resolve_template
-from stages.shard import read_shard, token_dtype
-from stages import stats
 from stages.tokenizer import load_tokenizer
 
-from .cache import CacheEntry, FingerprintMemo, dataset_key, dir_fingerprint, file_fingerprint
+from .assemble import DEFAULT_SHARD_TOKENS, assemble
+from .cache import (CacheEntry, FingerprintMemo, dataset_key, dir_fingerprint, ensure_cache_dir,
+                    file_fingerprint)
 from .progress import Progress
 from .encoders import choose_encoder
 from .executors import run_local, run_ray
 from .worker import DatasetJob, faults, job_renderer
-
-SCHEMA_VERSION = 1
 
 
 @dataclass
@@ -48,101 +47,126 @@ class DatasetPlan:
     seconds: float = 0.0
     template_check: object = None  # pipeline.check.DatasetCheck under --check-template
     encoder_note: str = ""  # which encoder built it, and why (pipeline/encoders.py)
+    shard_tokens: int = DEFAULT_SHARD_TOKENS  # target tokens per shard (part of the key)
+    transform_sha256: str | None = None
+
+
+class EmptyMixtureError(BuildError):
+    """Every dataset was built but no record was kept: the lock cannot be written. Carries the
+    plans so the CLI prints the summary table and the skip reasons above the error line."""
+
+    def __init__(self, message: str, plans: list):
+        super().__init__(message)
+        self.plans = plans
+
+
+def shard_tokens_of(spec: DatasetSpec, mixture: Mixture, override: int | None) -> int:
+    """Target shard size: --shard-tokens, else the dataset's, else the manifest's, else ~1 GiB."""
+    for value in (override, getattr(spec, "shard_tokens", None), getattr(mixture, "shard_tokens", None)):
+        if value is not None:
+            if int(value) < 1:
+                raise BuildError(f"{spec.dataset_name}: shard_tokens must be >= 1, got {value}")
+            return int(value)
+    return DEFAULT_SHARD_TOKENS
 
 
 def _detect(units, spec: DatasetSpec) -> str:
+    first_fault = None
     for unit in units:
         for rec, raw in iter_unit(unit):
             if isinstance(raw, RecordError):
+                first_fault = first_fault or raw.located(unit.file, rec)
                 continue
             try:
                 return detect_format(raw)
             except RecordError as e:
                 raise BuildError(f"{spec.dataset_name}: {unit.file}:{rec + 1}: {e.detail}") from None
-    raise BuildError(f"{spec.dataset_name}: no readable record to detect the format from")
+    cause = f" (first fault: {first_fault})" if first_fault else ""
+    raise BuildError(f"{spec.dataset_name}: no readable record to detect the format from{cause}")
 
 
-def plan_dataset(spec: DatasetSpec, mixture: Mixture, tok, template, cache: Path, memo,
-                 on_error: str) -> DatasetPlan:
-    files = expand_source(spec.path)
+def source_entries(files: list[str], memo) -> list[dict]:
+    """Each source file's path, size and content hash (the memo skips unchanged files)."""
     sources = []
     for f in files:
         digest = dir_fingerprint(f, memo) if os.path.isdir(f) else file_fingerprint(f, memo)
         size = (os.path.getsize(os.path.join(f, "data.jsonl")) if os.path.isdir(f)
                 else os.path.getsize(f))
         sources.append({"path": f, "name": os.path.basename(f), "bytes": size, "hash": digest})
+    return sources
+
+
+def plan_dataset(spec: DatasetSpec, mixture: Mixture, tok, template, cache: Path, memo,
+                 on_error: str, shard_tokens: int | None = None) -> DatasetPlan:
+    files = expand_source(spec.path)
+    sources = source_entries(files, memo)
     paragraphs = spec.text_unit == "paragraph"
-    units = plan_units(files, txt_paragraphs=paragraphs)
+    units = plan_units(files, txt_paragraphs=paragraphs, memo=memo)
     fmt = spec.format if spec.format != "auto" else _detect(units, spec)
     transform_sha = load_transform(spec.transforms).sha256 if spec.transforms else None
     loss = spec.loss
+    target = shard_tokens_of(spec, mixture, shard_tokens)
     key = dataset_key(sources=sources, format=fmt, transform_sha256=transform_sha,
                       seed=mixture.seed, template_sha256=template.sha256,
                       tokenizer_sha256=tok.sha256, max_length=mixture.max_length,
-                      overflow=spec.overflow, loss=loss, txt_paragraphs=paragraphs)
+                      overflow=spec.overflow, loss=loss, txt_paragraphs=paragraphs,
+                      shard_tokens=target)
     entry = CacheEntry(cache, spec.dataset_name, key)
     job = DatasetJob(spec.dataset_name, fmt, tok.path, mixture.template, mixture.max_length,
                      spec.overflow, loss, spec.transforms, mixture.seed, on_error, str(entry.partial),
                      trust_remote_code=mixture.trust_remote_code)
-    return DatasetPlan(spec, entry, job, sources, units)
+    return DatasetPlan(spec, entry, job, sources, units, shard_tokens=target,
+                       transform_sha256=transform_sha)
 
 
-def assemble(plan: DatasetPlan, summaries: list[dict], tok, template, mixture: Mixture) -> dict:
-    """Rename unit files into shards, compute statistics from the shards, write meta.json."""
-    work = plan.entry.partial
-    shards, lengths, skipped, rejects = [], [], {}, []
-    for s in summaries:
-        name = f"shard-{s['unit']:05d}.h5"
-        os.replace(work / f"unit-{s['unit']:05d}.h5", work / name)
-        arr = read_shard(work / name)  # offsets only; tokens stay on disk
-        lengths.append(np.diff(arr.offsets))
-        shards.append({"file": name, "n_samples": s["n_samples"], "n_tokens": s["n_tokens"],
-                       "sha256": s["sha256"]})
-        for k, v in s["skipped"].items():
-            skipped[k] = skipped.get(k, 0) + v
-        rejects.extend(s["rejects"])
-    for s in summaries:
-        (work / f"unit-{s['unit']:05d}.json").unlink()
-    lengths_a = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
-    n_tokens = int(lengths_a.sum())
-    nlines = sum(s["accepted"] for s in summaries)
-    first = next((s["first_record"] for s in summaries if s["first_record"] is not None), None)
-    if rejects:
-        (work / "rejects.jsonl").write_bytes(b"".join(
-            orjson.dumps(r, option=orjson.OPT_SORT_KEYS) + b"\n" for r in rejects))
-    spec = plan.spec
-    meta = {
-        # FM9G keys, from real token counts
-        "language": spec.language, "nlines": nlines,
-        "nbytes": sum(s["bytes"] for s in plan.sources),
-        "length_distribute": stats.length_distribute(lengths_a),
-        "avg_token_per_line": n_tokens / nlines if nlines else 0.0,
-        "hdfs_path": None, "data_sample": stats.truncate_sample(first),
-        # ours
-        "schema_version": SCHEMA_VERSION, "dataset_name": spec.dataset_name, "key": plan.entry.key,
-        "length_unit": "tokens", "n_samples": int(len(lengths_a)), "n_tokens": n_tokens,
-        "n_loss_tokens": sum(s["n_loss_tokens"] for s in summaries),
-        "records_read": sum(s["records_read"] for s in summaries),
-        "length_percentiles": stats.length_percentiles(lengths_a),
-        "length_histogram": stats.length_histogram(lengths_a),
-        "tokenizer": tok.info(), "dtype": str(token_dtype(tok.vocab_size)),
-        "template": {"name": template.name, "sha256": template.sha256},
-        "sources": [{"path": s["path"], "bytes": s["bytes"], "hash": s["hash"]} for s in plan.sources],
-        "transform": ({"path": spec.transforms, "sha256": load_transform(spec.transforms).sha256}
-                      if spec.transforms else None),
-        "build": {"format": plan.job.format, "max_length": mixture.max_length,
-                  "overflow": spec.overflow, "loss": plan.job.loss, "seed": plan.job.seed,
-                  "encoder": job_renderer(plan.job).tok.encoder},
-        "skipped": dict(sorted(skipped.items())),
-        "rejects": "rejects.jsonl" if rejects else None,
-        "truncated_samples": sum(s["truncated_samples"] for s in summaries),
-        "truncated_tokens": sum(s["truncated_tokens"] for s in summaries),
-        "shards": shards,
-    }
-    tmp = work / "meta.json.tmp"
-    tmp.write_bytes(orjson.dumps(meta, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS) + b"\n")
-    os.replace(tmp, work / "meta.json")  # written last: the dir is valid from here on
-    return meta
+def check_sources_unchanged(plan: DatasetPlan) -> None:
+    """Issue 16: a source edited while its units were built must not be published under the
+    hash of its old bytes. Re-hash every source now, bypassing the memo (stat + full read),
+    and refuse on any change; the partial dir is dropped so the next run starts clean."""
+    files = [s["path"] for s in plan.sources]
+    try:
+        now = source_entries(files, None)
+    except (BuildError, OSError) as e:
+        now, why = None, str(e)
+    for before, after in zip(plan.sources, now or plan.sources):
+        if now is None or (before["bytes"], before["hash"]) != (after["bytes"], after["hash"]):
+            shutil.rmtree(plan.entry.partial, ignore_errors=True)
+            what = why if now is None else (f"{before['bytes']} -> {after['bytes']} bytes, "
+                                           f"hash {before['hash'][:12]} -> {after['hash'][:12]}")
+            raise BuildError(f"{plan.spec.dataset_name}: source {before['path']} changed while it was "
+                             f"being built ({what}); nothing was published: run the build again "
+                             "once the file is final")
+
+
+def _fs_error(plan: DatasetPlan, e: OSError) -> BuildError:
+    """A dataset name the schema accepts but the filesystem refuses (too long, odd bytes), a
+    full disk, … → one line naming the dataset and the path."""
+    where = e.filename or plan.entry.partial
+    return BuildError(f"dataset {plan.spec.dataset_name!r}: cannot write {where}: "
+                      f"{e.strerror or e}" + (" (dataset_name too long for the filesystem)"
+                                              if e.errno == errno.ENAMETOOLONG else ""))
+
+
+def _prepare(plan: DatasetPlan, force: bool) -> None:
+    try:
+        plan.entry.make_partial(fresh=force)  # exclusive, never follows a planted link
+    except OSError as e:
+        raise _fs_error(plan, e) from None
+
+
+def _run_units(plans, executor, workers, ray_address, progress, cache_dir) -> None:
+    """Run every unit of the plans being built; the summaries stay on disk beside the units
+    (assemble reads them back one at a time), so nothing per unit is kept here."""
+    tasks = ((p, u) for p in plans if p.status == "build" for u in p.units)
+    run = run_local if executor == "local" else run_ray
+    lazy = "on_result" in inspect.signature(run).parameters  # H6's streaming executors
+    kwargs = {"on_result": lambda plan, unit, summary: None} if lazy else {}
+    if executor == "ray":
+        tasks = list(tasks)
+        shared = sorted({u.file for _, u in tasks} | {str(cache_dir.resolve())})
+        run(tasks, ray_address, progress, shared, **kwargs)
+    else:
+        run(tasks if lazy else list(tasks), workers, progress, **kwargs)
 
 
 def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = None,
@@ -151,14 +175,15 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
                   max_length: int | None = None, executor: str = "local", ray_address: str | None = None,
                   progress: Progress | None = None, trust_remote_code: bool | None = None,
                   check_template: int = 0, check_against: str = "tokenizer",
+                  shard_tokens: int | None = None,
                   ) -> tuple[Path, list[DatasetPlan], list[str]]:
     """Build or reuse every dataset of a manifest and write the lock. → (lock path, plans, warnings)
-    check_template N: first compare N samples per dataset with the reference (pipeline/check.py)."""
+    check_template N: first compare N samples per dataset with the reference (pipeline/check.py).
+    shard_tokens: target tokens per shard (default: the manifest's, else ~1 GiB)."""
     mixture = load_manifest(manifest, tokenizer=tokenizer, template=template, max_length=max_length,
                             trust_remote_code=trust_remote_code)
-    out_dir = Path(out) if out else Path(manifest).resolve().parent / "build"
-    cache_dir = Path(cache or os.environ.get("TOKENMILL_CACHE") or out_dir / "cache")
-    cache_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out) if out else default_out(manifest)
+    cache_dir = ensure_cache_dir(Path(cache or default_cache(out_dir)))
     workers = workers or os.cpu_count() or 1
     progress = progress or Progress()
     if executor not in ("local", "ray"):
@@ -167,8 +192,10 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
     tok = load_tokenizer(mixture.tokenizer, trust_remote_code=mixture.trust_remote_code)
     tmpl = resolve_template(mixture.template, tok)
     memo = FingerprintMemo(cache_dir)
-    plans = [plan_dataset(s, mixture, tok, tmpl, cache_dir, memo.data, on_error) for s in mixture.datasets]
+    plans = [plan_dataset(s, mixture, tok, tmpl, cache_dir, memo.data, on_error, shard_tokens)
+             for s in mixture.datasets]
     memo.save()
+    notes = [memo.note] if getattr(memo, "note", None) else []
     if check_template:  # before any work: a difference stops the build here
         from .check import check_datasets
         check_datasets(plans, mixture, tok, tmpl, check_template, check_against)
@@ -178,27 +205,27 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
         # validity: a concurrent build may have finished the dataset while we waited.
         for plan in sorted(plans, key=lambda p: p.entry.final.name):
             if force or not plan.entry.is_valid():
-                locks.enter_context(plan.entry.lock)
+                try:
+                    locks.enter_context(plan.entry.lock)
+                except OSError as e:
+                    raise _fs_error(plan, e) from None
         for plan in plans:
             if force or not plan.entry.is_valid():
                 plan.status = "build"
-                if force and plan.entry.partial.exists():  # --force: no unit of a killed run either
-                    shutil.rmtree(plan.entry.partial)
-                plan.entry.partial.mkdir(parents=True, exist_ok=True)
+                _prepare(plan, force)
                 plan.job, plan.encoder_note = choose_encoder(plan.job, plan.units)
-        tasks = [(p, u) for p in plans if p.status == "build" for u in p.units]
         progress.start(plans)
         t0 = time.perf_counter()
-        if executor == "ray":
-            shared = sorted({u.file for _, u in tasks} | {str(cache_dir.resolve())})
-            results = run_ray(tasks, ray_address, progress, shared)
-        else:
-            results = run_local(tasks, workers, progress)
+        _run_units(plans, executor, workers, ray_address, progress, cache_dir)
         for plan in plans:
             if plan.status == "build":
-                summaries = [results[(plan.spec.dataset_name, u.index)] for u in plan.units]
-                plan.meta = assemble(plan, summaries, tok, tmpl, mixture)
-                plan.entry.publish(replace=force)
+                check_sources_unchanged(plan)
+                try:
+                    plan.meta = assemble(plan, tok, tmpl, mixture, job_renderer(plan.job).tok.encoder,
+                                         plan.shard_tokens)
+                    plan.entry.publish(replace=force)
+                except OSError as e:
+                    raise _fs_error(plan, e) from None
                 plan.seconds = time.perf_counter() - t0
         progress.close()
     for plan in plans:
@@ -209,9 +236,24 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
                     f"{plan.spec.dataset_name}: the cached build {plan.entry.final} set aside "
                     f"{faults(plan.meta['skipped'])} bad records under --on-error skip "
                     f"({plan.entry.final / 'rejects.jsonl'}); use --on-error skip or --force")
-        plan.entry.touch()
-    lock, warnings = make_lock(mixture, [(p.spec, str(p.entry.final), p.meta) for p in plans])
+        if not plan.entry.touch() and not notes:
+            notes.append(f"{cache_dir} is not writable: last-use times (for cache gc) not updated")
+    try:
+        lock, warnings = make_lock(mixture, [(p.spec, str(p.entry.final), p.meta) for p in plans])
+    except LockError as e:
+        if all(p.meta["n_samples"] == 0 for p in plans if p.spec.abs_weight > 0):
+            raise EmptyMixtureError(f"no lock written: {e}", plans) from None
+        raise BuildError(str(e)) from None
     out_dir.mkdir(parents=True, exist_ok=True)
     lock_path = out_dir / "mixture.lock.json"
     write_lock(lock, lock_path)
-    return lock_path, plans, warnings
+    return lock_path, plans, [f"note: {n}" for n in notes] + warnings
+
+
+def default_out(manifest: str) -> Path:
+    return Path(manifest).resolve().parent / "build"
+
+
+def default_cache(out_dir: Path) -> Path:
+    """The cache a build uses: $TOKENMILL_CACHE, else <out>/cache (`cache list/gc` agree)."""
+    return Path(os.environ.get("TOKENMILL_CACHE") or Path(out_dir) / "cache")

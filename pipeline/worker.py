@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from mixtures.transforms import apply_transform, load_transform
+from mixtures.transforms import TransformError, apply_transform, load_transform
+from stages import stats
 from stages.errors import POLICY_REASONS, RecordError
 from stages.formats import ADAPTERS
 from stages.overflow import apply_overflow
@@ -65,8 +66,7 @@ def canonicalize(job: DatasetJob, rec: int, raw, source: str):
             raise raw
         canonical = ADAPTERS[job.format](raw)
         if job.transform:
-            canonical = apply_transform(_transform(job.transform), canonical, seed=job.seed,
-                                        dataset_name=job.dataset_name, record_index=rec, source=source)
+            canonical = _call_transform(job, canonical, rec, source)
             if canonical is None:
                 raise RecordError("transform_skipped", "the transform returned None")
         return canonical
@@ -79,6 +79,22 @@ def canonical_records(job: DatasetJob, unit: WorkUnit):
     unit as every build of this dataset sees it."""
     for rec, raw in iter_unit(unit):
         yield rec, raw, canonicalize(job, rec, raw, unit.file)
+
+
+def _call_transform(job: DatasetJob, canonical, rec: int, source: str):
+    """apply_transform, with a transform's sys.exit() (or other BaseException short of Ctrl-C)
+    turned into the TransformError a raise gives: in a pool worker it would end the process."""
+    try:
+        return apply_transform(_transform(job.transform), canonical, seed=job.seed,
+                               dataset_name=job.dataset_name, record_index=rec, source=source)
+    except (TransformError, RecordError, KeyboardInterrupt):
+        raise
+    except BaseException as e:  # SystemExit (older transforms.py), GeneratorExit: the script's bug
+        import traceback
+        tb = "".join(traceback.format_exception(type(e), e, e.__traceback__)).rstrip("\n")
+        what = f"it called sys.exit({e.code!r})" if isinstance(e, SystemExit) else type(e).__name__
+        raise TransformError(f"transform {job.transform} failed on dataset {job.dataset_name!r}, "
+                             f"record {source}:{rec + 1}: {what}", tb) from None
 
 
 @lru_cache(maxsize=16)
@@ -110,14 +126,16 @@ def process_unit(job: DatasetJob, unit: WorkUnit) -> dict:
     def flush():
         encoded = renderer.encode_batch([c for _, _, c in pending])
         for (rec, raw, _), enc in zip(pending, encoded):
-            try:
-                if isinstance(enc, RecordError):
-                    raise enc
-                samples, lost = apply_overflow(enc, job.max_length, job.overflow)
-            except RecordError as e:
-                acc.reject(e, rec)
+            if isinstance(enc, RecordError):
+                acc.reject(enc, rec)
                 continue
-            acc.accept(rec, raw, samples, lost)
+            try:
+                samples, lost = apply_overflow(enc, job.max_length, job.overflow)
+            except RecordError as e:  # overflow left nothing: the record's tokens are dropped
+                acc.reject(e, rec)
+                acc.dropped_tokens += len(enc.ids)
+                continue
+            acc.accept(rec, raw, len(enc.ids), samples, lost)
         pending.clear()
 
     for rec, raw, canonical in canonical_records(job, unit):
@@ -145,7 +163,9 @@ class _Accumulator:
         self.source_record: list[int] = []
         self.skipped: Counter = Counter()
         self.rejects: list[dict] = []
+        self.record_lengths: list[int] = []  # full token length of each accepted record, pre-overflow
         self.truncated_samples = self.truncated_tokens = self.n_loss_tokens = 0
+        self.dropped_tokens = 0  # tokens of records the overflow policy set aside whole
         self.first_record = None
 
     def reject(self, e: RecordError, rec: int):
@@ -153,11 +173,13 @@ class _Accumulator:
         if self.job.on_error == "fail" and e.reason not in POLICY_REASONS:
             raise e
         self.skipped[e.reason] += 1
-        self.rejects.append({"source": self.unit.file, "record": rec, "reason": e.reason,
+        # "line": 1-based record number, the N of fail mode's `file:N` (docs/formats.md)
+        self.rejects.append({"source": self.unit.file, "line": rec + 1, "reason": e.reason,
                              "field": e.field, "detail": e.detail})
 
-    def accept(self, rec: int, raw, samples, lost: int):
+    def accept(self, rec: int, raw, record_length: int, samples, lost: int):
         self.accepted += 1
+        self.record_lengths.append(record_length)
         if self.first_record is None:
             self.first_record = raw
         if lost or len(samples) > 1:
@@ -199,6 +221,10 @@ class _Accumulator:
             "n_loss_tokens": int(self.n_loss_tokens), "skipped": dict(sorted(self.skipped.items())),
             "truncated_samples": int(self.truncated_samples),
             "truncated_tokens": int(self.truncated_tokens),
+            "dropped_tokens": int(self.dropped_tokens),
+            "record_tokens": int(sum(self.record_lengths)),
+            "record_lengths": stats.length_counts(self.record_lengths),
+            "sample_lengths": stats.length_counts(self.lengths),
             "rejects": self.rejects, "first_record": self.first_record,
         }
         tmp = summary_path.with_suffix(".json.tmp")

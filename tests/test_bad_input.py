@@ -176,7 +176,7 @@ def test_txt_line_numbers_count_blank_lines(tmp_path):
     _, plans, _ = build_mixture(str(manifest), out=str(tmp_path / "skip"), workers=1, on_error="skip")
     (plan,) = plans
     assert source_records(plan) == [0, 2, 5]
-    assert [(x["record"], x["reason"]) for x in rejects_of(plan)] == [(4, "invalid_utf8")]
+    assert [(x["line"], x["reason"]) for x in rejects_of(plan)] == [(5, "invalid_utf8")]  # = doc.txt:5
     assert plan.meta["records_read"] == 4 == plan.meta["nlines"] + sum(plan.meta["skipped"].values())
 
 
@@ -193,7 +193,7 @@ def test_skip_policy_counts_lists_and_keeps_the_good_records(case, tmp_path):
     assert meta["rejects"] == "rejects.jsonl"
     (rej,) = rejects_of(plan)
     assert Path(rej["source"]).resolve() == src.resolve()
-    assert rej["record"] == BAD_AT and rej["reason"] == case.reason and rej["field"] == case.field
+    assert rej["line"] == BAD_AT + 1 and rej["reason"] == case.reason and rej["field"] == case.field
     assert isinstance(rej["detail"], str) and rej["detail"]
     # nothing lost: every other record is a sample, in order
     assert meta["records_read"] == N_RECORDS
@@ -246,7 +246,7 @@ def test_skip_policy_with_every_fault_in_one_file(tmp_path):
     for r in reasons:
         want[r] = want.get(r, 0) + 1
     assert meta["skipped"] == want
-    assert [(x["record"], x["reason"]) for x in rejects_of(plan)] == list(zip(bad_at, reasons))
+    assert [(x["line"], x["reason"]) for x in rejects_of(plan)] == [(b + 1, r) for b, r in zip(bad_at, reasons)]
     assert meta["records_read"] == len(lines) == meta["nlines"] + sum(meta["skipped"].values())
     assert source_records(plan) == [i for i in range(len(lines)) if i not in bad_at]
 
@@ -272,7 +272,7 @@ def test_skip_policy_sharegpt_faults_in_one_file(tmp_path):
     (plan,) = plans
     meta = plan.meta
     assert meta["skipped"] == {"bad_conversation": 2, "empty_sample": 1, "unknown_role": 1, "wrong_type": 1}
-    assert [(x["record"], x["reason"]) for x in rejects_of(plan)] == list(zip(bad_at, reasons))
+    assert [(x["line"], x["reason"]) for x in rejects_of(plan)] == [(b + 1, r) for b, r in zip(bad_at, reasons)]
     assert meta["records_read"] == len(lines) == meta["nlines"] + sum(meta["skipped"].values())
     assert source_records(plan) == [i for i in range(len(lines)) if i not in bad_at]
     assert meta["n_loss_tokens"] > 0
@@ -310,14 +310,14 @@ def test_record_numbers_across_work_units(tmp_path, monkeypatch):
     seen = []
     for workers in (1, 2):
         _, plans, _ = build_mixture(str(manifest), out=str(tmp_path / f"w{workers}"), workers=workers,
-                                    on_error="skip")
+                                    on_error="skip", shard_tokens=1)  # one shard per unit
         u, t = plans
         assert len(u.meta["shards"]) > 2 and len(t.meta["shards"]) > 1
-        assert [(x["record"], x["reason"]) for x in rejects_of(u)] == [
-            (3, "wrong_type"), (7, "empty_line"), (9, "invalid_utf8")]
+        assert [(x["line"], x["reason"]) for x in rejects_of(u)] == [  # 1-based, as file:N
+            (4, "wrong_type"), (8, "empty_line"), (10, "invalid_utf8")]
         assert source_records(u) == [0, 1, 2, 4, 5, 6, 8, 10, 11]
         assert u.meta["records_read"] == 12 == u.meta["nlines"] + sum(u.meta["skipped"].values())
-        assert [(x["record"], x["reason"]) for x in rejects_of(t)] == [(5, "invalid_utf8")]
+        assert [(x["line"], x["reason"]) for x in rejects_of(t)] == [(6, "invalid_utf8")]
         assert source_records(t) == [0, 1, 3, 4, 6, 7, 8, 9, 11]
         assert t.meta["records_read"] == 10 == t.meta["nlines"] + sum(t.meta["skipped"].values())
         seen.append([(p.meta, [(p.entry.final / s["file"]).read_bytes() for s in p.meta["shards"]])

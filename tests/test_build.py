@@ -71,7 +71,7 @@ def test_meta_matches_shards(built):
         assert m["records_read"] == m["nlines"] + sum(m["skipped"].values())
         for s in m["shards"]:
             assert hashlib.sha256((p.entry.final / s["file"]).read_bytes()).hexdigest() == s["sha256"]
-        assert m["length_percentiles"]["max"] == int(lengths.max())
+        assert m["sample_length_percentiles"]["max"] == int(lengths.max())
         assert m["tokenizer"]["vocab_size"] <= 65536 and m["dtype"] == "uint16"
 
 
@@ -102,7 +102,13 @@ def test_inspect_and_show(built, tmp_path):
     png = tmp_path / "lengths.png"
     r = run_cli("inspect", str(lock), "--plot", str(png))
     assert r.returncode == 0 and png.read_bytes()[:4] == b"\x89PNG"
-    assert "less_4k" not in r.stdout and "samples" in r.stdout
+    # issue 15: record (before overflow) and sample (after) figures are labelled; max_length marked
+    assert "per record, before overflow" in r.stdout and "per sample, after overflow" in r.stdout
+    assert r.stdout.count("◀ max_length 1024") == sum(
+        p.meta["sample_length_percentiles"]["max"] >= 1024 or
+        any(lo <= 1024 < hi for lo, hi in zip(p.meta["sample_length_histogram"]["edges"],
+                                              p.meta["sample_length_histogram"]["edges"][1:]))
+        for p in plans)
     sft = next(p for p in plans if p.meta["build"]["format"] != "text")
     r = run_cli("show", str(lock), "--dataset", sft.spec.dataset_name, "--index", "0", "--color", "never")
     assert r.returncode == 0 and "⟦" in r.stdout and "⟧" in r.stdout
@@ -112,5 +118,5 @@ def test_changed_max_length_is_a_new_key(built, tmp_path):
     _, plans = built
     _, other, _ = build_mixture(str(SAMPLE / "mixture.json"), out=str(tmp_path), workers=1, max_length=64)
     assert all(a.entry.key != b.entry.key for a, b in zip(plans, other))
-    assert all(p.meta["length_percentiles"]["max"] <= 64 for p in other)
+    assert all(p.meta["sample_length_percentiles"]["max"] <= 64 for p in other)
     assert any(p.meta["skipped"].get("no_trained_tokens_after_truncation") for p in other)
