@@ -7,6 +7,7 @@ mean here is the exact one of the built data (``n_tokens / nlines`` from meta.js
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -95,9 +96,19 @@ def make_lock(mixture: Mixture, built: list[tuple[DatasetSpec, str, dict]]) -> t
                 f"{meta['tokenizer']['sha256']}, but {built[0][0].dataset_name!r} with "
                 f"{tokenizer['sha256']}; a mixture needs one tokenizer")
 
-    total_weight = sum(spec.abs_weight for spec, _, _ in built)
+    weights = [spec.abs_weight for spec, _, _ in built]
+    if not all(math.isfinite(w) and w >= 0 for w in weights):
+        raise LockError(f"abs_weight must be finite and >= 0, got {weights}")
+    # Weights near the float limit (1e308 + 1e308 = inf) are scaled by the largest first;
+    # other weights are used as given, so ordinary locks keep their exact bytes.
+    scaled = weights
+    min_ave = _min_ave(built)
+    if not (math.isfinite(sum(weights)) and math.isfinite(sum(w / min_ave for w in weights))):
+        top = max(weights)
+        scaled = [w / top for w in weights]
+    total_weight = sum(scaled)
     entries, draw_weights = [], []
-    for spec, built_dir, meta in built:
+    for (spec, built_dir, meta), weight in zip(built, scaled):
         # Samples, not source records: `segment` can split a record into several samples, and
         # the draw probability needs the mean length of what is drawn.
         nlines, n_tokens = meta.get("n_samples", meta["nlines"]), meta["n_tokens"]
@@ -109,12 +120,12 @@ def make_lock(mixture: Mixture, built: list[tuple[DatasetSpec, str, dict]]) -> t
                             "it is never drawn (sample_probability 0)")
             draw_weights.append(0.0)
         else:
-            draw_weights.append(spec.abs_weight / ave)
+            draw_weights.append(weight / ave)
         entries.append({
             "dataset_name": spec.dataset_name,
             "task_name": spec.task_name,
             "abs_weight": spec.abs_weight,
-            "token_share": spec.abs_weight / total_weight,
+            "token_share": weight / total_weight if total_weight else 0.0,
             "path": os.path.abspath(built_dir),
             "key": meta["key"],
             "allow_repeat": spec.allow_repeat,
@@ -138,7 +149,18 @@ def make_lock(mixture: Mixture, built: list[tuple[DatasetSpec, str, dict]]) -> t
         "tokenizer": tokenizer,
         "datasets": entries,
     }
+    bad = [(d["dataset_name"], k) for d in entries for k, v in d.items()
+           if isinstance(v, float) and not math.isfinite(v)]
+    if bad:  # orjson would write null
+        raise LockError(f"dataset {bad[0][0]!r}: {bad[0][1]} is not a finite number")
     return lock, warnings
+
+
+def _min_ave(built) -> float:
+    """The smallest mean sample length (> 0): the divisor that makes draw weights largest."""
+    aves = [m["n_tokens"] / m.get("n_samples", m["nlines"]) for _, _, m in built
+            if m.get("n_samples", m["nlines"]) and m["n_tokens"]]
+    return min(aves, default=1.0)
 
 
 def _declared_mismatches(spec: DatasetSpec, nlines: int, ave: float, total: float) -> list[str]:

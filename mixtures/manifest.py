@@ -24,17 +24,23 @@ import glob
 import hashlib
 import json
 import os
+import sys
 import warnings
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
 from jsonschema import Draft202012Validator
 
-FORMATS = ("auto", "text", "input-output", "alpaca", "sharegpt", "messages")
-TEMPLATES = ("tokenizer", "chatml", "hunyuan", "hy3", "none")
-OVERFLOWS = ("segment", "truncate", "drop")
-LOSS_MODES = ("assistant", "last", "all")  # which turns train: every assistant turn, the last, everything
+from stages import constants
+from stages.columns import COLUMN_KEYS, TAG_KEYS, folded_format, mapping_problems
+from stages.constants import DEFAULT_SEED, DEFAULT_SHARD_TOKENS, LOSS_MODES, OVERFLOW_MODES
+
+from .registry import RegistryError, mapped_base_format, registry_entry
+
+FORMATS = constants.MANIFEST_FORMATS
+OVERFLOWS = OVERFLOW_MODES
 TEXT_UNITS = ("line", "paragraph")  # txt sources: one document per line, or per blank-line paragraph
 # FM9G's oversize_rule values; "head" is FM9G's name for truncation.
 OVERSIZE_RULES = {"segment": "segment", "head": "truncate", "truncate": "truncate", "drop": "drop"}
@@ -43,7 +49,8 @@ AVE_TOKENS_KEYS = ("ave_tokens_per_line", "avg_tokens_per_line", "ave_tokens", "
 
 DEFAULT_TEMPLATE = "tokenizer"
 DEFAULT_MAX_LENGTH = 4096
-DEFAULT_SEED = 1234
+FORMATTINGS = ("alpaca", "sharegpt")  # LLaMA-Factory's `formatting` values
+MAX_FLOAT = sys.float_info.max  # JSON numbers past it parse as inf: refused
 
 
 class ManifestError(ValueError):
@@ -76,6 +83,7 @@ class DatasetSpec:
     declared_total_tokens: float | None = None  # billions
     loss: str = "assistant"
     text_unit: str = "line"
+    shard_tokens: int = DEFAULT_SHARD_TOKENS  # shard target size in tokens
 
 
 @dataclass(frozen=True)
@@ -89,15 +97,19 @@ class Mixture:
     seed: int
     datasets: tuple[DatasetSpec, ...]
     trust_remote_code: bool = False  # run the tokenizer dir's own loader (auto_map)
+    shard_tokens: int = DEFAULT_SHARD_TOKENS  # the top-level / --shard-tokens value
+    notes: tuple[str, ...] = ()  # things ignored on purpose (LLaMA-Factory `ranking`, ...): show them
 
 
 # --------------------------------------------------------------------------- schemas
 # "x-message" is our own annotation: the text shown when that subschema fails.
 
 _NULLABLE_STRING = {"type": ["string", "null"]}
-_COUNT = {"type": ["number", "null"], "minimum": 0}
+_COUNT = {"type": ["number", "null"], "minimum": 0, "maximum": MAX_FLOAT}
+_WEIGHT = {"type": "number", "minimum": 0, "maximum": MAX_FLOAT}
+_SHARD_TOKENS = {"type": "integer", "minimum": 1}
 _AVE_TOKENS = {
-    "anyOf": [{"type": "null"}, {"type": "number", "minimum": 0}, {"const": -1}],
+    "anyOf": [{"type": "null"}, {"type": "number", "minimum": 0, "maximum": MAX_FLOAT}, {"const": -1}],
     "x-message": "must be a number >= 0 (or -1, FM9G's 'use max_length')",
 }
 
@@ -110,9 +122,19 @@ _DATASET_PROPERTIES: dict[str, Any] = {
         "and not starting with '.'",
     },
     "task_name": {"type": "string", "minLength": 1},
-    "abs_weight": {"type": "number", "minimum": 0},
+    "abs_weight": _WEIGHT,
     "path": {"type": "string", "minLength": 1},
     "format": {"enum": list(FORMATS)},
+    # LLaMA-Factory's column mapping vocabulary (stages/columns.py) and registry source.
+    "formatting": {"enum": list(FORMATTINGS)},
+    "columns": {"type": "object", "properties": {k: {"type": "string", "minLength": 1} for k in COLUMN_KEYS},
+                "additionalProperties": False},
+    "tags": {"type": "object", "properties": {k: {"type": "string", "minLength": 1} for k in TAG_KEYS},
+             "additionalProperties": False},
+    "dataset_info": {"type": "string", "minLength": 1},
+    "dataset": {"type": "string", "minLength": 1},
+    "dataset_dir": {"type": "string", "minLength": 1},
+    "shard_tokens": _SHARD_TOKENS,
     "language": _NULLABLE_STRING,
     "transforms": _NULLABLE_STRING,
     "allow_repeat": {"type": "boolean"},
@@ -121,7 +143,7 @@ _DATASET_PROPERTIES: dict[str, Any] = {
     "text_unit": {"enum": list(TEXT_UNITS)},
     "incontext_weight": {
         "type": "array",
-        "items": {"type": "number", "minimum": 0},
+        "items": _WEIGHT,
         "minItems": 1,
     },
     "nlines": _COUNT,
@@ -132,7 +154,7 @@ _DATASET_PROPERTIES: dict[str, Any] = {
 _OBJECT_DATASET = {
     "type": "object",
     "properties": _DATASET_PROPERTIES,
-    "required": ["dataset_name", "abs_weight", "path"],
+    "required": ["abs_weight"],  # dataset_name and path (or dataset_info + dataset): checked by hand
     "additionalProperties": False,
 }
 
@@ -142,57 +164,50 @@ _FM9G_DATASET = {
     "type": "object",
     "properties": {
         **_DATASET_PROPERTIES,
-        "weight": {"type": "number", "minimum": 0},
+        "weight": _WEIGHT,
         "oversize_rule": {"enum": list(OVERSIZE_RULES)},
         "do_compact": {"type": "boolean"},
         "is_long": {"type": "boolean"},
     },
-    "required": ["dataset_name", "task_name", "abs_weight", "path"],
+    "required": ["dataset_name", "task_name", "abs_weight"],
     "additionalProperties": False,
 }
 
-_SETTINGS_PROPERTIES: dict[str, Any] = {
-    "tokenizer": {"type": "string", "minLength": 1},
-    "template": {
-        "anyOf": [{"enum": list(TEMPLATES)}, {"type": "string", "pattern": r"\.jinja$"}],
-        "x-message": f"must be one of {', '.join(TEMPLATES)} or the path of a .jinja file",
-    },
-    "max_length": {"type": "integer", "minimum": 1},
-    "seed": {"type": "integer", "minimum": 0},
-    "trust_remote_code": {"type": "boolean"},
-}
+def _settings_properties(templates: tuple[str, ...]) -> dict[str, Any]:
+    return {
+        "tokenizer": {"type": "string", "minLength": 1},
+        "template": {
+            "anyOf": [{"enum": list(templates)}, {"type": "string", "pattern": r"\.jinja$"}],
+            "x-message": f"must be one of {', '.join(templates)} or the path of a .jinja file",
+        },
+        "max_length": {"type": "integer", "minimum": 1},
+        "seed": {"type": "integer", "minimum": 0},
+        "trust_remote_code": {"type": "boolean"},
+        "shard_tokens": _SHARD_TOKENS,
+    }
 
-_FM9G_SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "type": "array",
-    "items": _FM9G_DATASET,
-    "minItems": 1,
-}
 
-_OBJECT_SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "type": "object",
-    "properties": {
-        **_SETTINGS_PROPERTIES,
-        "datasets": {"type": "array", "items": _OBJECT_DATASET, "minItems": 1},
-    },
-    "required": ["datasets"],
-    "additionalProperties": False,
-}
-
-# Keyword overrides (command-line flags) are checked with the same rules as the manifest.
-_SETTINGS_SCHEMA = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "type": "object",
-    "properties": _SETTINGS_PROPERTIES,
-}
-
-_VALIDATORS = {
-    name: Draft202012Validator(schema)
-    for name, schema in (("fm9g", _FM9G_SCHEMA), ("object", _OBJECT_SCHEMA), ("settings", _SETTINGS_SCHEMA))
-}
-for _v in _VALIDATORS.values():
-    Draft202012Validator.check_schema(_v.schema)
+@lru_cache(maxsize=4)
+def _validators(templates: tuple[str, ...]) -> dict[str, Draft202012Validator]:
+    """The three schemas for a set of template names (stages.constants.template_names(): a
+    .jinja added to stages/templates/ is a template name as soon as it is there)."""
+    settings = _settings_properties(templates)
+    schemas = {
+        "fm9g": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "array",
+                 "items": _FM9G_DATASET, "minItems": 1},
+        "object": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+                   "properties": {**settings,
+                                  "datasets": {"type": "array", "items": _OBJECT_DATASET, "minItems": 1}},
+                   "required": ["datasets"], "additionalProperties": False},
+        # Keyword overrides (command-line flags) are checked with the same rules as the manifest.
+        "settings": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+                     "properties": settings},
+    }
+    out = {}
+    for name, schema in schemas.items():
+        Draft202012Validator.check_schema(schema)
+        out[name] = Draft202012Validator(schema)
+    return out
 
 
 # --------------------------------------------------------------------------- error text
@@ -254,6 +269,8 @@ def schema_problems(validator: Draft202012Validator, instance: Any) -> list[tupl
             add(path, f"must be one of {choices}; got {json.dumps(err.instance)}")
         elif err.validator == "minimum":
             add(path, f"must be >= {err.validator_value}; got {err.instance}")
+        elif err.validator == "maximum" and err.validator_value == MAX_FLOAT:
+            add(path, f"must be a finite number; got {err.instance} (too large for a float)")
         elif err.validator in ("minItems", "minLength"):
             add(path, "must not be empty")
         else:
@@ -325,12 +342,15 @@ def load_manifest(
     max_length: int | None = None,
     seed: int | None = None,
     trust_remote_code: bool | None = None,
+    shard_tokens: int | None = None,
 ) -> Mixture:
     """Read, validate and resolve a mixture manifest.
 
     Keyword arguments override the manifest's settings (and supply them for the FM9G list
     form, which has none); their relative paths are taken from the current directory, the
-    manifest's from its folder. Raises ManifestError listing every fault found.
+    manifest's from its folder. ``shard_tokens`` (``--shard-tokens``) replaces the top-level
+    value; a dataset's own ``shard_tokens`` wins over both. Raises ManifestError listing every
+    fault found.
     """
     manifest = Path(path).absolute()
     try:
@@ -347,15 +367,18 @@ def load_manifest(
     else:
         raise ManifestError(manifest, [("$", f"expected a JSON list (FM9G form) or object, got {_json_type(doc)}")])
 
-    problems = _find_duplicate_keys(doc, []) + schema_problems(_VALIDATORS[form], doc)
+    templates = tuple(constants.template_names())
+    validators = _validators(templates)
+    problems = _find_duplicate_keys(doc, []) + schema_problems(validators[form], doc)
     if problems:
         raise ManifestError(manifest, problems)
 
     # Settings: manifest values (relative to its folder), then overrides (relative to cwd).
     overrides = {k: v for k, v in (("tokenizer", tokenizer), ("template", template),
                                    ("max_length", max_length), ("seed", seed),
-                                   ("trust_remote_code", trust_remote_code)) if v is not None}
-    bad = schema_problems(_VALIDATORS["settings"], overrides)
+                                   ("trust_remote_code", trust_remote_code),
+                                   ("shard_tokens", shard_tokens)) if v is not None}
+    bad = schema_problems(validators["settings"], overrides)
     if bad:
         raise ManifestError(manifest, [(f"{p} (override)", what) for p, what in bad])
     cwd = Path.cwd()
@@ -363,7 +386,7 @@ def load_manifest(
         _resolve(base, settings["tokenizer"]) if "tokenizer" in settings else None)
     tmpl = template if template is not None else settings.get("template", DEFAULT_TEMPLATE)
     tmpl_base = cwd if template is not None else base
-    if tmpl not in TEMPLATES:
+    if tmpl not in templates:
         tmpl = _resolve(tmpl_base, tmpl)
         if not os.path.isfile(tmpl):
             problems.append(("template", f"template file not found: {tmpl}"))
@@ -372,18 +395,23 @@ def load_manifest(
     elif not os.path.exists(tok):
         problems.append(("tokenizer", f"no such file or directory: {tok}"))
 
-    datasets, seen_names = [], {}
+    top_shard_tokens = shard_tokens if shard_tokens is not None else settings.get(
+        "shard_tokens", DEFAULT_SHARD_TOKENS)
+    datasets, seen_names, notes = [], {}, []
     for i, entry in enumerate(entries):
         at = prefix + [i]
-        spec, entry_problems = _dataset_spec(entry, manifest, at)
+        spec, entry_problems, entry_notes = _dataset_spec(entry, manifest, at, top_shard_tokens)
         problems += entry_problems
+        notes += entry_notes
+        if spec is None:
+            continue
         first = seen_names.setdefault(spec.dataset_name, i)
         if first != i:
             problems.append((format_json_path(at + ["dataset_name"]),
                              f"duplicate dataset_name {spec.dataset_name!r} (first used at "
                              f"{format_json_path(prefix + [first])})"))
         datasets.append(spec)
-    if not any(spec.abs_weight > 0 for spec in datasets):
+    if datasets and not any(spec.abs_weight > 0 for spec in datasets):
         problems.append((format_json_path(prefix) + "[*].abs_weight" if prefix else "[*].abs_weight",
                          "every abs_weight is 0; at least one dataset needs a positive weight"))
     if problems:
@@ -400,25 +428,31 @@ def load_manifest(
         datasets=tuple(datasets),
         trust_remote_code=(trust_remote_code if trust_remote_code is not None
                            else settings.get("trust_remote_code", False)),
+        shard_tokens=top_shard_tokens,
+        notes=tuple(notes),
     )
 
 
-def _dataset_spec(entry: dict, manifest: Path, at: list) -> tuple[DatasetSpec, list[tuple[str, str]]]:
-    """Build one DatasetSpec from a schema-valid entry; return it with the file/alias faults."""
-    problems, base = [], manifest.parent
+def _dataset_spec(entry: dict, manifest: Path, at: list, shard_tokens: int,
+                  ) -> tuple[DatasetSpec | None, list[tuple[str, str]], list[str]]:
+    """Build one DatasetSpec from a schema-valid entry; return it (None when it cannot be
+    made) with the file/alias faults and the notes (things ignored on purpose)."""
+    problems, notes, base = [], [], manifest.parent
     where = lambda key: format_json_path(at + [key])  # noqa: E731
 
-    data_path = _resolve(base, entry["path"])
-    if os.path.exists(data_path):
-        pass  # a file or folder (possibly with glob characters in its name)
-    elif _has_glob(data_path):
-        if not glob.glob(data_path, recursive=True):
-            problems.append((where("path"), f"glob matches no file: {data_path}"))
-    else:
-        problems.append((where("path"), f"no such file or directory: {data_path}"))
+    source = _source(entry, manifest, at, problems, notes)
+    if source is None:
+        return None, problems, notes
+    data_path, registry = source
+    name = entry.get("dataset_name", entry.get("dataset"))
+    if "dataset_name" not in entry and (name.startswith(".") or any(c in name for c in "/\\\x00")):
+        problems.append((where("dataset_name"), f"registry name {name!r} is not a plain folder name: "
+                         "give dataset_name"))
 
     transforms = entry.get("transforms")
-    if transforms is not None:
+    if transforms in (None, ""):  # FM9G: an empty or null transforms means none
+        transforms = None
+    else:
         transforms = _resolve(base, transforms)
         if not os.path.isfile(transforms):
             problems.append((where("transforms"), f"transform script not found: {transforms}"))
@@ -442,11 +476,11 @@ def _dataset_spec(entry: dict, manifest: Path, at: list) -> tuple[DatasetSpec, l
         warnings.warn(f"{manifest}: {where('do_compact')}: do_compact is not supported and is ignored", stacklevel=3)
 
     spec = DatasetSpec(
-        dataset_name=entry["dataset_name"],
-        task_name=entry.get("task_name", entry["dataset_name"]),
+        dataset_name=name,
+        task_name=entry.get("task_name", name),
         abs_weight=float(entry["abs_weight"]),
         path=data_path,
-        format=entry.get("format", "auto"),
+        format=_format(entry, registry, data_path, at, problems),
         language=entry.get("language"),
         transforms=transforms,
         allow_repeat=entry.get("allow_repeat", True),
@@ -457,8 +491,71 @@ def _dataset_spec(entry: dict, manifest: Path, at: list) -> tuple[DatasetSpec, l
         declared_total_tokens=_opt_float(entry.get("total_tokens")),
         loss=entry.get("loss", "assistant"),
         text_unit=entry.get("text_unit", "line"),
+        shard_tokens=entry.get("shard_tokens", shard_tokens),
     )
-    return spec, problems
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
+    return spec, problems, notes
+
+
+def _source(entry: dict, manifest: Path, at: list, problems: list, notes: list):
+    """(absolute data path, registry entry or None) of a dataset entry: its ``path``, or the
+    LLaMA-Factory registry entry it names (``dataset_info`` + ``dataset``). None on a fault."""
+    where = lambda key: format_json_path(at + [key])  # noqa: E731
+    base = manifest.parent
+    if "dataset_info" in entry or "dataset" in entry:
+        for key, other in (("dataset_info", "dataset"), ("dataset", "dataset_info")):
+            if key not in entry:
+                problems.append((where(key), f"missing required key (given with {other})"))
+                return None
+        if "path" in entry:
+            problems.append((where("path"), "give either path or dataset_info + dataset, not both"))
+            return None
+        ddir = _resolve(base, entry["dataset_dir"]) if "dataset_dir" in entry else None
+        try:
+            reg = registry_entry(_resolve(base, entry["dataset_info"]), entry["dataset"], ddir)
+        except RegistryError as e:
+            problems.append((where("dataset"), str(e)))
+            return None
+        notes.extend(reg.notes)
+        return reg.path, reg
+    if "dataset_dir" in entry:
+        problems.append((where("dataset_dir"), "only used with dataset_info + dataset"))
+    if "dataset_name" not in entry:
+        problems.append((where("dataset_name"), "missing required key"))
+    if "path" not in entry:
+        problems.append((where("path"), "missing required key (or give dataset_info + dataset)"))
+        return None
+    data_path = _resolve(base, entry["path"])
+    if os.path.exists(data_path):
+        pass  # a file or folder (possibly with glob characters in its name)
+    elif _has_glob(data_path):
+        if not glob.glob(data_path, recursive=True):
+            problems.append((where("path"), f"glob matches no file: {data_path}"))
+    else:
+        problems.append((where("path"), f"no such file or directory: {data_path}"))
+    if "dataset_name" not in entry:
+        return None
+    return data_path, None
+
+
+def _format(entry: dict, registry, data_path: str, at: list, problems: list) -> str:
+    """The dataset's format string: its base format, with the column mapping folded in
+    (stages/columns.py). The manifest's formatting/columns/tags replace the registry's."""
+    formatting = entry.get("formatting", registry.formatting if registry else None)
+    columns = entry.get("columns", registry.columns if registry else {})
+    tags = entry.get("tags", registry.tags if registry else {})
+    where = lambda key: format_json_path(at + [key])  # noqa: E731
+    fmt = entry.get("format", "auto")
+    if fmt == "auto":
+        fmt = mapped_base_format(formatting, columns, tags, data_path, registry is not None)
+    elif formatting and formatting != fmt:
+        problems.append((where("formatting"), f"formatting {formatting!r} contradicts format {fmt!r}"))
+    if (columns or tags) and fmt == "auto":
+        fmt = "alpaca"
+    for key, problem in mapping_problems(fmt, columns, tags) if (columns or tags) else []:
+        problems.append((format_json_path(at + key.split(".")), problem))
+    return folded_format(fmt, columns, tags)
 
 
 def _opt_float(value: float | None) -> float | None:

@@ -24,9 +24,20 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
+from stages.formats import validate_canonical
+
 
 class TransformError(RuntimeError):
-    """A transform script could not be loaded, or failed on a record."""
+    """A transform script could not be loaded, or failed on a record. ``str()`` starts with one
+    line naming the script, the dataset and the record; ``traceback_text`` is the script's own
+    traceback (also below that line), empty when there is none."""
+
+    def __init__(self, message: str, traceback_text: str = ""):
+        self.message, self.traceback_text = message, traceback_text
+        super().__init__(message + (f"\n{traceback_text}" if traceback_text else ""))
+
+    def __reduce__(self):  # survives pickling from worker processes
+        return (type(self), (self.message, self.traceback_text))
 
 
 _modules: dict[str, ModuleType] = {}  # sha256 of the source -> loaded module
@@ -125,36 +136,40 @@ def apply_transform(
 ) -> dict | None:
     """Run ``transform`` on one canonical record; None means "skip this record".
 
-    ``record_index`` seeds ``r`` (the record's position in the dataset); ``source`` and
-    ``source_record`` (default: ``record_index``) name the record in error messages.
+    ``record_index`` seeds ``r`` (the record's position in the dataset, 0-based); ``source``
+    and ``source_record`` (default: ``record_index``) name the record in error messages as
+    ``source:N`` with N 1-based (the line an editor shows, as fail-mode errors do).
     FM9G semantics: a result without ``messages``/``text`` is an input-output record, and
     a missing or empty ``output`` skips it; a missing ``input`` counts as ``""``.
+
+    A transform that raises or calls ``sys.exit()``, or returns neither a dict nor None, is
+    a TransformError (a broken script, not a bad record). A dict result is checked like an
+    input record (``stages.formats.validate_canonical``): a fault there is a RecordError whose
+    detail names the transform.
     """
     if transform is None:
         return data
     r = record_rng(seed, dataset_name, record_index)
-    where = f"{source}:{record_index if source_record is None else source_record}"
+    where = f"{source}:{(record_index if source_record is None else source_record) + 1}"
+    head = f"transform {transform.path} failed on dataset {dataset_name!r}, record {where}"
     try:
         result = transform(data, num_sample, r)
-    except Exception as e:
+    except (Exception, SystemExit) as e:
         # Show the script's frames only, not ours.
         frames = e.__traceback__
         while frames is not None and frames.tb_frame.f_code.co_filename == __file__:
             frames = frames.tb_next
-        tb = "".join(traceback.format_exception(type(e), e, frames))
-        raise TransformError(
-            f"transform {transform.path} failed on dataset {dataset_name!r}, record {where}:\n{tb}"
-        ) from None
+        tb = "".join(traceback.format_exception(type(e), e, frames)).rstrip("\n")
+        cause = (f"it called sys.exit({e.code!r})" if isinstance(e, SystemExit)
+                 else f"{type(e).__name__}: {e}")
+        raise TransformError(f"{head}: {cause}", tb) from None
     if result is None:
         return None
     if not isinstance(result, dict):
-        raise TransformError(
-            f"transform {transform.path} returned {type(result).__name__} on dataset "
-            f"{dataset_name!r}, record {where}; expected a dict or None")
-    if "messages" in result or ("text" in result and "output" not in result):
-        return result
-    if not result.get("output"):
-        return None
-    if "input" not in result:
-        result = {**result, "input": ""}
-    return result
+        raise TransformError(f"{head}: it returned {type(result).__name__}; expected a dict or None")
+    if not ("messages" in result or ("text" in result and "output" not in result)):
+        if not result.get("output"):
+            return None
+        if "input" not in result:
+            result = {**result, "input": ""}
+    return validate_canonical(result, f"output of transform {transform.path}")

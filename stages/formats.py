@@ -16,22 +16,30 @@ What each source format becomes:
   (function_call → an assistant turn with `tool_calls`, observation → a `tool` turn);
   top-level `system` and `tools`.
 * messages: plain string content or typed parts `[{type, value}]` (`text` → content,
-  `reasoning` → reasoning_content, `tool_call` → tool_calls), per-message `loss_weight`,
+  `reasoning` → reasoning_content, `tool_call` / `tool_calls` → tool_calls, and on the system
+  turn `tools` → the record's tools, LLaMA-Factory's typed-part schema), per-message `loss_weight`,
   `reasoning_content` (alias `reasoning`, `thinking`), `tool_calls`; top-level
   `reasoning_effort` and `tools`. Hunyuan's inline `<think>…</think><answer>…</answer>` and a
-  `/no_think` prefix in user text are data, kept verbatim.
+  `/no_think` prefix in user text are data, kept verbatim. Content may be null only on an
+  assistant turn with tool calls (the OpenAI form); elsewhere null is a `wrong_type`.
+* firefly: `conversation[{human, assistant}, …]` with an optional top-level `system`.
+Tool-call `arguments` and tool schemas given as JSON strings (the OpenAI API form) are parsed
+into objects, so string and object forms render the same tokens; a string that is not a JSON
+object stays a string.
+A format string may carry a column mapping (stages/columns.py): `ADAPTERS[fmt]` applies it first.
 Adapters never reshape a conversation silently: a wrong type, an unknown role, a conversation
 that is odd-length, does not alternate, or does not end with an assistant turn raises
 RecordError naming the field (the build fails there, or counts it under `--on-error skip`).
 """
 from __future__ import annotations
 
-import json
 from typing import Any, Callable
 
+from .columns import ColumnMap, split_format
+from .constants import FORMATS
 from .errors import RecordError
+from .tool_calls import _json, _openai_tool_calls, _tool_call, _tool_calls, parse_tools  # noqa: F401
 
-FORMATS = ("text", "input-output", "alpaca", "sharegpt", "messages")
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant", "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
@@ -43,7 +51,7 @@ PASSTHROUGH_KEYS = ("name", "tool_call_id")
 
 def _str(value: Any, field: str, *, allow_empty: bool = True) -> str:
     if not isinstance(value, str):
-        raise RecordError("wrong_type", f"must be a string, got {type(value).__name__}", field=field)
+        raise RecordError("wrong_type", f"must be a string, got {_type(value)}", field=field)
     if not allow_empty and not value.strip():
         raise RecordError("empty_sample", "is empty", field=field)
     return value
@@ -76,6 +84,8 @@ def detect_format(raw: Any) -> str:
         candidates.append("messages")
     if "conversations" in keys:
         candidates.append("sharegpt")
+    if "conversation" in keys:
+        candidates.append("firefly")
     if {"instruction", "output"} <= keys:
         candidates.append("alpaca")
     elif {"input", "output"} <= keys:
@@ -88,61 +98,6 @@ def detect_format(raw: Any) -> str:
                           f"format: auto is unsure — keys {sorted(keys)} match {why} "
                           f"{', '.join(FORMATS)}; set \"format\" for this dataset")
     return candidates[0]
-
-
-# -- structured fields ------------------------------------------------------------------
-def _json(value: Any, field: str, reason: str) -> Any:
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except ValueError as e:
-            raise RecordError(reason, f"is not valid JSON ({e})", field=field) from None
-    return value
-
-
-def parse_tools(value: Any, field: str = "tools") -> list | None:
-    """`tools` as a list of JSON schemas; a JSON string (LLaMA-Factory) is parsed."""
-    if value is None or value == "" or value == []:
-        return None
-    tools = _json(value, field, "bad_tools")
-    if isinstance(tools, dict):
-        tools = [tools]
-    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
-        raise RecordError("bad_tools", "must be a list of JSON objects (function schemas)", field=field)
-    return tools or None
-
-
-def _tool_call(value: Any, field: str) -> dict:
-    """{"name", "arguments"} (a dict or a JSON string of one) → an OpenAI-style tool call.
-    `arguments` given as a JSON string of an object becomes that object, which is what
-    chat templates render with `| tojson`."""
-    call = _json(value, field, "bad_tool_call")
-    if not isinstance(call, dict):
-        raise RecordError("bad_tool_call", "must be a JSON object {name, arguments}", field=field)
-    fn = call.get("function", call)
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-        raise RecordError("bad_tool_call", "has no function name", field=field)
-    args = fn.get("arguments", {})
-    if isinstance(args, str):
-        try:
-            parsed = json.loads(args)
-            if isinstance(parsed, dict):
-                args = parsed
-        except ValueError:
-            pass
-    out = {"type": "function", "function": {"name": fn["name"], "arguments": args}}
-    if isinstance(call.get("id"), str):
-        out["id"] = call["id"]
-    return out
-
-
-def _tool_calls(value: Any, field: str) -> list[dict]:
-    calls = _json(value, field, "bad_tool_call")
-    if isinstance(calls, dict):
-        calls = [calls]
-    if not isinstance(calls, list) or not calls:
-        raise RecordError("bad_tool_call", "must be a tool call or a non-empty list of them", field=field)
-    return [_tool_call(c, f"{field}[{i}]") for i, c in enumerate(calls)]
 
 
 def _loss_weight(value: Any, role: str, field: str) -> int:
@@ -231,18 +186,17 @@ def adapt_sharegpt(raw: Any) -> dict:
     return out
 
 
-def _content(value: Any, field: str) -> tuple[str, str | None, list | None]:
-    """Plain string content, or typed parts [{type, value|text}] → (text, reasoning, tool_calls).
-    Parts of one type are joined in order; reasoning must come before the answer and the
-    tool calls (the only order a chat template can render)."""
+def _content(value: Any, field: str, role: str) -> tuple[str, str | None, list | None, list | None]:
+    """Plain string content, or typed parts [{type, value|text}] → (text, reasoning, tool_calls,
+    tools). Parts of one type are joined in order; reasoning must come before the answer and
+    the tool calls (the only order a chat template can render); a `tools` part (the function
+    schemas, LLaMA-Factory v1) belongs on the system turn."""
     if isinstance(value, str):
-        return value, None, None
-    if value is None:
-        return "", None, None
+        return value, None, None, None
     if not isinstance(value, list):
-        raise RecordError("wrong_type", f"must be a string or a list of parts, got {type(value).__name__}",
+        raise RecordError("wrong_type", f"must be a string or a list of parts, got {_type(value)}",
                           field=field)
-    text, reasoning, calls = [], [], []
+    text, reasoning, calls, tools = [], [], [], []
     for p, part in enumerate(value):
         pf = f"{field}[{p}]"
         part = _dict(part, pf)
@@ -257,24 +211,52 @@ def _content(value: Any, field: str) -> tuple[str, str | None, list | None]:
             reasoning.append(_str(body, f"{pf}.value"))
         elif kind == "tool_call":
             calls.append(_tool_call(body, f"{pf}.value"))
+        elif kind == "tool_calls":
+            calls.extend(_tool_calls(body, f"{pf}.value"))
+        elif kind == "tools":
+            if role != "system":
+                raise RecordError("unsupported_part", f"a tools part on a {role} turn (the function "
+                                  "schemas belong on the system turn)", field=f"{pf}.type")
+            tools.extend(parse_tools(body, f"{pf}.value") or [])
         else:
             raise RecordError("unsupported_part", f"content part type {kind!r} is not supported "
-                              "(text, reasoning, tool_call)", field=f"{pf}.type")
-    return "".join(text), ("".join(reasoning) if reasoning else None), (calls or None)
+                              "(text, reasoning, tool_call, tool_calls, tools)", field=f"{pf}.type")
+    return ("".join(text), ("".join(reasoning) if reasoning else None), (calls or None),
+            (tools if any(p.get("type") == "tools" for p in value) else None))
+
+
+def _type(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
 
 
 def adapt_messages(raw: Any) -> dict:
     raw = _dict(raw)
     if "messages" not in raw:
         raise RecordError("missing_field", "missing", field="messages")
-    messages = []
+    messages, part_tools, dropped = [], None, 0
     for m, msg in enumerate(_list(raw["messages"], "messages")):
         field = f"messages[{m}]"
         msg = _dict(msg, field)
         role = msg.get("role")
         if role not in CHAT_ROLES:
             raise RecordError("unknown_role", f"unknown role {role!r}", field=f"{field}.role")
-        text, reasoning, calls = _content(msg.get("content"), f"{field}.content")
+        content = msg.get("content")
+        if content is None:
+            # OpenAI: an assistant turn that only calls tools has content null (or none).
+            if not (role == "assistant" and msg.get("tool_calls")):
+                if "content" not in msg:
+                    raise RecordError("missing_field", "missing", field=f"{field}.content")
+                raise RecordError("wrong_type", "must be a string or a list of parts, got null",
+                                  field=f"{field}.content")
+            content = ""
+        text, reasoning, calls, tools = _content(content, f"{field}.content", role)
+        if tools is not None:
+            if part_tools is not None:
+                raise RecordError("bad_tools", "tools given twice (two tools parts)", field=f"{field}.content")
+            part_tools = tools
+            if not text and m == 0:  # a system turn that only carried the tools
+                dropped = 1
+                continue
         out: dict = {"role": role, "content": text}
         for key in REASONING_KEYS:
             if msg.get(key) is not None:
@@ -293,9 +275,7 @@ def adapt_messages(raw: Any) -> dict:
             if calls:
                 raise RecordError("bad_tool_call", "tool calls given twice (typed parts and tool_calls)",
                                   field=f"{field}.tool_calls")
-            calls = msg["tool_calls"]
-            if not isinstance(calls, list) or not calls or not all(isinstance(c, dict) for c in calls):
-                raise RecordError("bad_tool_call", "must be a non-empty list of objects", field=f"{field}.tool_calls")
+            calls = _openai_tool_calls(msg["tool_calls"], f"{field}.tool_calls")
         if calls:
             if role != "assistant":
                 raise RecordError("bad_tool_call", f"tool calls on a {role} turn", field=field)
@@ -306,14 +286,38 @@ def adapt_messages(raw: Any) -> dict:
             if msg.get(key) is not None:
                 out[key] = msg[key]
         messages.append(out)
-    out = {"messages": check_conversation(messages, "messages")}
+    out = {"messages": check_conversation(messages, "messages", offset=-dropped)}
     tools = parse_tools(raw.get("tools"))
+    if part_tools is not None:
+        if tools and tools != part_tools:
+            raise RecordError("bad_tools", "tools given both as a tools part and a top-level field, "
+                              "and they differ", field="tools")
+        tools = part_tools
     if tools:
         out["tools"] = tools
     effort = raw.get("reasoning_effort")
     if effort is not None and effort != "":
         out["reasoning_effort"] = _str(effort, "reasoning_effort")
     return out
+
+
+def adapt_firefly(raw: Any) -> dict:
+    """Firefly multi-turn: {"conversation": [{"human", "assistant"}, …], "system"?}."""
+    raw = _dict(raw)
+    if "conversation" not in raw:
+        raise RecordError("missing_field", "missing", field="conversation")
+    messages = []
+    if raw.get("system") is not None and raw.get("system") != "":
+        messages.append({"role": "system", "content": _str(raw["system"], "system")})
+    for t, turn in enumerate(_list(raw["conversation"], "conversation")):
+        field = f"conversation[{t}]"
+        turn = _dict(turn, field)
+        for key in ("human", "assistant"):
+            if key not in turn:
+                raise RecordError("missing_field", "missing", field=f"{field}.{key}")
+        messages.append({"role": "user", "content": _str(turn["human"], f"{field}.human")})
+        messages.append({"role": "assistant", "content": _str(turn["assistant"], f"{field}.assistant")})
+    return {"messages": check_conversation(messages, "conversation")}
 
 
 def _has_output(msg: dict) -> bool:
@@ -358,10 +362,57 @@ def check_conversation(messages: list[dict], field: str, offset: int = 0) -> lis
     return messages
 
 
-ADAPTERS: dict[str, Callable[[Any], dict]] = {
+class _AdapterTable(dict):
+    """format → adapter. A folded format string (a base format with a column mapping, see
+    stages/columns.py) resolves to the mapping followed by the base adapter, so every
+    `ADAPTERS[job.format]` lookup applies a dataset's mapping without knowing about it."""
+
+    def __missing__(self, fmt: str) -> Callable[[Any], dict]:
+        base, columns, tags = split_format(fmt)
+        if base == fmt or base not in self:
+            raise KeyError(fmt)
+        adapter = _mapped(self[base], ColumnMap(base, columns, tags))
+        self[fmt] = adapter
+        return adapter
+
+
+def _mapped(adapter: Callable[[Any], dict], cmap: ColumnMap) -> Callable[[Any], dict]:
+    def adapt(raw: Any) -> dict:
+        try:
+            return adapter(cmap.apply(raw))
+        except RecordError as e:  # name the file's own keys, not the adapter's
+            e.field = cmap.file_field(e.field)
+            e.args = (str(e),)
+            raise
+    return adapt
+
+
+ADAPTERS: dict[str, Callable[[Any], dict]] = _AdapterTable({
     "text": adapt_text, "input-output": adapt_input_output, "alpaca": adapt_alpaca,
-    "sharegpt": adapt_sharegpt, "messages": adapt_messages,
-}
+    "sharegpt": adapt_sharegpt, "messages": adapt_messages, "firefly": adapt_firefly,
+})
+
+
+def base_format(fmt: str) -> str:
+    """The adapter format of a (possibly folded) format string: what `== "text"` checks need."""
+    return fmt.partition(" ")[0]
+
+
+def validate_canonical(record: Any, where: str) -> dict:
+    """Check a record that claims to be canonical (a transform's result) with the same checks
+    as an adapted input record; → the record with its chat part normalised (tools parsed,
+    string arguments as objects), other keys kept. RecordError's detail starts with `where`."""
+    try:
+        record = _dict(record)
+        if "messages" in record:
+            return {**record, **adapt_messages(record)}
+        if "text" in record and "output" not in record:
+            return {**record, **adapt_text(record)}
+        return {**record, **adapt_input_output(record)}
+    except RecordError as e:
+        e.detail = f"{where}: {e.detail}"
+        e.args = (str(e),)
+        raise
 
 
 def record_kind(record: dict) -> str:

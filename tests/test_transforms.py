@@ -91,8 +91,8 @@ def transform(data, num_sample, r):
     assert run(t, {"kind": "empty"}) is None
     assert run(t, {"kind": "missing"}) is None
     assert run(t, {"kind": "no_input"}) == {"input": "", "output": "a"}
-    chat = {"kind": "chat", "messages": [{"role": "user", "content": "hi"}]}
-    assert run(t, chat) is chat  # passed through, not copied
+    chat = {"kind": "chat", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    assert run(t, chat) == chat  # passed through (checked like an input record)
     assert run(t, {"kind": "t", "text": "x"}) == {"kind": "t", "text": "x"}
 
 
@@ -113,7 +113,9 @@ def transform(data, num_sample, r):
         run(t, {"text": "x"}, 41, dataset_name="alpaca", source="/d/a.jsonl", source_record=7)
     msg = str(info.value)
     assert "'alpaca'" in msg
-    assert "/d/a.jsonl:7" in msg
+    assert "/d/a.jsonl:8" in msg  # 1-based, as fail-mode errors number records
+    assert msg.splitlines()[0].endswith("KeyError: 'missing_field'")  # the cause on the first line
+    assert info.value.traceback_text.startswith("Traceback")
     assert "Traceback" in msg and "helper" in msg and "KeyError: 'missing_field'" in msg
     assert str(t.path) in msg
 
