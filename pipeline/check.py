@@ -31,16 +31,15 @@ from __future__ import annotations
 import ast
 import re
 from collections import Counter
-from contextlib import closing
 from dataclasses import dataclass, field
 
 from mixtures.transforms import TransformError
-from stages.errors import BuildError, RecordError
+from stages.errors import BuildError
 from stages.jinja_env import ChatTemplate
 from stages.render import Renderer
 from stages.template_check import TemplateCheck, check_template
 
-from .worker import canonical_records
+from .sampling import sample_records
 
 AGAINST = ("tokenizer", "template")
 _IDS_RE = re.compile(r"ours (\[[\d, ]*\]) reference (\[[\d, ]*\])")
@@ -137,25 +136,13 @@ def reference_for(tok, template: ChatTemplate, template_setting: str, against: s
             "(--check-against template compares with the build's template instead)")
 
 
-def sample_records(plan, n: int) -> tuple[list[dict], list[tuple[str, int]], Counter]:
+def first_records(plan, n: int) -> tuple[list[dict], list[tuple[str, int]], Counter]:
     """The first n records of a dataset as the workers see them: read, adapted, transformed."""
-    records, where, passed = [], [], Counter()
-    budget = max(n * SCAN_FACTOR, 1000)
     try:
-        for unit in plan.units:
-            with closing(canonical_records(plan.job, unit)) as it:
-                for rec, _, canonical in it:
-                    if len(records) >= n or budget <= 0:
-                        return records, where, passed
-                    budget -= 1
-                    if isinstance(canonical, RecordError):
-                        passed[canonical.reason] += 1
-                        continue
-                    records.append(canonical)
-                    where.append((unit.file, rec))
+        got = sample_records(plan.job, plan.units, n, scan=max(n * SCAN_FACTOR, 1000))
     except TransformError as e:
         raise BuildError(f"--check-template: dataset {plan.job.dataset_name!r}: {e}") from None
-    return records, where, passed
+    return got.records, got.where, got.passed
 
 
 def check_dataset(plan, tok, template: ChatTemplate, template_setting: str, n: int,
@@ -164,7 +151,7 @@ def check_dataset(plan, tok, template: ChatTemplate, template_setting: str, n: i
     if plan.job.format == "text":
         return DatasetCheck(name, "skipped", "none (text format)")
     reference, described, note = reference_for(tok, template, template_setting, against)
-    records, where, passed = sample_records(plan, n)
+    records, where, passed = first_records(plan, n)
     renderer = Renderer(tok, template, plan.job.loss)  # as the workers build it
     report = check_template(renderer, records, reference)
     status = "differ" if report.differ else ("ok" if report.checked else "unchecked")

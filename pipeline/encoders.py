@@ -9,36 +9,17 @@ and says why. Tokens never depend on which encoder ran: the choice is not in the
 from __future__ import annotations
 
 import dataclasses
-from itertools import islice
 
 import numpy as np
 
 from stages.errors import RecordError
 
-from .worker import DatasetJob, canonical_records, job_renderer
+from .sampling import sample_records
+from .worker import DatasetJob, job_renderer
 
 SAMPLE_RECORDS = 256   # records checked per dataset, spread over its first units
 SAMPLE_UNITS = 16
 SAMPLE_CHARS = 1 << 17  # and at most this much text (HF encodes it: keep it quick)
-
-
-def sample_records(job: DatasetJob, units) -> list[dict]:
-    """Canonical records from the first `SAMPLE_UNITS` units, an equal share (of records and
-    of text) from each, at least one record from each."""
-    units = units[:SAMPLE_UNITS]
-    per_unit = max(1, SAMPLE_RECORDS // max(len(units), 1))
-    chars_per_unit = SAMPLE_CHARS // max(len(units), 1)
-    out = []
-    for unit in units:
-        chars = 0
-        for _, _, canonical in islice(canonical_records(job, unit), per_unit):
-            if isinstance(canonical, RecordError):
-                continue
-            out.append(canonical)
-            chars += len(repr(canonical))
-            if chars > chars_per_unit:
-                break
-    return out
 
 
 def _same(a, b) -> bool:
@@ -60,7 +41,8 @@ def choose_encoder(job: DatasetJob, units) -> tuple[DatasetJob, str]:
         plain.tok.fast_bpe()
     except Exception as e:
         return plain_job, f"tokenizers (tiktoken cannot express it: {e})"
-    records = sample_records(job, units)
+    records = sample_records(job, units, SAMPLE_RECORDS, spread=True, max_units=SAMPLE_UNITS,
+                             chars=SAMPLE_CHARS).records
     if not records:
         return plain_job, "tokenizers (no record to check tiktoken on)"
     ours, ref = job_renderer(fast_job).encode_batch(records), plain.encode_batch(records)
