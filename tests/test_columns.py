@@ -42,6 +42,7 @@ def build_datasets(tmp: Path, datasets: list[dict], *, tokenizer: str | None = N
     """Build an object-form manifest of `datasets` → {dataset_name: plan}."""
     manifest = {"tokenizer": tokenizer or str(SAMPLE / "tokenizer"), "template": template,
                 "max_length": 4096, "datasets": datasets}
+    tmp.mkdir(parents=True, exist_ok=True)
     path = tmp / "mixture.json"
     path.write_text(json.dumps(manifest))
     _, plans, _ = build_mixture(str(path), out=str(tmp / "out"), workers=1, **kw)
