@@ -60,8 +60,17 @@ class EmptyMixtureError(BuildError):
         self.plans = plans
 
 
+def load_mixture(manifest: str, shard_tokens: int | None, **settings) -> tuple[Mixture, int | None]:
+    """The manifest, with --shard-tokens applied by the manifest loader where it knows the key
+    (a dataset's own shard_tokens wins, then --shard-tokens, then the top level). → (mixture,
+    the override the driver must still apply itself: only for an older manifest loader)."""
+    if "shard_tokens" in inspect.signature(load_manifest).parameters:
+        return load_manifest(manifest, shard_tokens=shard_tokens, **settings), None
+    return load_manifest(manifest, **settings), shard_tokens
+
+
 def shard_tokens_of(spec: DatasetSpec, mixture: Mixture, override: int | None) -> int:
-    """Target shard size: --shard-tokens, else the dataset's, else the manifest's, else ~1 GiB."""
+    """Target shard size: the dataset's (as resolved by the manifest), else ~1 GiB."""
     for value in (override, getattr(spec, "shard_tokens", None), getattr(mixture, "shard_tokens", None)):
         if value is not None:
             if int(value) < 1:
@@ -159,7 +168,7 @@ def _run_units(plans, executor, workers, ray_address, progress, cache_dir) -> No
     (assemble reads them back one at a time), so nothing per unit is kept here."""
     tasks = ((p, u) for p in plans if p.status == "build" for u in p.units)
     run = run_local if executor == "local" else run_ray
-    lazy = "on_result" in inspect.signature(run).parameters  # H6's streaming executors
+    lazy = "on_result" in inspect.signature(run).parameters  # streaming executors: nothing kept
     kwargs = {"on_result": lambda plan, unit, summary: None} if lazy else {}
     if executor == "ray":
         tasks = list(tasks)
@@ -180,8 +189,8 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
     """Build or reuse every dataset of a manifest and write the lock. → (lock path, plans, warnings)
     check_template N: first compare N samples per dataset with the reference (pipeline/check.py).
     shard_tokens: target tokens per shard (default: the manifest's, else ~1 GiB)."""
-    mixture = load_manifest(manifest, tokenizer=tokenizer, template=template, max_length=max_length,
-                            trust_remote_code=trust_remote_code)
+    mixture, shard_tokens = load_mixture(manifest, shard_tokens, tokenizer=tokenizer, template=template,
+                                         max_length=max_length, trust_remote_code=trust_remote_code)
     out_dir = Path(out) if out else default_out(manifest)
     cache_dir = ensure_cache_dir(Path(cache or default_cache(out_dir)))
     workers = workers or os.cpu_count() or 1

@@ -44,6 +44,9 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
                                              "chatml, none, hunyuan, hy3 or a .jinja file")
     settings.add_argument("--max-length", type=_positive, metavar="N",
                           help="tokens per sample, overriding the manifest's")
+    settings.add_argument("--shard-tokens", type=_positive, default=None, metavar="N",
+                          help="target tokens per shard file, consecutive units joined up to it; "
+                               "part of the cache key (default: the manifest's shard_tokens, else 2^30)")
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument("--trust-remote-code", action="store_true", default=None,
                         help="let transformers run a loader shipped in the tokenizer dir (auto_map); "
@@ -71,9 +74,6 @@ def _parser() -> argparse.ArgumentParser:
                         "rejects.jsonl (skip) (default: fail)")
     b.add_argument("--force", action="store_true",
                    help="rebuild even when a valid build exists, and redo the units a killed build left")
-    b.add_argument("--shard-tokens", type=_positive, default=None, metavar="N",
-                   help="target tokens per shard file; consecutive units are joined up to it "
-                        "(default: the manifest's shard_tokens, else 2^30)")
     b.add_argument("--check-template", type=_count, default=0, metavar="N",
                    help="first compare N samples per chat dataset with tokenizer.apply_chat_template; "
                         "any difference in ids or trained positions stops the build (default: 0, off)")
@@ -188,7 +188,7 @@ def _run(args) -> int:
             tokens = float(args.steps) * args.global_batch_tokens
         rows, warnings = make_plan(args.manifest, out=args.out, cache=args.cache, tokens=tokens,
                                    tokenizer=args.tokenizer, template=args.template,
-                                   max_length=args.max_length,
+                                   max_length=args.max_length, shard_tokens=args.shard_tokens,
                                    trust_remote_code=args.trust_remote_code)
         print_plan(rows, warnings, tokens)
         return 0

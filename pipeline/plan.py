@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import itertools
 import sys
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
 
-from mixtures.manifest import load_manifest
 from stages.errors import RecordError
 from stages.formats import ADAPTERS
 from stages.readers import iter_unit
 from stages.render import Renderer, resolve_template
 from stages.tokenizer import load_tokenizer
 
-from .build import plan_dataset
+from .build import default_cache, default_out, load_mixture, plan_dataset
 from .cache import FingerprintMemo
 
 SAMPLE_RECORDS = 200
@@ -37,8 +35,18 @@ class PlanRow:
     epochs: float | None = None
 
 
-def _estimate(plan, renderer: Renderer) -> tuple[float, float]:
-    """(tokens, samples) from the first records, scaled by the sources' bytes."""
+def _sampled(plan) -> tuple[list, int]:
+    """(canonical records, their raw bytes): the first records as a build sees them —
+    adapted and transformed (pipeline/sampling.py where present)."""
+    try:
+        from .sampling import sample_records
+    except ImportError:
+        return _first_records(plan)
+    sample = sample_records(plan.job, plan.units, SAMPLE_RECORDS, scan=SAMPLE_RECORDS * 5)
+    return sample.records, sample.raw_bytes
+
+
+def _first_records(plan) -> tuple[list, int]:
     adapt = ADAPTERS[plan.job.format]
     recs, raw_bytes = [], 0
     for unit in plan.units:
@@ -52,6 +60,12 @@ def _estimate(plan, renderer: Renderer) -> tuple[float, float]:
             raw_bytes += len(raw.encode()) + 1 if isinstance(raw, str) else len(orjson.dumps(raw)) + 1
         if len(recs) >= SAMPLE_RECORDS:
             break
+    return recs, raw_bytes
+
+
+def _estimate(plan, renderer: Renderer) -> tuple[float, float]:
+    """(tokens, samples) from the first records, scaled by the sources' bytes."""
+    recs, raw_bytes = _sampled(plan)
     enc = [e for e in renderer.encode_batch(recs) if not isinstance(e, RecordError)]
     if not enc or not raw_bytes:
         return 0.0, 0.0
@@ -64,11 +78,11 @@ def _estimate(plan, renderer: Renderer) -> tuple[float, float]:
 
 def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None,
               tokens: float | None = None, tokenizer=None, template=None, max_length=None,
-              trust_remote_code: bool | None = None):
-    mixture = load_manifest(manifest, tokenizer=tokenizer, template=template, max_length=max_length,
-                            trust_remote_code=trust_remote_code)
-    out_dir = Path(out) if out else Path(manifest).resolve().parent / "build"
-    cache_dir = Path(cache or os.environ.get("TOKENMILL_CACHE") or out_dir / "cache")
+              trust_remote_code: bool | None = None, shard_tokens: int | None = None):
+    mixture, shard_tokens = load_mixture(manifest, shard_tokens, tokenizer=tokenizer, template=template,
+                                         max_length=max_length, trust_remote_code=trust_remote_code)
+    out_dir = Path(out) if out else default_out(manifest)
+    cache_dir = Path(cache) if cache else default_cache(out_dir)
     tok = load_tokenizer(mixture.tokenizer, trust_remote_code=mixture.trust_remote_code)
     tmpl = resolve_template(mixture.template, tok)
     memo = FingerprintMemo(cache_dir) if cache_dir.is_dir() else None
@@ -79,7 +93,8 @@ def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None
     total_w = sum(s.abs_weight for s in mixture.datasets)
     rows, warnings = [], []
     for spec in mixture.datasets:
-        plan = plan_dataset(spec, mixture, tok, tmpl, cache_dir, memo.data if memo else {}, "skip")
+        plan = plan_dataset(spec, mixture, tok, tmpl, cache_dir, memo.data if memo else {}, "skip",
+                            shard_tokens)
         if plan.entry.is_valid():
             meta = orjson.loads((plan.entry.final / "meta.json").read_bytes())
             status = "built" if plan.entry.key in locked else "reusable"
@@ -100,6 +115,8 @@ def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None
             elif row.epochs > REPEAT_WARN:
                 warnings.append(f"{spec.dataset_name}: repeats {row.epochs:.1f} times over the budget")
         rows.append(row)
+    if memo:
+        memo.save()  # fingerprints and unit plans: the next plan/build does not read the bytes again
     return rows, warnings
 
 
@@ -107,7 +124,8 @@ def print_plan(rows, warnings, tokens: float | None) -> None:
     from rich.console import Console
     from rich.table import Table
     title = "tokenmill plan" + (f" for {tokens:,.0f} tokens" if tokens else "")
-    table = Table(title=title, caption="~ = estimated from a sample of records (not built yet)")
+    legend = "~ = estimated from a sample of records (not built yet)"
+    table = Table(title=title, caption=legend if any(r.estimated for r in rows) else None)
     for c in ("dataset", "status", "tokens", "samples", "share", "epochs", "repeat"):
         table.add_column(c, justify="left" if c in ("dataset", "status") else "right")
     for r in rows:

@@ -19,6 +19,11 @@ from mixtures.transforms import TransformError, apply_transform, load_transform
 from stages import stats
 from stages.errors import POLICY_REASONS, RecordError
 from stages.formats import ADAPTERS
+try:
+    from stages.formats import base_format  # a column-mapped format is "alpaca {json}"
+except ImportError:  # formats.py before column mappings
+    def base_format(fmt: str) -> str:
+        return fmt.split(" ", 1)[0]
 from stages.overflow import apply_overflow
 from stages.readers import WorkUnit, iter_unit
 from stages.render import Renderer, resolve_template
@@ -203,7 +208,7 @@ class _Accumulator:
         tokens = np.concatenate(self.tokens).astype(dtype) if self.tokens else np.zeros(0, dtype)
         offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
         np.cumsum(self.lengths, out=offsets[1:])
-        with_spans = self.job.format != "text"
+        with_spans = base_format(self.job.format) != "text"
         arrays = ShardArrays(tokens, offsets, np.array(self.source_record, dtype=np.int64))
         if with_spans:
             arrays.loss_spans = (np.concatenate(self.spans) if self.spans

@@ -45,12 +45,13 @@ def env():
 
 def test_sigkill_then_resume_is_byte_identical(tmp_path, sample_tokenizer, env):
     mix = corpus(tmp_path, sample_tokenizer)
+    one = ("--shard-tokens", "1")  # one shard per unit: a kept unit is the shard of its number
     clean = tmp_path / "clean"
-    p = build(mix, clean, env)
+    p = build(mix, clean, env, extra=one)
     assert p.wait(timeout=300) == 0, p.stderr.read().decode()
 
     cache = tmp_path / "killed"
-    p = build(mix, cache, env)
+    p = build(mix, cache, env, extra=one)
     deadline = time.time() + 120
     while time.time() < deadline and len(list(cache.glob("*.partial/unit-*.json"))) < 3:
         time.sleep(0.05)
@@ -65,7 +66,7 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, sample_tokenizer, env):
     mtimes = {f.name: f.stat().st_mtime_ns for f in cache.glob("*.partial/unit-*.h5")
               if f.name in done_before}
 
-    p = build(mix, cache, env)
+    p = build(mix, cache, env, extra=one)
     assert p.wait(timeout=300) == 0, p.stderr.read().decode()
     assert digests(cache) == digests(clean)
     built = next(d for d in cache.iterdir() if d.is_dir() and (d / "meta.json").exists())
