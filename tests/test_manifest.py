@@ -384,3 +384,64 @@ def test_trust_remote_code_reaches_driver_and_workers(tmp_path: Path, capsys, mo
     assert main(["show", str(tmp_path / "build" / "mixture.lock.json"), "--color", "never",
                  "--trust-remote-code"]) == 0
     assert "[assistant#2]⟦" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- issues 12, 15, 16
+
+@pytest.mark.parametrize("literal", ["1e309", "-1e309", "1E400"])
+def test_overflowing_weight_is_refused(tree: Path, literal: str):
+    doc = '{"tokenizer": "tok", "datasets": [{"dataset_name": "a", "abs_weight": %s, "path": "a.jsonl"}]}'
+    err = fails(write(tree, doc % literal), "datasets[0].abs_weight")
+    assert json.loads(literal) in (float("inf"), float("-inf"))  # what the JSON parser made of it
+    assert any("finite" in what or ">= 0" in what for _, what in err.problems)
+
+
+def test_overflowing_counts_and_incontext_weights_are_refused(tree: Path):
+    doc = ('{"tokenizer": "tok", "datasets": [{"dataset_name": "a", "abs_weight": 1, "path": "a.jsonl", '
+           '"nlines": 1e999, "incontext_weight": [1e999]}]}')
+    err = fails(write(tree, doc), "datasets[0].nlines", "finite")
+    assert any(p == "datasets[0].incontext_weight[0]" for p, _ in err.problems)
+
+
+def test_two_weights_of_1e308_share_tokens_evenly(tree: Path):
+    from mixtures.lock import make_lock
+    mix = load_manifest(write(tree, obj(entry(abs_weight=1e308), entry(dataset_name="b", abs_weight=1e308))))
+    meta = {"key": "k", "nlines": 2, "n_samples": 2, "n_tokens": 1, "tokenizer": {"sha256": "s"}}
+    lock, _ = make_lock(mix, [(s, f"/d/{s.dataset_name}", meta) for s in mix.datasets])
+    assert [d["token_share"] for d in lock["datasets"]] == [0.5, 0.5]
+    assert [d["sample_probability"] for d in lock["datasets"]] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("value", ["", None])
+def test_empty_or_null_transforms_mean_none(tree: Path, value):
+    doc = [entry(transforms=value)]
+    spec, = load_manifest(write(tree, doc), tokenizer="tok").datasets
+    assert spec.transforms is None
+
+
+def test_shard_tokens_top_level_per_dataset_and_override(tree: Path):
+    from stages.constants import DEFAULT_SHARD_TOKENS
+    mix = load_manifest(write(tree, obj(entry(), entry(dataset_name="b", shard_tokens=7))))
+    assert DEFAULT_SHARD_TOKENS == 2**30
+    assert mix.shard_tokens == 2**30 and [d.shard_tokens for d in mix.datasets] == [2**30, 7]
+    mix = load_manifest(write(tree, obj(entry(), entry(dataset_name="b", shard_tokens=7), shard_tokens=100)))
+    assert [d.shard_tokens for d in mix.datasets] == [100, 7]
+    mix = load_manifest(write(tree, [entry()]), tokenizer="tok", shard_tokens=5)  # FM9G form: the CLI flag
+    assert mix.shard_tokens == 5 and mix.datasets[0].shard_tokens == 5
+    fails(write(tree, obj(entry(shard_tokens=0))), "datasets[0].shard_tokens", ">= 1")
+    fails(write(tree, obj(entry(), shard_tokens=1.5)), "shard_tokens", "expected integer")
+
+
+def test_vocabularies_come_from_stages_constants(tree: Path, monkeypatch):
+    """A .jinja among the built-in templates is a template name (issue 12): the manifest
+    asks stages.constants, which lists stages/templates/ — not a list of its own."""
+    from stages import constants
+    shipped = sorted(p.stem for p in (REPO / "stages" / "templates").glob("*.jinja"))
+    assert constants.builtin_templates() == shipped
+    for name in shipped:
+        assert load_manifest(write(tree, obj(template=name))).template == name
+    monkeypatch.setattr(constants, "builtin_templates", lambda: shipped + ["my_model"])
+    assert load_manifest(write(tree, obj(template="my_model"))).template == "my_model"
+    monkeypatch.undo()
+    fails(write(tree, obj(template="my_model")), "template", "must be one of")
+    assert load_manifest(write(tree, obj(entry(format="firefly")))).datasets[0].format == "firefly"

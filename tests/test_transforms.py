@@ -166,3 +166,58 @@ def test_script_cpmc():
     assert run(t, {"output": "a"}) == {"input": "", "output": "a"}
     assert run(t, {"text": "  \n"}) is None
     assert run(t, {"input": "q"}) is None
+
+
+# --------------------------------------------------------------------------- issue 16: runaway / bad output
+
+def test_sys_exit_is_a_transform_error_naming_script_and_record(tmp_path: Path):
+    t = load_transform(script(tmp_path, "import sys\ndef transform(data, num_sample, r):\n    sys.exit(3)\n"))
+    with pytest.raises(TransformError) as info:
+        run(t, {"text": "x"}, 4, source="/d/a.jsonl")
+    first = str(info.value).splitlines()[0]
+    assert str(t.path) in first and "'ds'" in first and "/d/a.jsonl:5" in first and "sys.exit(3)" in first
+    assert "SystemExit" in info.value.traceback_text
+    again = pickle.loads(pickle.dumps(info.value))  # crosses from worker processes intact
+    assert str(again) == str(info.value) and again.traceback_text == info.value.traceback_text
+
+
+def test_bad_output_is_refused_like_a_bad_input_record(tmp_path: Path):
+    from stages.errors import RecordError
+    t = load_transform(script(tmp_path, """
+def transform(data, num_sample, r):
+    data["messages"][1]["role"] = "bot"
+    return data
+"""))
+    chat = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    with pytest.raises(RecordError) as info:
+        run(t, chat)
+    assert info.value.reason == "unknown_role" and info.value.field == "messages[1].role"
+    assert f"output of transform {t.path}" in info.value.detail
+    t2 = load_transform(script(tmp_path, "def transform(data, num_sample, r):\n    return {'text': 5}\n", "u.py"))
+    with pytest.raises(RecordError, match="wrong_type"):
+        run(t2, {"text": "x"})
+
+
+def test_bad_transform_output_through_the_build(tmp_path: Path, sample_tokenizer):
+    import json
+    from pipeline.build import build_mixture
+    from stages.errors import RecordError
+    t = script(tmp_path, """
+def transform(data, num_sample, r):
+    if data["messages"][0]["content"] == "q2":
+        data["messages"][1]["role"] = "bot"
+    return data
+""")
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
+                                                    {"role": "assistant", "content": "a"}]}) + "\n"
+                           for q in ("q1", "q2", "q3")))
+    (tmp_path / "m.json").write_text(json.dumps({"tokenizer": sample_tokenizer, "template": "chatml", "datasets": [
+        {"dataset_name": "d", "abs_weight": 1, "path": str(src), "transforms": str(t)}]}))
+    with pytest.raises(RecordError) as info:
+        build_mixture(str(tmp_path / "m.json"), out=str(tmp_path / "o1"), workers=1)
+    assert f"{src}:2:" in str(info.value) and str(t) in str(info.value) and "'bot'" in str(info.value)
+    _, plans, _ = build_mixture(str(tmp_path / "m.json"), out=str(tmp_path / "o2"), workers=1, on_error="skip")
+    meta = plans[0].meta
+    assert meta["nlines"] == 2 and meta["skipped"] == {"unknown_role": 1}
+    assert meta["records_read"] == meta["nlines"] + sum(meta["skipped"].values())
