@@ -157,11 +157,25 @@ def user_fault(e: BaseException, cmd: str) -> str | None:
     if isinstance(e, (BuildError, RecordError, ManifestError, LockError, TransformError)):
         return str(e)  # a TransformError's second part is the script's own traceback
     if isinstance(e, OSError):  # missing file, full disk, permissions
-        where = f"{e.filename}: " if e.filename else ""
-        return f"{where}{e.strerror or e}" if e.strerror else str(e)
+        return os_fault(e)
     if cmd == "show" and isinstance(e, (IndexError, KeyError)):  # show's own "no such sample"
         return str(e.args[0]) if e.args else repr(e)
     return None
+
+
+def os_fault(e: OSError) -> str:
+    """One line for an OSError, h5py's multi-line "file write failed … errno = 28" included."""
+    import errno
+    import re
+    text = " ".join(str(e).split())
+    name = e.filename or (re.search(r"filename = '([^']+)'", text) or [None, None])[1]
+    code = e.errno or int((re.search(r"errno = (\d+)", text) or [None, 0])[1])
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{name or 'disk'}: no space left on device: free space there or give --cache / --out "
+                "another disk (the unfinished dataset dir is not valid; the next run resumes it)")
+    if e.strerror:
+        return f"{name}: {e.strerror}" if name else e.strerror
+    return text
 
 
 def _run(args) -> int:

@@ -150,7 +150,8 @@ def rejected(plan) -> dict[int, str]:
     path = plan.entry.final / "rejects.jsonl"
     if not path.exists():
         return {}
-    return {r["record"]: r["reason"] for r in map(json.loads, path.read_text().splitlines())}
+    # "line" is 1-based (the N of fail mode's file:N); source_record is 0-based
+    return {r["line"] - 1: r["reason"] for r in map(json.loads, path.read_text().splitlines())}
 
 
 # ----------------------------------------------------------------- tests
@@ -329,19 +330,35 @@ def test_meta_statistics_recomputed_from_the_shards(built):
             assert 0 < n_loss < m["n_tokens"]
         assert m["avg_token_per_line"] == m["n_tokens"] / m["nlines"]
         assert m["nbytes"] == os.path.getsize(DATASETS[name]["path"])
-        # FM9G buckets: decimal, half-open [lo, hi)
-        want = {b: int(((lengths >= lo) & (lengths < hi)).sum())
-                for b, lo, hi in zip(FM9G_BUCKETS, FM9G_EDGES[:-1], FM9G_EDGES[1:])}
-        assert m["length_distribute"] == want
-        assert list(m["length_distribute"]) == list(FM9G_BUCKETS)
+        # per sample (after overflow), from the shards
         p50, p90, p99 = np.percentile(lengths, [50, 90, 99], method="lower")
-        assert m["length_percentiles"] == {"min": int(lengths.min()), "p50": int(p50), "p90": int(p90),
-                                           "p99": int(p99), "max": int(lengths.max())}
-        edges = m["length_histogram"]["edges"]
+        assert m["sample_length_percentiles"] == {"min": int(lengths.min()), "p50": int(p50),
+                                                  "p90": int(p90), "p99": int(p99),
+                                                  "max": int(lengths.max())}
+        edges = m["sample_length_histogram"]["edges"]
         assert edges[0] == 0 and edges[-1] > lengths.max()
         counts, _ = np.histogram(lengths, bins=edges)
-        assert m["length_histogram"]["counts"] == counts.tolist()
-        assert sum(m["length_histogram"]["counts"]) == len(lengths)
+        assert m["sample_length_histogram"]["counts"] == counts.tolist()
+        assert sum(m["sample_length_histogram"]["counts"]) == len(lengths)
+        # per record (before overflow; FM9G semantics): sums to nlines, and for pretraining the
+        # record lengths are the tokenizer's own encoding + EOS
+        assert sum(m["length_distribute"].values()) == m["nlines"]
+        assert list(m["length_distribute"]) == list(FM9G_BUCKETS)
+        if name in PRETRAIN:
+            texts = pretrain_texts(name)
+            kept = sorted(set(records.tolist()))
+            rec_len = np.array([len(e.ids) + 1 for e in raw_tokenizer().encode_batch(
+                [texts[r] for r in kept], add_special_tokens=False)])
+        elif m["truncated_samples"] == 0:
+            rec_len = lengths  # nothing cut: one sample per record, the same length
+        else:
+            rec_len = None
+        if rec_len is not None:
+            want = {b: int(((rec_len >= lo) & (rec_len < hi)).sum())
+                    for b, lo, hi in zip(FM9G_BUCKETS, FM9G_EDGES[:-1], FM9G_EDGES[1:])}
+            assert m["length_distribute"] == want, name
+            assert m["record_tokens"] == int(rec_len.sum())
+            assert m["record_length_percentiles"]["max"] == int(rec_len.max())
         assert m["length_unit"] == "tokens"
         assert m["tokenizer"]["vocab_size"] == len(hf_tokenizer()) and m["dtype"] == "uint32"
         assert m["build"]["max_length"] == MAX_LENGTH
@@ -352,10 +369,13 @@ def test_lengths_fill_the_expected_buckets(built):
     """c4 has documents over 4000 tokens: segments of exactly 4096 land in 4k-8k."""
     _, plans = built
     c4 = plans["c4"].meta
-    assert c4["length_distribute"]["4k-8k"] > 0 and c4["length_percentiles"]["max"] == MAX_LENGTH
+    # built with max_length 4096, the records' own lengths still reach past it (issue 15)
+    assert c4["sample_length_percentiles"]["max"] == MAX_LENGTH
+    assert c4["record_length_percentiles"]["max"] > MAX_LENGTH
+    assert sum(v for k, v in c4["length_distribute"].items() if k != "less_4k") > 0
     for name in ("fever", "alpaca_zh"):
         dist = plans[name].meta["length_distribute"]
-        assert dist["less_4k"] == plans[name].meta["n_samples"]
+        assert dist["less_4k"] == plans[name].meta["nlines"]
 
 
 def test_tokens_memory_map_at_the_hdf5_offset(built):
@@ -409,12 +429,15 @@ def test_one_and_two_workers_give_identical_bytes(built, tmp_path, monkeypatch):
     from stages.readers import plan_units
     monkeypatch.setattr(pb, "plan_units", functools.partial(plan_units, unit_bytes=64 << 10))
     manifest = write_manifest(tmp_path / "manifest", ["c4", "fever", "medical"])
-    _, plans1, _ = build_mixture(str(manifest), out=str(tmp_path / "w1"), workers=1)
-    _, plans2, _ = build_mixture(str(manifest), out=str(tmp_path / "w2"), workers=2)
+    # a small target shard size: consecutive units are joined into shards of ~40k tokens
+    _, plans1, _ = build_mixture(str(manifest), out=str(tmp_path / "w1"), workers=1, shard_tokens=40_000)
+    _, plans2, _ = build_mixture(str(manifest), out=str(tmp_path / "w2"), workers=2, shard_tokens=40_000)
     assert [p.status for p in plans1] == [p.status for p in plans2] == ["build"] * 3
     _, full = built
+    c4 = plans1[0]
+    assert 1 < len(c4.meta["shards"]) < len(c4.units)  # several units really were made, and joined
     for p1, p2 in zip(plans1, plans2):
-        assert len(p1.meta["shards"]) > 1  # several units really were made
+        assert all(s["n_tokens"] <= 40_000 for s in p1.meta["shards"]) or len(p1.meta["shards"]) == len(p1.units)
         assert p1.entry.final.name == p2.entry.final.name
         b1, b2 = _dir_bytes(p1.entry.final), _dir_bytes(p2.entry.final)
         assert sorted(b1) == sorted(b2) and "meta.json" in b1
