@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from . import constants
 from .columns import ColumnMap, split_format
 from .constants import FORMATS
 from .errors import RecordError
@@ -156,7 +157,7 @@ def adapt_alpaca(raw: Any) -> dict:
     tools = parse_tools(raw.get("tools"))
     if tools:
         out["tools"] = tools
-    return out
+    return _template_vars(raw, out)
 
 
 def adapt_sharegpt(raw: Any) -> dict:
@@ -183,7 +184,7 @@ def adapt_sharegpt(raw: Any) -> dict:
     tools = parse_tools(raw.get("tools"))
     if tools:
         out["tools"] = tools
-    return out
+    return _template_vars(raw, out)
 
 
 def _content(value: Any, field: str, role: str) -> tuple[str, str | None, list | None, list | None]:
@@ -298,6 +299,17 @@ def adapt_messages(raw: Any) -> dict:
     effort = raw.get("reasoning_effort")
     if effort is not None and effort != "":
         out["reasoning_effort"] = _str(effort, "reasoning_effort")
+    return _template_vars(raw, out)
+
+
+def _template_vars(raw: dict, out: dict) -> dict:
+    """A chat record's own template variables (stages.constants.RECORD_TEMPLATE_VARS, e.g.
+    `enable_thinking`, `token_suffix`) and `template_kwargs` reach the renderer, which checks them."""
+    for key in getattr(constants, "RECORD_TEMPLATE_VARS", ()):
+        if key not in out and raw.get(key) is not None and key != "reasoning_effort":
+            out[key] = raw[key]
+    if raw.get("template_kwargs") is not None:
+        out["template_kwargs"] = raw["template_kwargs"]
     return out
 
 
@@ -317,7 +329,7 @@ def adapt_firefly(raw: Any) -> dict:
                 raise RecordError("missing_field", "missing", field=f"{field}.{key}")
         messages.append({"role": "user", "content": _str(turn["human"], f"{field}.human")})
         messages.append({"role": "assistant", "content": _str(turn["assistant"], f"{field}.assistant")})
-    return {"messages": check_conversation(messages, "conversation")}
+    return _template_vars(raw, {"messages": check_conversation(messages, "conversation")})
 
 
 def _has_output(msg: dict) -> bool:

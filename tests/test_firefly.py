@@ -202,3 +202,15 @@ def test_null_user_content_is_a_wrong_type_fault(content, reason):
     assert info.value.reason == "wrong_type"
 
     assert ADAPTERS["messages"](tool_chat({"city": "Paris"}, json.dumps([TOOL])))["tools"] == [TOOL]
+
+
+def test_record_template_variables_reach_the_renderer():
+    """issue 14: a record's own template variables are kept by every chat adapter."""
+    extra = {"enable_thinking": False, "template_kwargs": {"token_suffix": "<x>"}}
+    chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    for fmt, rec in (("messages", {"messages": chat}), ("firefly", FIREFLY[1]),
+                     ("sharegpt", {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}),
+                     ("alpaca", {"instruction": "q", "output": "a"})):
+        got = ADAPTERS[fmt]({**rec, **extra})
+        assert got["template_kwargs"] == {"token_suffix": "<x>"}
+        assert got.get("enable_thinking", False) is False
