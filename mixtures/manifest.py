@@ -19,17 +19,14 @@ Every problem is reported as ``<manifest file>: <json path>: <what is wrong>``.
 """
 from __future__ import annotations
 
-import difflib
 import glob
 import hashlib
-import json
 import os
-import sys
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from jsonschema import Draft202012Validator
 
@@ -37,6 +34,8 @@ from stages import constants
 from stages.columns import COLUMN_KEYS, TAG_KEYS, folded_format, mapping_problems
 from stages.constants import DEFAULT_SEED, DEFAULT_SHARD_TOKENS, LOSS_MODES, OVERFLOW_MODES
 
+from .manifest_io import (MAX_FLOAT, ManifestError, _find_duplicate_keys, _json_type, _parse_json,  # noqa: F401
+                          format_json_path, schema_problems)
 from .registry import RegistryError, mapped_base_format, registry_entry
 
 FORMATS = constants.MANIFEST_FORMATS
@@ -50,20 +49,6 @@ AVE_TOKENS_KEYS = ("ave_tokens_per_line", "avg_tokens_per_line", "ave_tokens", "
 DEFAULT_TEMPLATE = "tokenizer"
 DEFAULT_MAX_LENGTH = 4096
 FORMATTINGS = ("alpaca", "sharegpt")  # LLaMA-Factory's `formatting` values
-MAX_FLOAT = sys.float_info.max  # JSON numbers past it parse as inf: refused
-
-
-class ManifestError(ValueError):
-    """A manifest fault. ``str()`` is one ``<file>: <json path>: <problem>`` line per fault."""
-
-    def __init__(self, file: str | os.PathLike, problems: list[tuple[str, str]]):
-        self.file = str(file)
-        self.problems = problems
-        self.json_path, self.problem = problems[0]
-        super().__init__("\n".join(f"{self.file}: {p}: {what}" for p, what in problems))
-
-    def __reduce__(self):  # survives pickling to and from worker processes
-        return (type(self), (self.file, self.problems))
 
 
 @dataclass(frozen=True)
@@ -208,122 +193,6 @@ def _validators(templates: tuple[str, ...]) -> dict[str, Draft202012Validator]:
         Draft202012Validator.check_schema(schema)
         out[name] = Draft202012Validator(schema)
     return out
-
-
-# --------------------------------------------------------------------------- error text
-
-def format_json_path(parts: Iterable[str | int]) -> str:
-    """``("datasets", 2, "abs_weight")`` -> ``datasets[2].abs_weight``; the root is ``$``."""
-    out = ""
-    for part in parts:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        elif part.isidentifier():
-            out += f".{part}" if out else part
-        else:
-            out += f"[{json.dumps(part)}]"
-    return out or "$"
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    return {str: "string", list: "list", dict: "object"}.get(type(value), type(value).__name__)
-
-
-def schema_problems(validator: Draft202012Validator, instance: Any) -> list[tuple[str, str]]:
-    """All schema violations of ``instance`` as sorted ``(json path, readable problem)`` pairs."""
-    found: set[tuple[tuple, str, str]] = set()  # (sort key, path, problem)
-
-    def add(parts: list, problem: str) -> None:
-        # Sort by position in the document, so datasets[2] comes before datasets[10].
-        key = tuple((0, p, "") if isinstance(p, int) else (1, 0, p) for p in parts)
-        found.add((key, format_json_path(parts), problem))
-
-    for err in validator.iter_errors(instance):
-        path = list(err.absolute_path)
-        # Our own text only where the schema's keyword is about meaning, not type.
-        custom = err.schema.get("x-message") if err.validator in ("pattern", "anyOf") else None
-        if err.validator == "additionalProperties":
-            known = list(err.schema.get("properties", {}))
-            for key in sorted(set(err.instance) - set(known)):
-                close = difflib.get_close_matches(key, known, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                add(path + [key], f"unknown key{hint}")
-        elif err.validator == "required":
-            for key in err.validator_value:
-                if key not in err.instance:
-                    add(path + [key], "missing required key")
-        elif custom:
-            add(path, f"{custom}; got {json.dumps(err.instance)}")
-        elif err.validator == "type":
-            wanted = err.validator_value
-            wanted = " or ".join(wanted) if isinstance(wanted, list) else wanted
-            add(path, f"expected {wanted}, got {_json_type(err.instance)} {json.dumps(err.instance)}")
-        elif err.validator == "enum":
-            choices = ", ".join(map(str, err.validator_value))
-            add(path, f"must be one of {choices}; got {json.dumps(err.instance)}")
-        elif err.validator == "minimum":
-            add(path, f"must be >= {err.validator_value}; got {err.instance}")
-        elif err.validator == "maximum" and err.validator_value == MAX_FLOAT:
-            add(path, f"must be a finite number; got {err.instance} (too large for a float)")
-        elif err.validator in ("minItems", "minLength"):
-            add(path, "must not be empty")
-        else:
-            add(path, err.message)
-    return [(path, problem) for _, path, problem in sorted(found)]
-
-
-# --------------------------------------------------------------------------- parsing
-
-class _DuplicateKeys(dict):
-    """A parsed JSON object that had repeated keys (plain json keeps the last silently)."""
-
-    duplicates: list[str]
-
-
-def _object_hook(pairs: list[tuple[str, Any]]) -> dict:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        seen: set[str] = set()
-        dupes = [k for k, _ in pairs if k in seen or seen.add(k)]
-        result = _DuplicateKeys(result)
-        result.duplicates = sorted(set(dupes))
-    return result
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-def _find_duplicate_keys(node: Any, path: list) -> list[tuple[str, str]]:
-    found = []
-    if isinstance(node, _DuplicateKeys):
-        found += [(format_json_path(path + [k]), "key given more than once") for k in node.duplicates]
-    if isinstance(node, dict):
-        for key, value in node.items():
-            found += _find_duplicate_keys(value, path + [key])
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            found += _find_duplicate_keys(value, path + [i])
-    return found
-
-
-def _parse_json(path: Path, raw: bytes) -> Any:
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise ManifestError(path, [("$", f"not UTF-8 text (byte {e.start})")]) from None
-    try:
-        return json.loads(text, object_pairs_hook=_object_hook, parse_constant=_reject_constant)
-    except json.JSONDecodeError as e:
-        raise ManifestError(path, [("$", f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}")]) from None
-    except ValueError as e:  # NaN / Infinity
-        raise ManifestError(path, [("$", str(e))]) from None
 
 
 def _resolve(base: Path, value: str) -> str:

@@ -39,7 +39,7 @@ from . import constants
 from .columns import ColumnMap, split_format
 from .constants import FORMATS
 from .errors import RecordError
-from .tool_calls import _json, _openai_tool_calls, _tool_call, _tool_calls, parse_tools  # noqa: F401
+from .tool_calls import _openai_tool_calls, _tool_call, _tool_calls, parse_tools
 
 CHAT_ROLES = {"system", "user", "assistant", "tool"}
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
