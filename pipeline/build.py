@@ -23,13 +23,12 @@ from mixtures.transforms import load_transform
 from stages.errors import BuildError, RecordError
 from stages.formats import detect_format
 from stages.readers import expand_source, iter_unit, plan_units
-from stages.render import resolve_template
-from stages.tokenizer import load_tokenizer
 
 from .assemble import DEFAULT_SHARD_TOKENS, assemble
 from .cache import (CacheEntry, FingerprintMemo, dataset_key, dir_fingerprint, ensure_cache_dir,
                     file_fingerprint)
 from .progress import Progress
+from .reuse import LazyTokenizer, resolve
 from .encoders import choose_encoder
 from .executors import run_local, run_ray
 from .worker import DatasetJob, faults, job_renderer
@@ -198,16 +197,28 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
     if executor not in ("local", "ray"):
         raise BuildError(f"unknown executor {executor!r}: local or ray")
 
-    tok = load_tokenizer(mixture.tokenizer, trust_remote_code=mixture.trust_remote_code)
-    tmpl = resolve_template(mixture.template, tok)
+    # Keys need only the tokenizer's hash and the template's sha256: a fully reused build
+    # never loads the tokenizer (pipeline/reuse.py).
+    tok = LazyTokenizer(mixture.tokenizer, mixture.trust_remote_code)
+    tmpl = resolve(cache_dir, mixture.template, tok, real=bool(check_template))
     memo = FingerprintMemo(cache_dir)
-    plans = [plan_dataset(s, mixture, tok, tmpl, cache_dir, memo.data, on_error, shard_tokens)
-             for s in mixture.datasets]
+
+    def plan_all():
+        return [plan_dataset(s, mixture, tok, tmpl, cache_dir, memo.data, on_error, shard_tokens)
+                for s in mixture.datasets]
+
+    plans = plan_all()
+    if (force or not all(p.entry.is_valid() for p in plans)) and not tok.loaded:
+        real = resolve(cache_dir, mixture.template, tok, real=True)  # work to do: the real one
+        if real.sha256 != tmpl.sha256:
+            tmpl = real
+            plans = plan_all()
+        tmpl = real
     memo.save()
     notes = [memo.note] if getattr(memo, "note", None) else []
     if check_template:  # before any work: a difference stops the build here
         from .check import check_datasets
-        check_datasets(plans, mixture, tok, tmpl, check_template, check_against)
+        check_datasets(plans, mixture, tok.real, tmpl, check_template, check_against)
 
     with ExitStack() as locks:
         # Lock in key order (no deadlock between builds of different manifests), then re-check
@@ -230,8 +241,8 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
             if plan.status == "build":
                 check_sources_unchanged(plan)
                 try:
-                    plan.meta = assemble(plan, tok, tmpl, mixture, job_renderer(plan.job).tok.encoder,
-                                         plan.shard_tokens)
+                    plan.meta = assemble(plan, tok.real, tmpl, mixture,
+                                         job_renderer(plan.job).tok.encoder, plan.shard_tokens)
                     plan.entry.publish(replace=force)
                 except OSError as e:
                     raise _fs_error(plan, e) from None

@@ -13,11 +13,11 @@ import orjson
 from stages.errors import RecordError
 from stages.formats import ADAPTERS
 from stages.readers import iter_unit
-from stages.render import Renderer, resolve_template
-from stages.tokenizer import load_tokenizer
+from stages.render import Renderer
 
 from .build import default_cache, default_out, load_mixture, plan_dataset
 from .cache import FingerprintMemo
+from .reuse import LazyTokenizer, resolve
 
 SAMPLE_RECORDS = 200
 REPEAT_WARN = 10.0
@@ -83,8 +83,8 @@ def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None
                                          max_length=max_length, trust_remote_code=trust_remote_code)
     out_dir = Path(out) if out else default_out(manifest)
     cache_dir = Path(cache) if cache else default_cache(out_dir)
-    tok = load_tokenizer(mixture.tokenizer, trust_remote_code=mixture.trust_remote_code)
-    tmpl = resolve_template(mixture.template, tok)
+    tok = LazyTokenizer(mixture.tokenizer, mixture.trust_remote_code)  # loaded only to estimate
+    tmpl = resolve(cache_dir, mixture.template, tok, real=not cache_dir.is_dir())
     memo = FingerprintMemo(cache_dir) if cache_dir.is_dir() else None
     locked = set()
     lock_path = out_dir / "mixture.lock.json"
@@ -100,7 +100,12 @@ def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None
             status = "built" if plan.entry.key in locked else "reusable"
             n_tok, n_samp, est = float(meta["n_tokens"]), float(meta["n_samples"]), False
         else:
-            renderer = Renderer(tok, tmpl, plan.job.loss)
+            real = resolve(cache_dir, mixture.template, tok, real=True)
+            if real.sha256 != tmpl.sha256:  # a stale memo: the key was computed with another template
+                tmpl = real
+                plan = plan_dataset(spec, mixture, tok, tmpl, cache_dir, memo.data if memo else {}, "skip",
+                                    shard_tokens)
+            renderer = Renderer(tok.real, real, plan.job.loss)
             (n_tok, n_samp), status, est = _estimate(plan, renderer), "to build", True
         row = PlanRow(spec.dataset_name, status, n_tok, n_samp, est, spec.abs_weight / total_w,
                       spec.allow_repeat)
