@@ -215,7 +215,9 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
             plans = plan_all()
         tmpl = real
     memo.save()
-    notes = [memo.note] if getattr(memo, "note", None) else []
+    notes = list(getattr(mixture, "notes", ()))  # manifest keys ignored on purpose
+    if getattr(memo, "note", None):
+        notes.append(memo.note)
     if check_template:  # before any work: a difference stops the build here
         from .check import check_datasets
         check_datasets(plans, mixture, tok.real, tmpl, check_template, check_against)
@@ -256,7 +258,7 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
                     f"{plan.spec.dataset_name}: the cached build {plan.entry.final} set aside "
                     f"{faults(plan.meta['skipped'])} bad records under --on-error skip "
                     f"({plan.entry.final / 'rejects.jsonl'}); use --on-error skip or --force")
-        if not plan.entry.touch() and not notes:
+        if not plan.entry.touch() and not any("not writable" in n for n in notes):
             notes.append(f"{cache_dir} is not writable: last-use times (for cache gc) not updated")
     try:
         lock, warnings = make_lock(mixture, [(p.spec, str(p.entry.final), p.meta) for p in plans])

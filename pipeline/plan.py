@@ -91,7 +91,7 @@ def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None
     if lock_path.is_file():
         locked = {d["key"] for d in orjson.loads(lock_path.read_bytes())["datasets"]}
     total_w = sum(s.abs_weight for s in mixture.datasets)
-    rows, warnings = [], []
+    rows, warnings = [], [f"note: {n}" for n in getattr(mixture, "notes", ())]
     for spec in mixture.datasets:
         plan = plan_dataset(spec, mixture, tok, tmpl, cache_dir, memo.data if memo else {}, "skip",
                             shard_tokens)
@@ -140,5 +140,7 @@ def print_plan(rows, warnings, tokens: float | None) -> None:
                       "yes" if r.allow_repeat else "no")
     console = Console(width=None if sys.stdout.isatty() else 160)
     console.print(table)
+    from rich.markup import escape
     for w in warnings:
-        console.print(f"[yellow]warning:[/yellow] {w}", highlight=False)
+        console.print(escape(w) if w.startswith("note: ") else f"[yellow]warning:[/yellow] {escape(w)}",
+                      highlight=False)
