@@ -1,6 +1,7 @@
 """End-to-end build of sample_data: identical for any worker count, reused when nothing
 changed, memory-mappable, and verify catches damage."""
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -120,3 +121,43 @@ def test_changed_max_length_is_a_new_key(built, tmp_path):
     assert all(a.entry.key != b.entry.key for a, b in zip(plans, other))
     assert all(p.meta["sample_length_percentiles"]["max"] <= 64 for p in other)
     assert any(p.meta["skipped"].get("no_trained_tokens_after_truncation") for p in other)
+
+
+def test_inspect_escapes_a_crafted_dataset_name(built, tmp_path):
+    """A dataset_name in a crafted meta.json must not reach the terminal as escape sequences."""
+    _, plans = built
+    d = tmp_path / "crafted"
+    shutil.copytree(plans[0].entry.final, d)
+    meta = orjson.loads((d / "meta.json").read_bytes())
+    meta["dataset_name"] = "evil\x1b]0;pwned\x07\x1b[2J[bold]x"
+    meta["skipped"] = {"r\x1b[31m": 1}
+    (d / "meta.json").write_bytes(orjson.dumps(meta))
+    r = run_cli("inspect", str(d))
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\x07" not in r.stdout
+    assert "evil\\x1b]0;pwned\\x07\\x1b[2J[bold]x" in r.stdout  # shown, escaped, markup literal
+    png = tmp_path / "p.png"
+    assert run_cli("inspect", str(d), "--plot", str(png)).returncode == 0 and png.stat().st_size > 0
+
+
+def test_cache_list_defaults_to_the_cache_of_the_build(built, tmp_path):
+    lock, plans = built
+    env = {k: v for k, v in os.environ.items() if k != "TOKENMILL_CACHE"}
+    mix = tmp_path / "m" / "mixture.json"
+    mix.parent.mkdir()
+    shutil.copy(SAMPLE / "mixture.json", mix)
+    for name in ("pretrain_en.txt", "pretrain_zh.jsonl", "alpaca_zh.json", "sharegpt_en.jsonl",
+                 "messages_mixed.jsonl", "tokenizer"):
+        (mix.parent / name).symlink_to(SAMPLE / name)
+    r = run_cli("build", str(mix), "--workers", "1", env=env)
+    assert r.returncode == 0, r.stderr
+    # `cache list MANIFEST` finds the cache the build next to it used (<manifest dir>/build/cache)
+    r = run_cli("cache", "list", str(mix), env=env)
+    assert r.returncode == 0, r.stderr
+    assert sorted(ln.split()[0] for ln in r.stdout.splitlines()) == sorted(p.spec.dataset_name for p in plans)
+    assert str(mix.parent / "build" / "cache") in r.stderr
+    # usage errors exit 2 through argparse
+    r = run_cli("cache", "gc", str(mix), env=env)
+    assert r.returncode == 2 and "usage:" in r.stderr
+    r = run_cli("build", str(mix), "--workers", "0", env=env)
+    assert r.returncode == 2 and "usage:" in r.stderr
