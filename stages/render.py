@@ -32,14 +32,17 @@ Templates, their sandbox and `render` live in jinja_env.py; the reference check
 from __future__ import annotations
 
 import bisect
+import json
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
-from .constants import LOSS_MODES
+from .constants import LOSS_MODES, RECORD_TEMPLATE_VARS
 from .errors import BuildError, RecordError
 from .formats import record_kind
+from .layouts import prepare, template_directives
 from .jinja_env import (GEN_CLOSE, GEN_OPEN, PH_CLOSE, PH_OPEN, PIECE_BREAK, RESERVED_RE, ChatTemplate,
                         available_templates, compile_template, find_template, render, template_literal_text)
 from .tokenizer import Tokenizer
@@ -47,15 +50,54 @@ from .tokenizer import Tokenizer
 __all__ = ["RENDER_VERSION", "ChatTemplate", "Encoded", "Explained", "Renderer", "available_templates",
            "compile_template", "mask_to_spans", "resolve_template", "template_literal_text"]
 
-RENDER_VERSION = 2  # bump when the same inputs would give other ids or spans (belongs in cache keys)
+RENDER_VERSION = 3  # bump when the same inputs would give other ids or spans (belongs in cache keys)
 PH_RE = re.compile(f"{PH_OPEN}(\\d+){PH_CLOSE}")
 GEN_RE = re.compile(f"[{GEN_OPEN}{GEN_CLOSE}]")
 DATA_FIELDS = ("content", "reasoning_content")
 
 
+# what a chat template's control strings look like: <|name|>, and Hunyuan/DeepSeek's <｜name｜>
+CONTROL_STRING_RE = re.compile(r"<\|[^<>|\s]{1,80}\|>|<｜[^<>｜\s]{1,80}｜>")
+# conversations rendered to find control strings a template assembles from parts ('<｜x' + sfx + '｜>')
+PROBES = (
+    [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+     {"role": "assistant", "content": "a", "reasoning_content": "r"}, {"role": "user", "content": "q"},
+     {"role": "assistant", "content": "a"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+)
+
+
 def resolve_template(name: str, tokenizer: Tokenizer) -> ChatTemplate:
-    """The template a build names (see jinja_env.find_template)."""
-    return find_template(name, tokenizer)
+    """The template a build names (see jinja_env.find_template), refused when a control string
+    it writes (`<|…|>`, `<｜…｜>`) is not one token of the tokenizer: rendered as plain text it
+    would train the wrong tokens, and the first trained token would straddle the boundary."""
+    tmpl = find_template(name, tokenizer)
+    missing = [s for s in control_strings(tmpl.text, json.dumps(tokenizer.template_kwargs(), sort_keys=True))
+               if s not in tokenizer.control_tokens]
+    if missing:
+        raise BuildError(f"template {tmpl.name!r} writes {missing[0]!r}, which is not one token of the "
+                         f"tokenizer {tokenizer.path}" + (f" (nor {', '.join(map(repr, missing[1:4]))})"
+                                                          if len(missing) > 1 else "")
+                         + ": this template is for another tokenizer's control tokens")
+    return tmpl
+
+
+@lru_cache(maxsize=32)
+def control_strings(text: str, kwargs_json: str) -> list[str]:
+    """The control strings of a template: in its literal text, and in what it renders for
+    probe conversations (under every reasoning_effort); a probe the template refuses is skipped."""
+    found = set(CONTROL_STRING_RE.findall(template_literal_text(text)))
+    compiled = compile_template(text, False)
+    kwargs = json.loads(kwargs_json)
+    for probe in PROBES:
+        for effort in (None, "high", "no_think"):
+            kw = kwargs if effort is None else {**kwargs, "reasoning_effort": effort}
+            try:
+                out = compiled.render(messages=probe, tools=None, documents=None, add_generation_prompt=False, **kw)
+            except Exception:
+                continue
+            found |= set(CONTROL_STRING_RE.findall(out))
+    return sorted(found)
 
 
 # ---------------------------------------------------------------------------------------
@@ -65,6 +107,7 @@ def resolve_template(name: str, tokenizer: Tokenizer) -> ChatTemplate:
 class Encoded:
     ids: np.ndarray  # int64
     spans: np.ndarray | None  # int32 (m, 2) trained [start, end); None = every token trained
+    notes: tuple[str, ...] = ()  # what the layout rules decided for this record (layouts.NOTES)
 
     @property
     def n_trained(self) -> int:
@@ -91,6 +134,7 @@ class _Layout:
     cuts: list[tuple[int, int, int]]  # template control tokens: (start, end, id)
     regions: list[tuple[int, int, int]]  # trained char ranges (start, end, message index)
     data: list[tuple[int, int, int, str]] = field(default_factory=list)  # (start, end, msg, field)
+    notes: tuple[str, ...] = ()
 
 
 class Renderer:
@@ -98,7 +142,7 @@ class Renderer:
     loss: `assistant` (every assistant turn whose loss_weight is not 0; default), `last` (the
     last assistant turn only), `all` (every token, prompts included).
     template_kwargs: extra template variables for every record (a record's own
-    `template_kwargs` and `reasoning_effort` come on top)."""
+    `template_kwargs` and its RECORD_TEMPLATE_VARS fields come on top)."""
 
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate, loss: str = "assistant",
                  template_kwargs: dict | None = None):
@@ -117,6 +161,7 @@ class Renderer:
         self.template_kwargs = {**tokenizer.template_kwargs(), **(template_kwargs or {})}
         self.generation = template.has_generation_blocks
         self.unk_id = tokenizer.unk_id
+        self.directives = template_directives(template.text)
 
     # -- record → placeholder messages ------------------------------------------------
     def messages(self, record: dict) -> list[dict]:
@@ -129,14 +174,20 @@ class Renderer:
     def template_vars(self, record: dict) -> dict:
         """Template variables for this record: the tokenizer's, the dataset's, the record's own."""
         extra = dict(self.template_kwargs)
-        if record.get("reasoning_effort") is not None:
-            extra["reasoning_effort"] = record["reasoning_effort"]
+        for key in RECORD_TEMPLATE_VARS:
+            if record.get(key) is not None:
+                extra[key] = record[key]
         kw = record.get("template_kwargs")
         if kw is not None:
             if not isinstance(kw, dict):
                 raise RecordError("wrong_type", "must be an object", field="template_kwargs")
             extra.update(kw)
         return extra
+
+    def prepare(self, record: dict) -> tuple[list[dict], dict, tuple[str, ...]]:
+        """(messages, template variables, notes) exactly as they are rendered: the template's
+        layout rules applied (stages/layouts.py). Raises RecordError."""
+        return prepare(self.directives, self.messages(record), self.template_vars(record), self.tok.eos_token)
 
     def _check_structured(self, value, where: str):
         """Strings the template renders that are not placeholders (tool calls, tools, template
@@ -194,8 +245,7 @@ class Renderer:
 
     # -- layout -----------------------------------------------------------------------
     def _layout(self, record: dict) -> _Layout:
-        messages = self.messages(record)
-        extra = self.template_vars(record)
+        messages, extra, notes = self.prepare(record)
         tools = record.get("tools")
         if tools is not None:
             self._check_structured(tools, "tools")
@@ -210,6 +260,8 @@ class Renderer:
             ph_text, blocks = _strip_generation_marks(marked)
         else:
             ph_text = marked
+        if any(self.template_kwargs.get(k, k) != v for k, v in extra.items()):
+            self._check_control_strings(ph_text)  # the record's own variables chose control strings
         if self.loss == "all":
             ph_regions = [(0, len(ph_text), -1)]
         elif self.generation:
@@ -218,6 +270,7 @@ class Renderer:
             ph_regions = self._prefix_regions(ph_messages, ph_text, tools, extra)
 
         layout = self._to_real(ph_text, data, ph_regions)
+        layout.notes = notes
         expected = render(self.template, real_messages, tools, extra, False, False)
         if expected != layout.text:
             raise RecordError("template_round_trip", "the template changes message text (e.g. splits "
@@ -233,6 +286,12 @@ class Renderer:
         """Whether a data string holds control-token text (encoded as text, never as the token)."""
         return self.data_control_re is not None and any(
             self.data_control_re.search(m.get(k) or "") for m in messages for k in DATA_FIELDS)
+
+    def _check_control_strings(self, ph_text: str):
+        for m in CONTROL_STRING_RE.finditer(ph_text):
+            if m.group() not in self.tok.control_tokens:
+                raise RecordError("control_string_not_a_token", f"with this record's template variables "
+                                  f"the template writes {m.group()!r}, which is not one token of the tokenizer")
 
     def trained_turns(self, messages: list[dict]) -> list[int]:
         """Indices of the assistant turns that train under this loss mode."""
@@ -437,7 +496,7 @@ class Renderer:
         if not mask.any():
             return RecordError("no_trained_tokens", "no token is trained (every assistant turn "
                                "is empty or has loss_weight 0)")
-        enc = Encoded(ids_a, mask_to_spans(mask))
+        enc = Encoded(ids_a, mask_to_spans(mask), layout.notes)
         if not explain:
             return enc
         data = []

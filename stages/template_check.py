@@ -4,7 +4,7 @@ The reference is transformers' own chat-template renderer (`render_jinja_templat
 `apply_chat_template` uses it) with the tokenizer's own whole-string encoding; trained
 positions come from the reference's generation-block indices, or from prefix renders for a
 template without them. Only the renderer's public methods are used (`encode_batch`,
-`messages`, `template_vars`, `trained_turns`, `data_has_control_text`).
+`prepare`, `trained_turns`, `data_has_control_text`).
 """
 from __future__ import annotations
 
@@ -155,9 +155,8 @@ def check_template(renderer: Renderer, records: list[dict], reference: ChatTempl
         if isinstance(enc, RecordError):
             report.count(f"renderer:{enc.reason}")
             continue
-        messages = renderer.messages(rec)
+        messages, kwargs, _ = renderer.prepare(rec)  # as the renderer rendered it
         tools = rec.get("tools")
-        kwargs = renderer.template_vars(rec)
         data_ctl = renderer.data_has_control_text(messages)
         try:
             if data_ctl:

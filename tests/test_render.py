@@ -5,6 +5,7 @@ from ../shared/tokenizers are used (Qwen2.5 HF, Hunyuan tiktoken, Mistral Senten
 the tests skip with a reason when that folder is absent. Tokenizer loading: test_tokenizer.py.
 """
 import json
+import re
 
 import numpy as np
 import pytest
@@ -183,14 +184,15 @@ def test_hy3_layout_reasoning_effort_and_spans(hy3_tokenizer):
     r = renderer(hy3_tokenizer, "hy3")
     assert marked(r, rec) == (
         "<｜hy_begin▁of▁sentence｜>You are a helpful assistant.<｜reasoning_mode｜>reasoning_effort:high"
-        "<｜hy_User｜>1+1=?<｜hy_Assistant｜>⟦<think>Basic arithmetic.</think>1+1=2<｜hy_eos｜>⟧"
+        "<｜hy_User｜>1+1=?<｜hy_Assistant｜>⟦<think></think>1+1=2<｜hy_eos｜>⟧"  # history: no reasoning
         "<｜hy_User｜>And 2+2?<｜hy_Assistant｜>⟦<think></think>4<｜hy_eos｜>⟧")
     fast = ADAPTERS["messages"]({"messages": [{"role": "user", "content": "1+1=?"},
                                               {"role": "assistant", "content": "2"}]})
     assert marked(r, fast) == ("<｜hy_begin▁of▁sentence｜><｜reasoning_mode｜>reasoning_effort:no_think"
                                "<｜hy_User｜>1+1=?<｜hy_Assistant｜>⟦<think></think>2<｜hy_eos｜>⟧")
-    bad = dict(rec, reasoning_effort="no_think")
-    assert reason(r, bad) == "template_error"  # reasoning under no_think is contradictory
+    bad = ADAPTERS["messages"]({"reasoning_effort": "no_think", "messages": [
+        {"role": "user", "content": "1+1=?"}, {"role": "assistant", "content": "2", "reasoning_content": "Add."}]})
+    assert reason(r, bad) == "reasoning_effort_conflict"  # reasoning under no_think is contradictory
     assert check_template(r, [rec, fast]).ok
 
 
@@ -326,11 +328,21 @@ class _Uncontinued:
         return self._tok.encode_pieces(texts, [False] * len(texts), as_text)
 
 
-def test_every_builtin_template_renders_every_format():
+def test_every_builtin_template_renders_every_format(hy3_tokenizer):
     rec_io = ADAPTERS["input-output"]({"input": "q", "output": "a"})
-    for name in ("chatml", "hunyuan", "hy3", "none"):
-        r = renderer(HY, name)
+    # each with a tokenizer that has its control tokens (another one is refused: test_control_strings…)
+    for name, tok in (("chatml", QWEN), ("hunyuan", HY), ("hy3", hy3_tokenizer), ("none", HY), ("none", MISTRAL)):
+        r = renderer(tok, name)
         for rec in (ALPACA, TWO_TURNS, rec_io, {"text": "doc"}):
             enc = r.encode_batch([rec])[0]
             assert not isinstance(enc, RecordError), (name, enc)
             assert enc.n_trained > 0 and np.all(np.diff(enc.spans, axis=1) > 0) if enc.spans is not None else True
+
+
+@pytest.mark.parametrize("tok_path,template,string", [
+    (QWEN, "hy3", "<｜hy_Assistant｜>"), (QWEN, "hunyuan", "<|eos|>"), (HY, "chatml", "<|im_end|>")])
+def test_control_strings_that_are_not_tokens_are_refused(tok_path, template, string):
+    tok = load_tokenizer(str(tok_path))
+    assert string not in tok.control_tokens  # so it would be plain text
+    with pytest.raises(BuildError, match=re.escape(f"writes {string!r}, which is not one token of the tokenizer")):
+        resolve_template(template, tok)
