@@ -121,11 +121,30 @@ def _piece(full: Encoded, k: int, max_length: int, overflow: str) -> int:
     return starts[k]
 
 
+def _trusted_transform(transform: dict, named: str | None):
+    """Raise _NoLabels unless the build's transform may run here: the file's hash is compared
+    before anything is imported, and a path read from meta.json (a data dir may be crafted or
+    shared) is imported only when the user names that same file (`--transform FILE`)."""
+    import hashlib
+    path = transform["path"]
+    if named is None:
+        raise _NoLabels(f"it was built with the transform {path}, which show runs only when you name it "
+                        "(--transform FILE): a path read from a data dir is never imported on its own")
+    if Path(named).resolve() != Path(path).resolve():
+        raise _NoLabels(f"--transform {named} is not the file the dataset was built with ({path})")
+    try:
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as e:
+        raise _NoLabels(f"its transform {path} cannot be read ({e.strerror})") from None
+    if digest != transform["sha256"]:
+        raise _NoLabels(f"the transform {path} changed since the build (sha256 differs)")
+
+
 def explain_sample(meta: dict, shard: Path, arrays, i: int, tok, *, seed: int,
-                   template: str | None = None) -> tuple[list[str], str]:
+                   template: str | None = None, named_transform: str | None = None) -> tuple[list[str], str]:
     """Labels of the trained spans of sample i of a shard (see module doc), and a line on
     which piece of its record it is ("" when the record gave one sample). Raises _NoLabels."""
-    from mixtures.transforms import TransformError, load_transform
+    from mixtures.transforms import TransformError
     from stages.errors import RecordError
     from stages.render import Renderer
 
@@ -142,8 +161,8 @@ def explain_sample(meta: dict, shard: Path, arrays, i: int, tok, *, seed: int,
                      build["overflow"], build.get("loss", "assistant"), transform and transform["path"],
                      seed, on_error="skip", work_dir="")
     try:
-        if transform and load_transform(transform["path"]).sha256 != transform["sha256"]:
-            raise _NoLabels(f"the transform {transform['path']} changed since the build")
+        if transform:
+            _trusted_transform(transform, named_transform)
         canonical = canonicalize(job, rec, _read_record(source, rec), source)
     except TransformError as e:
         raise _NoLabels(f"its record now fails: {e}") from None
@@ -180,7 +199,10 @@ def explain_sample(meta: dict, shard: Path, arrays, i: int, tok, *, seed: int,
 
 
 def show(path: str, index: int = 0, dataset: str | None = None, color: bool | None = None,
-         template: str | None = None, trust_remote_code: bool = False) -> int:
+         template: str | None = None, trust_remote_code: bool = False, transform: str | None = None) -> int:
+    """Print sample `index` of a built dir (or of `dataset` of a lock). `template`: the .jinja
+    file it was built with; `transform`: the transform script it was built with, named by the
+    user (never imported from meta.json alone; its sha256 must match)."""
     dirs = built_dirs(path)
     metas = {d: orjson.loads((d / "meta.json").read_bytes()) for d in dirs}
     if dataset:
@@ -196,9 +218,11 @@ def show(path: str, index: int = 0, dataset: str | None = None, color: bool | No
     tok = load_tokenizer(meta["tokenizer"]["path"], trust_remote_code=trust_remote_code)
     color = sys.stdout.isatty() if color is None else color
     n_trained = len(ids) if spans is None else int((spans[:, 1] - spans[:, 0]).sum())
+    with h5py.File(shard, "r") as f:
+        source = str(f.attrs.get("source", "")) or "its source file"  # a shard holds one source file
     print(f"{meta['dataset_name']} sample {index}: {len(ids)} tokens, {n_trained} trained "
           f"({len(spans) if spans is not None else 1} span(s)), source record "
-          f"{int(arrays.source_record[i])} of {meta['sources'][0]['path'] if len(meta['sources']) == 1 else 'its file'}")
+          f"{int(arrays.source_record[i])} of {source}")
     labels = None
     if meta["build"]["format"] == "text" or spans is None:
         print("a document: every token trains")
@@ -208,7 +232,8 @@ def show(path: str, index: int = 0, dataset: str | None = None, color: bool | No
             seed = orjson.loads(Path(path).read_bytes()).get("seed", DEFAULT_SEED) if Path(path).is_file() \
                 else DEFAULT_SEED
         try:
-            labels, where = explain_sample(meta, shard, arrays, i, tok, seed=seed, template=template)
+            labels, where = explain_sample(meta, shard, arrays, i, tok, seed=seed, template=template,
+                                           named_transform=transform)
             if where:
                 print(f"this sample is {where}")
         except _NoLabels as e:

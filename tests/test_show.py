@@ -125,12 +125,53 @@ def test_transform_seed_comes_from_meta(tmp_path, capsys, share_src, sample_toke
         "    m[-1]['content'] += ' #%d' % r.randint(0, 10**9)\n"
         "    return dict(data, messages=m)\n", encoding="utf-8")
     lock = make(tmp_path, sample_tokenizer, {"share": (share_src, {"transforms": str(tmp_path / "t.py")})})
-    out = show(capsys, lock, "--index", "1")
+    out = show_fn(capsys, lock, index=1, transform=str(tmp_path / "t.py"))
     labels = LABELLED.findall(out)
     assert labels and re.search(r" #\d+<\|im_end\|>$", labels[-1][1])
     d, _ = shard_of(lock, "share")
-    out = show(capsys, d, "--index", "1")  # a built dir alone: meta.json keeps the seed (99)
+    out = show_fn(capsys, d, index=1, transform=str(tmp_path / "t.py"))  # a built dir: meta.json keeps the seed (99)
     assert LABELLED.findall(out) == labels
+
+
+def show_fn(capsys, target, **kw) -> str:
+    from pipeline.show import show as show_sample
+    assert show_sample(str(target), color=False, **kw) == 0
+    return capsys.readouterr().out
+
+
+def test_a_transform_named_only_by_meta_json_is_never_imported(tmp_path, capsys, share_src, sample_tokenizer):
+    marker = tmp_path / "imported"
+    script = tmp_path / "t.py"
+    script.write_text("def transform(data, num_sample, r):\n    return data\n", encoding="utf-8")
+    lock = make(tmp_path, sample_tokenizer, {"share": (share_src, {"transforms": str(script)})})
+    d, _ = shard_of(lock, "share")
+    # a crafted (or shared) dir: the script now runs code at import time
+    script.write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                      "def transform(data, num_sample, r):\n    return data\n", encoding="utf-8")
+    for target in (d, lock):
+        out = show(capsys, target, "--index", "0")  # not named by the user: not imported
+        assert "runs only when you name it (--transform FILE)" in out and not LABELLED.search(out)
+        out = show_fn(capsys, target, index=0, transform=str(script))  # named, but not the built file
+        assert "changed since the build (sha256 differs)" in out and not LABELLED.search(out)
+        assert not marker.exists()
+    out = show_fn(capsys, d, index=0, transform=str(tmp_path / "other.py"))
+    assert "is not the file the dataset was built with" in out and not marker.exists()
+
+
+def test_show_names_the_source_file_of_a_many_file_dataset(tmp_path, capsys, share_src, sample_tokenizer):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    rows = share_src.read_text(encoding="utf-8").splitlines()
+    (folder / "a.jsonl").write_text("\n".join(rows[:3]) + "\n", encoding="utf-8")
+    (folder / "b.jsonl").write_text("\n".join(rows[3:6]) + "\n", encoding="utf-8")
+    lock = make(tmp_path, sample_tokenizer, {"share": (folder, {})})
+    seen = set()
+    for i in range(6):
+        out = show(capsys, lock, "--index", str(i))
+        head = out.splitlines()[0]
+        assert "its file" not in head
+        seen |= {name for name in ("a.jsonl", "b.jsonl") if head.endswith(str(folder / name))}
+    assert seen == {"a.jsonl", "b.jsonl"}
 
 
 def test_template_file_needs_template_flag(tmp_path, capsys, share_src, sample_tokenizer):
