@@ -15,11 +15,10 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import orjson
-
 from mixtures.lock import LockError, make_lock, write_lock
 from mixtures.manifest import DatasetSpec, Mixture, load_manifest
 from mixtures.transforms import load_transform
+from stages.built_dataset import read_meta
 from stages.errors import BuildError, RecordError
 from stages.formats import detect_format
 from stages.readers import expand_source, iter_unit, plan_units
@@ -169,10 +168,10 @@ def _run_units(plans, executor, workers, ray_address, progress, cache_dir) -> No
     run = run_local if executor == "local" else run_ray
     lazy = "on_result" in inspect.signature(run).parameters  # streaming executors: nothing kept
     kwargs = {"on_result": lambda plan, unit, summary: None} if lazy else {}
-    if executor == "ray":
-        tasks = list(tasks)
-        shared = sorted({u.file for _, u in tasks} | {str(cache_dir.resolve())})
-        run(tasks, ray_address, progress, shared, **kwargs)
+    if executor == "ray":  # every node must see the sources and the cache (checked up front)
+        shared = sorted({s["path"] for p in plans if p.status == "build" for s in p.sources}
+                        | {str(cache_dir.resolve())})
+        run(tasks if lazy else list(tasks), ray_address, progress, shared, **kwargs)
     else:
         run(tasks if lazy else list(tasks), workers, progress, **kwargs)
 
@@ -252,7 +251,7 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
         progress.close()
     for plan in plans:
         if plan.meta is None:
-            plan.meta = orjson.loads((plan.entry.final / "meta.json").read_bytes())
+            plan.meta = read_meta(plan.entry.final)  # validated: a crafted dir is one clear error
             if on_error == "fail" and faults(plan.meta["skipped"]):
                 raise BuildError(
                     f"{plan.spec.dataset_name}: the cached build {plan.entry.final} set aside "

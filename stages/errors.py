@@ -10,7 +10,11 @@ POLICY_REASONS = frozenset({"transform_skipped", "too_long", "no_trained_tokens_
 
 class RecordError(ValueError):
     """A record that cannot become a sample. `reason` is a short stable key used for the
-    `skipped` counts in meta.json; `detail` is the human message."""
+    `skipped` counts in meta.json; `detail` is the human message.
+
+    Numbering: `record` is 0-based inside the code (as `source_record` in shards); every
+    number shown to a user is 1-based — `FILE:N` here and the `line` field of rejects.jsonl —
+    the line an editor shows (docs/formats.md)."""
 
     def __init__(self, reason: str, detail: str, *, source: str | None = None,
                  record: int | None = None, field: str | None = None):
