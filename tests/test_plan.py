@@ -70,3 +70,21 @@ def test_help_shows_each_default_once():
     r = cli("build", "--help")
     text = " ".join(r.stdout.split())
     assert text.count("(default: fail)") == 1 and text.count("(default: local)") == 1
+
+
+def test_only_user_faults_become_one_line_errors():
+    import errno
+
+    from mixtures.transforms import TransformError
+    from pipeline.cli import user_fault
+    from stages.errors import BuildError
+    assert user_fault(BuildError("x: bad"), "build") == "x: bad"
+    assert user_fault(TransformError("t failed", "Traceback…"), "build") == "t failed\nTraceback…"
+    assert user_fault(FileNotFoundError(errno.ENOENT, "No such file or directory", "m.json"),
+                      "build") == "m.json: No such file or directory"
+    h5 = OSError("Can't write data (file write failed: time = now\n, filename = '/c/u.h5', "
+                 "errno = 28, error message = 'No space left on device')")
+    msg = user_fault(h5, "build")
+    assert msg.startswith("/c/u.h5: no space left on device") and "\n" not in msg
+    for bug in (KeyError("k"), IndexError(3), TypeError("t"), AttributeError("a")):
+        assert user_fault(bug, "build") is None  # a bug keeps its traceback
