@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -232,7 +233,6 @@ def test_planted_partial_and_final_links_are_not_followed(tmp_path, capsys, samp
     crafted = tmp_path / "crafted"
     crafted.mkdir()
     (crafted / "meta.json").write_text('{"n_samples": 0}')
-    import shutil
     shutil.rmtree(final)
     partial = final.with_name(final.name + ".partial")
     partial.symlink_to(victim)      # the build must not write into the link's target …
@@ -251,11 +251,9 @@ def test_planted_lock_link_is_refused_without_touching_its_target(tmp_path, caps
     (tmp_path / "a.jsonl").write_bytes(b"".join(LINES[:10]))
     manifest(tmp_path, sample_tokenizer, {"a": "a.jsonl"})
     cache = tmp_path / "cache"
-    entry_dir = None
     rc, _ = build(tmp_path, capsys, "--cache", str(cache))
     assert rc == 0
     entry_dir = next(d for d in cache.iterdir() if d.name.startswith("a-") and d.is_dir())
-    import shutil
     shutil.rmtree(entry_dir)
     lock = Path(str(entry_dir) + ".lock")
     if lock.exists():
