@@ -46,6 +46,7 @@ from .layouts import prepare, template_directives
 from .jinja_env import (GEN_CLOSE, GEN_OPEN, PH_CLOSE, PH_OPEN, PIECE_BREAK, RESERVED_RE, ChatTemplate,
                         available_templates, compile_template, find_template, render, template_literal_text)
 from .tokenizer import Tokenizer
+from .turn_bounds import message_starts
 
 __all__ = ["RENDER_VERSION", "ChatTemplate", "Encoded", "Explained", "Renderer", "available_templates",
            "compile_template", "mask_to_spans", "resolve_template", "template_literal_text"]
@@ -330,18 +331,56 @@ class Renderer:
                         out[int(ph.group(1))] = i
         return out
 
+    LINEAR_FROM = 8  # more trained turns than this: bounds from one streaming render (turn_bounds.py)
+    PREFIX_TURN_LIMIT = 256  # when those cannot be confirmed: prefix renders up to this many turns
+
     def _prefix_regions(self, ph_messages, ph_text, tools, extra):
-        regions = []
-        for i in self.trained_turns(ph_messages):
-            before = render(self.template, ph_messages[:i], tools, extra, False, True)
-            upto = render(self.template, ph_messages[: i + 1], tools, extra, False, False)
-            if not (upto.startswith(before) and ph_text.startswith(upto)):
-                raise RecordError("template_not_prefix_stable", "the template renders earlier "
-                                  "turns differently once later turns exist; loss spans cannot be "
-                                  "derived by prefix (add {% generation %} blocks to the template)")
-            start, end = len(before), len(upto)
-            regions.append((start, self._end_of_turn(ph_text, start, end), i))
-        return regions
+        turns = self.trained_turns(ph_messages)
+        bounds = None
+        if len(turns) > self.LINEAR_FROM:
+            bounds = self._linear_bounds(ph_messages, ph_text, tools, extra, turns)
+            if bounds is None and len(turns) > self.PREFIX_TURN_LIMIT:
+                raise RecordError("too_many_turns", f"{len(turns)} trained turns, and template "
+                                  f"{self.template.name!r} (no {{% generation %}} blocks) cannot be read in one "
+                                  f"render; over {self.PREFIX_TURN_LIMIT} turns are not rendered turn by turn")
+        if bounds is None:
+            bounds = [self._prefix_bounds(ph_messages, ph_text, tools, extra, i) for i in turns]
+        return [(start, self._end_of_turn(ph_text, start, end), i) for (start, end), i in zip(bounds, turns)]
+
+    def _prefix_bounds(self, ph_messages, ph_text, tools, extra, i) -> tuple[int, int]:
+        """(len(render(messages[:i], generation prompt)), len(render(messages[:i+1])))."""
+        before = render(self.template, ph_messages[:i], tools, extra, False, True)
+        upto = render(self.template, ph_messages[: i + 1], tools, extra, False, False)
+        if not (upto.startswith(before) and ph_text.startswith(upto)):
+            raise RecordError("template_not_prefix_stable", "the template renders earlier "
+                              "turns differently once later turns exist; loss spans cannot be "
+                              "derived by prefix (add {% generation %} blocks to the template)")
+        return len(before), len(upto)
+
+    def _linear_bounds(self, ph_messages, ph_text, tools, extra, turns):
+        """The same bounds as _prefix_bounds for every turn, from one streaming render plus exact
+        prefix renders of the first three and the last turn (which must agree); None: use
+        prefix renders."""
+        starts = message_starts(compile_template(self.template.text, False), ph_messages, tools, extra, ph_text)
+        if starts is None:
+            return None
+        n = len(ph_messages)
+        first = turns[0]
+        plain = render(self.template, ph_messages[:first], tools, extra, False, False)
+        exact = {i: self._prefix_bounds(ph_messages, ph_text, tools, extra, i)
+                 for i in dict.fromkeys(turns[:3] + turns[-1:])}
+        if not ph_text.startswith(plain):
+            return None
+        gen = ph_text[len(plain):exact[first][0]]  # the generation prompt
+        bounds = []
+        for i in turns:
+            begin, end = starts.get(i), len(ph_text) if i + 1 == n else starts.get(i + 1)
+            if begin is None or end is None or not ph_text.startswith(gen, begin):
+                return None
+            bounds.append((begin + len(gen), end))
+        if any(bounds[turns.index(i)] != b for i, b in exact.items()):
+            return None
+        return bounds
 
     def _end_of_turn(self, ph_text: str, start: int, end: int) -> int:
         """Trim plain template text that follows the turn's last control token (e.g. the
