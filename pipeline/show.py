@@ -20,7 +20,9 @@ import numpy as np
 import orjson
 
 from mixtures.manifest import DEFAULT_SEED
+from stages.formats import base_format
 from stages.jinja_env import available_templates
+from stages.overflow import stored_piece_starts
 from stages.render import Encoded, Explained
 from stages.shard import read_shard
 
@@ -109,13 +111,7 @@ def _template(meta: dict, tok, template: str | None):
 def _piece(full: Encoded, k: int, max_length: int, overflow: str) -> int:
     """Start, in the whole record's ids, of its k-th stored sample (pieces with nothing to
     train are not stored under overflow: segment)."""
-    n = len(full.ids)
-    if n <= max_length or overflow != "segment":
-        starts = [0]
-    else:
-        spans = [(0, n)] if full.spans is None else [tuple(map(int, s)) for s in full.spans]
-        starts = [s for s in range(0, n, max_length)
-                  if any(a < s + max_length and b > s for a, b in spans)]
+    starts = stored_piece_starts(len(full.ids), max_length, overflow, full.spans)
     if k >= len(starts):
         raise _NoLabels("the record re-rendered now gives fewer pieces than were stored")
     return starts[k]
@@ -224,7 +220,7 @@ def show(path: str, index: int = 0, dataset: str | None = None, color: bool | No
           f"({len(spans) if spans is not None else 1} span(s)), source record "
           f"{int(arrays.source_record[i])} of {source}")
     labels = None
-    if meta["build"]["format"] == "text" or spans is None:
+    if base_format(meta["build"]["format"]) == "text" or spans is None:
         print("a document: every token trains")
     else:
         seed = meta["build"].get("seed")  # the seed the transform ran with (older builds: the lock's)
