@@ -69,10 +69,7 @@ def build_real(out: Path) -> Path:
 
 # --------------------------------------------------------------------------- measurements
 def _lengths(stream):
-    store = stream._tokens()
-    return [store.off_all[store.off_base[k] + 1: store.off_base[k] + 1 + ds.n]
-            - store.off_all[store.off_base[k]: store.off_base[k] + ds.n]
-            for k, ds in enumerate(stream.datasets)]
+    return [ds.built.sample_lengths() for ds in stream.datasets]
 
 
 def _stream_time(s: MixtureStream, n_batches: int, wid: int = 0,
@@ -100,7 +97,7 @@ def throughput(lock: Path, n_batches: int, rounds: int = 25) -> dict:
     # is a whole sample: the bench build truncates at SEQ), in delivery order, from the same
     # shard files, copied into one preallocated buffer of the shard dtype (uint32). Nothing
     # else: no int64 cast, no labels, no positions, no padding.
-    shards = [read_shard(Path(ds.files[0]), mmap=True) for ds in s.datasets]
+    shards = [read_shard(ds.built.shard_paths[0], mmap=True) for ds in s.datasets]
     src = [(int(d), int(sh.offsets[i]), int(sh.offsets[i + 1]))
            for d, i in ids.tolist() for sh in [shards[d]]]
     buf = np.empty(real, shards[0].tokens.dtype)

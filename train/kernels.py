@@ -5,8 +5,12 @@ passes than the read they serve:
 
 * ``mixture_choices`` / ``permuted_positions`` - the sampler: which dataset each draw picks,
   and the keyed Feistel permutation of its epoch, one draw at a time.
+* ``gather_samples`` - where a window's samples are: first token, length and loss spans,
+  read through the memory-mapped index of their shards.
 * ``bfd_rows`` - best-fit decreasing: the rows of a window; ``packed_layout`` - those rows in
   their seeded order, as a table of pieces.
+* ``heldout_block_counts`` / ``select_ids`` - the validation split without a per-sample
+  array: held-out counts per block of 64 ids, and the id of the r-th kept / held-out sample.
 * ``fill_packed`` - one pass that writes a packed batch: input_ids (read from the shard
   memmaps), labels (from the loss spans), position_ids and cu_seqlens, row by row.
 
@@ -50,6 +54,42 @@ def _pointer(typingctx, address, proto):
     def codegen(context, builder, signature, args):
         return builder.inttoptr(args[0], context.get_value_type(signature.return_type))
     return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def gather_samples(slot, j, off_addr, lso_addr, span_addr, p64, p32):
+    """Sample j[t] of shard slot[t] for each item t, read through the shards' mapped index
+    (addresses per slot of offsets (int64), loss_span_offsets (int64; 0: no spans) and
+    loss_spans (int32 pairs)): its first token, length and loss spans [q0, q1) in the
+    returned lo/hi (-1, -1: no spans). The indices were bounds-checked when mapped."""
+    n = len(slot)
+    start = np.empty(n, np.int64)
+    length = np.empty(n, np.int64)
+    q0 = np.full(n, -1, np.int64)
+    q1 = np.full(n, -1, np.int64)
+    s0 = np.zeros(n, np.int64)
+    total = 0
+    for t in range(n):
+        s = slot[t]
+        o = carray(_pointer(off_addr[s] + j[t] * 8, p64), (2,))
+        start[t] = o[0]
+        length[t] = o[1] - o[0]
+        if lso_addr[s] != 0:
+            q = carray(_pointer(lso_addr[s] + j[t] * 8, p64), (2,))
+            s0[t] = q[0]
+            q0[t] = total
+            total += q[1] - q[0]
+            q1[t] = total
+    lo = np.empty(total, np.int32)
+    hi = np.empty(total, np.int32)
+    for t in range(n):
+        m = q1[t] - q0[t]
+        if q0[t] >= 0 and m > 0:
+            sp = carray(_pointer(span_addr[slot[t]] + s0[t] * 8, p32), (2 * m,))
+            for k in range(m):
+                lo[q0[t] + k] = sp[2 * k]
+                hi[q0[t] + k] = sp[2 * k + 1]
+    return start, length, q0, q1, lo, hi
 
 
 @njit(cache=True, nogil=True)
@@ -328,6 +368,46 @@ def permuted_positions(choice, pos, epoch, n, bases):
     return out
 
 
+@njit(cache=True, nogil=True)
+def _held(idx, base, threshold):
+    """sampling.hash_uniform(base, idx) < threshold, for one sample id."""
+    z = _mix64(_mix64(np.uint64(idx)) ^ base)
+    return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0) < threshold
+
+
+@njit(cache=True, nogil=True)
+def heldout_block_counts(n, base, threshold, block):
+    """Held-out samples in each block of `block` consecutive ids of [0, n)."""
+    nb = (n + block - 1) // block
+    out = np.zeros(nb, np.int64)
+    for j in range(n):
+        if _held(j, base, threshold):
+            out[j // block] += 1
+    return out
+
+
+@njit(cache=True, nogil=True)
+def select_ids(d, r, blk_ptr, blk_cum, bases, n, threshold, block, want_held):
+    """Sample id of the r-th held-out (want_held) or kept sample of dataset d, per draw:
+    the block from the dataset's cumulative per-block counts blk_cum[blk_ptr[d]:], then a
+    scan of at most `block` ids of it."""
+    out = np.empty(len(d), np.int64)
+    for j in range(len(d)):
+        dd = d[j]
+        lo, hi = blk_ptr[dd], blk_ptr[dd + 1]
+        b = np.searchsorted(blk_cum[lo:hi], r[j], side="right") - 1
+        left = r[j] - blk_cum[lo + b]
+        idx = b * block
+        while True:
+            if _held(idx, bases[dd], threshold) == want_held:
+                if left == 0:
+                    break
+                left -= 1
+            idx += 1
+        out[j] = idx
+    return out
+
+
 _WARM = False
 
 
@@ -343,6 +423,11 @@ def warm_up() -> None:
     packed_layout(order, rows, nrows, np.uint64(1), True, z, z, z, one, z, z, z - 1, z - 1)
     permuted_positions(z, z, z, np.array([3], np.int64), np.zeros(1, np.uint64))
     mixture_choices(np.uint64(1), 0, 1, np.ones(1), z)
+    off = np.array([0, 1], np.int64)
+    gather_samples(z, z, np.array([off.ctypes.data]), np.array([off.ctypes.data]),
+                   np.array([np.zeros(2, np.int32).ctypes.data]), np.zeros(0, np.int64),
+                   np.zeros(0, np.int32))
+    select_ids(z, z, np.array([0, 1], np.int64), z, np.zeros(1, np.uint64), one, 1.0, 64, True)
     for dt in (np.uint16, np.uint32):
         tok = np.zeros(1, dt)
         addr, proto, _ = token_table([tok])

@@ -24,7 +24,6 @@ import mmap
 import os
 import sys
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -34,7 +33,8 @@ from stages.built_dataset import (TOKEN_CHECK_ON_MAP, check_arrays, expected_lay
                                   shard_layout)
 from stages.constants import IGNORE
 
-from .kernels import bfd_rows, fill_packed, packed_layout, rows_csr, seeded_rows, token_table
+from .kernels import (bfd_rows, fill_packed, gather_samples, packed_layout, rows_csr, seeded_rows,
+                      token_table)
 
 
 class StreamError(ValueError):
@@ -190,21 +190,42 @@ class TokenStore:
         self.vocab_size = int(vocab_size)
         self.max_mapped = max_mapped or default_max_mapped()
         self.check = check
-        self._mapped: OrderedDict[int, MappedShard] = OrderedDict()
+        self._maps: dict[int, MappedShard] = {}
         self._checked: set[int] = set()
+        ns = len(self.paths)
+        self._addr = np.zeros((3, ns), np.int64)  # offsets, loss_span_offsets, loss_spans
+        self._is_mapped = np.zeros(ns, bool)
+        self._last_use = np.zeros(ns, np.int64)
+        self._tick = 0
 
     def shard(self, g: int) -> MappedShard:
-        m = self._mapped.get(g)
-        if m is not None:
-            self._mapped.move_to_end(g)
-            return m
-        m = MappedShard(self.paths[g], self.entries[g], self.vocab_size,
-                        self.check and g not in self._checked)
-        self._checked.add(g)
-        self._mapped[g] = m
-        if len(self._mapped) > self.max_mapped:
-            self._mapped.popitem(last=False)  # unmapped once no window uses it any more
-        return m
+        if not self._is_mapped[g]:
+            self._ensure(np.array([g], np.int64))
+        return self._maps[g]
+
+    def _ensure(self, uniq: np.ndarray) -> None:
+        """Map the shards `uniq` (sorted ids) if not mapped; unmap the least recently used
+        others beyond max_mapped (a window still holding one keeps its pages alive)."""
+        self._tick += 1
+        for g in uniq[~self._is_mapped[uniq]].tolist():
+            m = MappedShard(self.paths[g], self.entries[g], self.vocab_size,
+                            self.check and g not in self._checked)
+            self._checked.add(g)
+            self._maps[g] = m
+            self._is_mapped[g] = True
+            self._addr[:, g] = (m.offsets.ctypes.data,
+                                m.lso.ctypes.data if m.spans is not None else 0,
+                                m.spans.ctypes.data if m.spans is not None else 0)
+        self._last_use[uniq] = self._tick
+        over = len(self._maps) - self.max_mapped
+        if over > 0:
+            cand = np.flatnonzero(self._is_mapped & (self._last_use < self._tick))
+            k = min(over, len(cand))
+            if k:
+                for g in cand[np.argpartition(self._last_use[cand], k - 1)[:k]].tolist():
+                    del self._maps[g]
+                    self._is_mapped[g] = False
+                    self._addr[:, g] = 0
 
     def locate(self, d, i, drop_empty: bool = True) -> Located:
         """Samples (dataset d, index i), in order; empty ones dropped."""
@@ -214,31 +235,17 @@ class TokenStore:
         j = gs - self.first[g]
         uniq, slot = np.unique(g, return_inverse=True)
         slot = slot.reshape(-1).astype(np.int64)
-        order = np.argsort(slot, kind="stable")
-        bounds = np.searchsorted(slot[order], np.arange(len(uniq) + 1))
-        start, end = np.empty(len(d), np.int64), np.empty(len(d), np.int64)
-        q0, q1 = np.full(len(d), -1, np.int64), np.full(len(d), -1, np.int64)
-        tokens, lo, hi, nq = [], [], [], 0
-        for u, gg in enumerate(uniq.tolist()):
-            sh = self.shard(gg)
-            sel = order[bounds[u]:bounds[u + 1]]
-            jj = j[sel]
-            start[sel], end[sel] = sh.offsets[jj], sh.offsets[jj + 1]
-            tokens.append(sh.tokens)
-            if sh.spans is not None:
-                s0, s1 = sh.lso[jj].astype(np.int64), sh.lso[jj + 1].astype(np.int64)
-                rows = sh.spans[ranges_index(s0, s1)]
-                lens = s1 - s0
-                q0[sel] = nq + np.cumsum(lens) - lens
-                q1[sel] = q0[sel] + lens
-                lo.append(rows[:, 0])
-                hi.append(rows[:, 1])
-                nq += len(rows)
-        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int32)  # noqa: E731
-        loc = Located(d, i, slot, start, end - start, q0, q1, tokens, cat(lo), cat(hi))
+        self._ensure(uniq)
+        a = self._addr[:, uniq]
+        start, n, q0, q1, lo, hi = gather_samples(slot, j, a[0], a[1], a[2], _P64, _P32)
+        tokens = [self._maps[g].tokens for g in uniq.tolist()]
+        loc = Located(d, i, slot, start, n, q0, q1, tokens, lo, hi)
         if drop_empty and len(d) and not (loc.n > 0).all():
             loc = loc.take(np.flatnonzero(loc.n > 0))
         return loc
+
+
+_P64, _P32 = np.zeros(0, np.int64), np.zeros(0, np.int32)
 
 
 def last_tokens(loc: Located) -> np.ndarray:

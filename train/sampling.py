@@ -14,7 +14,10 @@ may change between releases): splitmix64 mixing in wrapping uint64 arithmetic.
   ``draws`` (the counter) and ``(epoch, pos)`` per dataset. It computes the two functions
   above draw by draw in compiled code (kernels.mixture_choices / permuted_positions); the
   numpy versions here are their definition, and the tests hold the kernels to them.
-* ``ListSource`` - a fixed list (the validation split), state ``draws`` only.
+* ``HeldOut`` - the validation split: sample i of a dataset is held out iff
+  ``hash_uniform(key, i) < percentage / 100``; it maps train positions and validation
+  positions to sample ids through per-block counts (8 B per 64 samples), no per-sample array.
+* ``HeldOutSource`` - the validation split's (dataset, sample) sequence, state ``draws`` only.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import hashlib
 
 import numpy as np
 
-from .kernels import mixture_choices, permuted_positions
+from .kernels import heldout_block_counts, mixture_choices, permuted_positions, select_ids
 
 U64 = np.uint64
 GOLDEN = U64(0x9E3779B97F4A7C15)
@@ -215,12 +218,49 @@ class MixtureSampler:
         return np.concatenate(out_d), np.concatenate(out_t)
 
 
-class ListSource:
-    """A fixed, finite sequence of (dataset, sample) ids (the validation split); state `draws`."""
+class HeldOut:
+    """The keyed validation split of every dataset of a stream. Sample i of dataset d is held
+    out iff hash_uniform(bases[d], i) < percentage / 100. Kept (train) sample number t and
+    held-out sample number r are found via cumulative counts per block of BLOCK ids."""
 
-    def __init__(self, ds: np.ndarray, idx: np.ndarray):
-        self.ds = np.asarray(ds, dtype=np.int64)
-        self.idx = np.asarray(idx, dtype=np.int64)
+    BLOCK = 64
+
+    def __init__(self, bases, n, percentage: float):
+        self.bases = np.asarray([int(b) for b in bases], dtype=U64)
+        self.n = np.asarray(n, np.int64)
+        self.threshold = float(percentage) / 100.0
+        held, ptr, cum_held = [], [0], []
+        for b, nn in zip(self.bases, self.n.tolist()):
+            c = heldout_block_counts(nn, b, self.threshold, self.BLOCK)
+            cum_held.append(np.concatenate([[0], np.cumsum(c)]).astype(np.int64))
+            held.append(int(cum_held[-1][-1]))
+            ptr.append(ptr[-1] + len(c) + 1)
+        self.n_held = np.asarray(held, np.int64)
+        self.n_train = self.n - self.n_held
+        self.blk_ptr = np.asarray(ptr, np.int64)
+        ch = np.concatenate(cum_held) if cum_held else np.zeros(0, np.int64)
+        # kept samples before each block: block start minus the held-out ones
+        starts = np.concatenate([np.minimum(np.arange(len(c), dtype=np.int64) * self.BLOCK, nn)
+                                 for c, nn in zip(cum_held, self.n.tolist())]) if cum_held \
+            else np.zeros(0, np.int64)
+        self.cum_held, self.cum_kept = ch, starts - ch
+
+    def train_ids(self, d, t) -> np.ndarray:
+        return select_ids(np.asarray(d, np.int64), np.asarray(t, np.int64), self.blk_ptr,
+                          self.cum_kept, self.bases, self.n, self.threshold, self.BLOCK, False)
+
+    def held_ids(self, d, r) -> np.ndarray:
+        return select_ids(np.asarray(d, np.int64), np.asarray(r, np.int64), self.blk_ptr,
+                          self.cum_held, self.bases, self.n, self.threshold, self.BLOCK, True)
+
+
+class HeldOutSource:
+    """Every held-out sample once: dataset 0's in id order, then dataset 1's, ...; state
+    `draws` (the position in that sequence)."""
+
+    def __init__(self, held: HeldOut):
+        self.held = held
+        self.cum = np.concatenate([[0], np.cumsum(held.n_held)]).astype(np.int64)
         self.draws = 0
 
     def snapshot(self) -> dict:
@@ -230,9 +270,11 @@ class ListSource:
         self.draws = int(snap["draws"])
 
     def exhausted(self) -> bool:
-        return self.draws >= len(self.ds)
+        return self.draws >= self.cum[-1]
 
     def draw(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-        a, b = self.draws, min(len(self.ds), self.draws + int(count))
+        a, b = self.draws, min(int(self.cum[-1]), self.draws + int(count))
         self.draws = b
-        return self.ds[a:b], self.idx[a:b]
+        p = np.arange(a, b, dtype=np.int64)
+        d = np.searchsorted(self.cum, p, side="right") - 1
+        return d, self.held.held_ids(d, p - self.cum[d])

@@ -58,7 +58,7 @@ from stages.overflow import piece_bounds
 from .kernels import warm_up
 from .packing import (BlockPool, Located, PackedPieces, StreamError, TokenStore, best_fit_rows,
                       collate_concat, collate_packed, collate_padded, last_tokens)
-from .sampling import ListSource, MixtureSampler, hash_uniform, stable_hash64
+from .sampling import HeldOut, HeldOutSource, MixtureSampler, stable_hash64
 
 STATE_VERSION = 1
 MODES = ("packed", "padded", "concat")
@@ -75,14 +75,6 @@ def lock_content_sha256(lock: dict) -> str:
         c["tokenizer"].pop("path", None)
     blob = json.dumps(c, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def heldout_mask(key: str, n: int, validation_percentage: float) -> np.ndarray:
-    """Sample i is held out iff a stable hash of (key, i) falls below percentage/100."""
-    if validation_percentage <= 0 or n == 0:
-        return np.zeros(n, bool)
-    u = hash_uniform(stable_hash64("tokenmill-validation", key), np.arange(n, dtype=np.int64))
-    return u < validation_percentage / 100.0
 
 
 def _special_id(tok_dir: Path | None, entry: dict, which: str) -> int | None:
@@ -245,12 +237,15 @@ class MixtureStream(IterableDataset):
         self._policies = np.array([ds.overflow for ds in self.datasets])
         for ds in self.datasets:
             self._verify(ds, verify)
-            held = heldout_mask(ds.uid, ds.n, self.validation_percentage)
-            ds.n_train = int(ds.n - held.sum())
+        # the validation split: a keyed hash per sample id (per-block counts, no per-sample array)
+        self._held = (HeldOut([stable_hash64("tokenmill-validation", ds.uid) for ds in self.datasets],
+                              [ds.n for ds in self.datasets], self.validation_percentage)
+                      if self.validation_percentage > 0 else None)
+        for k, ds in enumerate(self.datasets):
+            ds.n_train = int(self._held.n_train[k]) if self._held is not None else ds.n
         if split == "validation" and self.validation_percentage <= 0:
             raise StreamError("split='validation' needs validation_percentage > 0")
         self._store = None
-        self._maps = None
         self._pool = None  # packed batches' output blocks, per process
         self._state = self._initial_state()
         self._feed_start = None  # set on the copies a loader hands to DataLoader workers
@@ -301,7 +296,6 @@ class MixtureStream(IterableDataset):
     def __getstate__(self):
         st = self.__dict__.copy()
         st["_store"] = None  # memmaps are re-opened lazily in each worker
-        st["_maps"] = None
         st["_pool"] = None
         return st
 
@@ -312,23 +306,9 @@ class MixtureStream(IterableDataset):
                 self.vocab_size or self.datasets[0].built.vocab_size)
         return self._store
 
-    def _sample_maps(self):
-        """Train split: per dataset None (identity) or int64 train ids. Validation: (d, i)."""
-        if self._maps is None:
-            pct = self.validation_percentage
-            helds = [heldout_mask(ds.uid, ds.n, pct) for ds in self.datasets]
-            if self.split == "train":
-                self._maps = [np.flatnonzero(~h) if pct > 0 else None for h in helds]
-            else:
-                ids = [np.flatnonzero(h) for h in helds]
-                self._maps = (np.concatenate([np.full(len(x), k, np.int64)
-                                              for k, x in enumerate(ids)]),
-                              np.concatenate(ids).astype(np.int64))
-        return self._maps
-
     def _new_source(self):
         if self.split == "validation":
-            return ListSource(*self._sample_maps())
+            return HeldOutSource(self._held)
         return MixtureSampler(
             [ds.prob for ds in self.datasets], [ds.n_train for ds in self.datasets],
             [ds.allow_repeat for ds in self.datasets],
@@ -340,13 +320,8 @@ class MixtureStream(IterableDataset):
         store = self._tokens()
         L = self.seq_len
         d, t = src.draw(self.pack_window)
-        i = t
-        if self.split == "train" and any(m is not None for m in self._sample_maps()):
-            i = t.copy()  # train positions -> sample ids, where a validation split holds some
-            for x, m in enumerate(self._sample_maps()):
-                if m is not None:
-                    sel = d == x
-                    i[sel] = m[t[sel]]
+        # train positions -> sample ids, where a validation split holds some
+        i = self._held.train_ids(d, t) if self.split == "train" and self._held is not None else t
         loc = store.locate(d, i)  # empty samples dropped
         d, i, n = loc.d, loc.i, loc.n
         over = start["overflow"]
@@ -456,7 +431,7 @@ class MixtureStream(IterableDataset):
         if self.validation_percentage <= 0:
             return iter(())
         v = copy.copy(self)
-        v.split, v._maps, v._feed_start = "validation", None, None
+        v.split, v._feed_start = "validation", None
         v._state = v._initial_state()
         def batches():
             for b in v._iter_batches(0, 1, v._state):
@@ -466,8 +441,9 @@ class MixtureStream(IterableDataset):
 
     # ---------------------------------------------------------------- state
     def _initial_state(self) -> dict:
-        src = self._new_source() if self.split == "train" else ListSource([], [])
-        return self._public({"window": 0, "src": src.snapshot(),
+        src = (self._new_source().snapshot() if self.split == "train"
+               else {"draws": 0, "epoch": [], "pos": []})
+        return self._public({"window": 0, "src": src,
                              "overflow": [0] * len(self.datasets), "consumed": 0, "offset": 0,
                              "overflow_seen": [0] * len(self.datasets)})
 
@@ -559,10 +535,10 @@ class StreamLoader:
         self._state = stream.state_dict()
 
     def __iter__(self):
-        feed = copy.copy(self.stream)  # (a copy drops _store and _maps: __getstate__)
+        feed = copy.copy(self.stream)  # (a copy drops _store: __getstate__)
         feed._feed_start = copy.deepcopy(self._state)
         if self.num_workers == 0:  # opened once in this process, shared by the copies
-            feed._store, feed._maps = self.stream._tokens(), self.stream._sample_maps()
+            feed._store = self.stream._tokens()
         # else: each worker memory-maps the shards itself
         if self.num_workers == 0:
             it = feed._iter_batches(0, 1, feed._feed_start)
