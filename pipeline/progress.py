@@ -17,7 +17,7 @@ def unit_bytes(unit) -> int:
 class Progress:
     def __init__(self, enabled: bool | None = None):
         self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.bars, self.records, self.tokens, self.sizes, self.t0 = {}, {}, {}, {}, time.perf_counter()
+        self.bars, self.records, self.tokens, self.units, self.t0 = {}, {}, {}, {}, time.perf_counter()
 
     def start(self, plans):
         if not self.enabled:
@@ -26,8 +26,8 @@ class Progress:
         self.t0 = time.perf_counter()
         for i, p in enumerate(x for x in plans if x.status == "build"):
             name = p.spec.dataset_name
-            self.sizes[name] = {u.index: unit_bytes(u) for u in p.units}
-            self.bars[name] = tqdm(total=sum(self.sizes[name].values()), desc=name, unit="B", unit_scale=True,
+            self.units[name] = p.units  # the plan's own list: nothing per unit is copied here
+            self.bars[name] = tqdm(total=sum(unit_bytes(u) for u in p.units), desc=name, unit="B", unit_scale=True,
                                    position=i, leave=True, file=sys.stderr)
             self.records[name] = self.tokens[name] = 0
 
@@ -39,7 +39,9 @@ class Progress:
         self.tokens[name] += summary["n_tokens"]
         rate = self.tokens[name] / max(time.perf_counter() - self.t0, 1e-9)
         bar.set_postfix(records=f"{self.records[name]:,}", tok_s=f"{rate / 1e6:.2f}M", refresh=False)
-        bar.update(self.sizes[name].get(summary["unit"], 0))
+        units = self.units[name]
+        k = summary["unit"]
+        bar.update(unit_bytes(units[k]) if 0 <= k < len(units) and units[k].index == k else 0)
 
     def close(self):
         for bar in self.bars.values():
