@@ -596,3 +596,26 @@ def test_an_index_pointing_outside_its_array_is_refused(tmp_path, field):
     s = MixtureStream(lk, 16, verify="none")
     with pytest.raises(ValueError, match=f"shard-00000.h5: {field} are not"):
         next(iter(s.loader()))
+
+
+@pytest.mark.parametrize("mode", ["packed", "padded", "concat"])
+def test_segments_place_every_piece_in_the_flat_batch(lock, mode):
+    """batch["segments"] (dataset, flat start, flat end) per piece, aligned with "samples":
+    disjoint, in bounds, and every trained label lies in one (per-dataset loss sums to the
+    step's); packed: each starts a document (position 0) and positions count up inside it."""
+    s = MixtureStream(lock, 96, mode=mode, batch_size=3, pack_window=40)
+    for b in take(s.loader(), 30):
+        seg, smp = b["segments"].numpy(), b["samples"].numpy()
+        assert len(seg) == len(smp) and np.array_equal(seg[:, 0], smp[:, 0])
+        n = b["input_ids"].numel()
+        assert (seg[:, 1] < seg[:, 2]).all() and seg[:, 1].min() >= 0 and seg[:, 2].max() <= n
+        o = np.argsort(seg[:, 1])
+        assert (seg[o][1:, 1] >= seg[o][:-1, 2]).all()  # disjoint
+        covered = np.zeros(n, bool)
+        for _, a, e in seg.tolist():
+            covered[a:e] = True
+        assert not (b["labels"].numpy().reshape(-1)[~covered] != -100).any()
+        if mode == "packed":
+            pos = b["position_ids"].numpy().reshape(-1)
+            for _, a, e in seg.tolist():
+                assert np.array_equal(pos[a:e], np.arange(e - a))

@@ -330,6 +330,26 @@ def pack_rows(lengths: np.ndarray, cap: int,
     return rows_csr(order, rows, nrows)
 
 
+def _segments(d, start, end) -> torch.Tensor:
+    """(dataset, flat start, flat end) of each piece in the flattened [B * L] batch."""
+    return torch.from_numpy(np.stack([np.asarray(d, np.int64), np.asarray(start, np.int64),
+                                      np.asarray(end, np.int64)], 1).reshape(-1, 3))
+
+
+def _packed_segments(w, u0: int, u1: int, at: int, L: int) -> np.ndarray:
+    """_segments of rows [u0, u1) of a window's PackedPieces written from flat position at."""
+    p0, p1 = int(w.row_ptr[u0]), int(w.row_ptr[u1])
+    lens = w.table[2, p0:p1]
+    per_row = np.diff(w.row_ptr[u0:u1 + 1])
+    row = np.repeat(np.arange(u1 - u0, dtype=np.int64), per_row)
+    cs = np.cumsum(lens) - lens  # exclusive, over the pieces of these rows
+    if p1 == p0:
+        return np.zeros((0, 3), np.int64)
+    row_cs = cs[np.minimum(w.row_ptr[u0:u1] - p0, p1 - p0 - 1)]  # rows are never empty
+    start = at + row * L + cs - row_cs[row]
+    return np.stack([w.samples[p0:p1, 0], start, start + lens], 1).reshape(-1, 3)
+
+
 def _tensors(ids, labels, **extra) -> dict:
     out = {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
     out.update(extra)
@@ -393,12 +413,13 @@ def collate_packed(segs: list, nrows: int, seq_len: int, pad_id: int,
     out = pool.take((3, n)) if pool is not None else np.empty((3, n), np.int64)
     cu = np.zeros(sum(int(w.row_ptr[u1] - w.row_ptr[u0]) for w, u0, u1 in segs) + nrows + 1,
                   np.int32)
-    ncu, at, trained, longest, smp = 1, 0, 0, 0, []
+    ncu, at, trained, longest, smp, sgs = 1, 0, 0, 0, [], []
     for w, u0, u1 in segs:
         ncu, tr, lg = fill_packed(w.addr, w.proto, w.table, w.lo, w.hi, w.row_ptr, u0, u1, L,
                                   pad_id, out, cu, ncu, at)
         trained, longest, at = trained + tr, max(longest, lg), at + (u1 - u0) * L
         smp.append(w.samples[w.row_ptr[u0]:w.row_ptr[u1]])
+        sgs.append(_packed_segments(w, u0, u1, at - (u1 - u0) * L, L))
     ids, labels, pos = out
     if at < n:  # missing rows: all padding, one segment each, untrained
         ids[at:], labels[at:] = pad_id, IGNORE
@@ -411,7 +432,8 @@ def collate_packed(segs: list, nrows: int, seq_len: int, pad_id: int,
     return {"input_ids": torch.from_numpy(o[0]), "labels": torch.from_numpy(o[1]),
             "position_ids": torch.from_numpy(o[2]),
             "cu_seqlens": torch.from_numpy(cu[:ncu]), "max_seqlen": int(longest),
-            "n_trained": int(trained), "samples": torch.from_numpy(samples)}
+            "n_trained": int(trained), "samples": torch.from_numpy(samples),
+            "segments": torch.from_numpy(np.concatenate(sgs) if sgs else np.zeros((0, 3), np.int64))}
 
 
 def collate_padded(loc: Located, a, b, row, nrows: int, pad_id: int) -> dict:
@@ -431,7 +453,8 @@ def collate_padded(loc: Located, a, b, row, nrows: int, pad_id: int) -> dict:
     return _tensors(
         ids.reshape(nrows, width), labels.reshape(nrows, width),
         attention_mask=torch.from_numpy(att),
-        n_trained=int(np.count_nonzero(mask)), samples=_samples(loc.d, loc.i))
+        n_trained=int(np.count_nonzero(mask)), samples=_samples(loc.d, loc.i),
+        segments=_segments(loc.d, dst, dst + (b - a)))
 
 
 def collate_concat(loc: Located, a, b, nreal, dst, nrows: int, seq_len: int,
@@ -452,4 +475,5 @@ def collate_concat(loc: Located, a, b, nreal, dst, nrows: int, seq_len: int,
     labels = np.where(mask, ids, IGNORE)
     return _tensors(
         ids.reshape(nrows, seq_len), labels.reshape(nrows, seq_len),
-        n_trained=int(np.count_nonzero(mask)), samples=_samples(loc.d, loc.i))
+        n_trained=int(np.count_nonzero(mask)), samples=_samples(loc.d, loc.i),
+        segments=_segments(loc.d, dst, dst + (b - a)))
