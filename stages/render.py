@@ -26,25 +26,26 @@ How ids and trained positions are found, without searching for marker strings:
    no_trained_tokens. `check_template` compares samples with an independent reference.
 
 Per record that is 2 renders with generation blocks, 2 + 2·(assistant turns) without.
-Templates, their sandbox and `render` live in jinja_env.py; the reference check
+Templates, their sandbox and `render` live in jinja_env.py; the layout rules a template opts
+into in layouts.py; the control-string check in template_tokens.py; Encoded and the assembly of
+ids in encoded.py; one-render turn bounds in turn_bounds.py; the reference check
 (`check_template`) in template_check.py; the terminal display in pipeline/show.py.
 """
 from __future__ import annotations
 
 import bisect
-import json
 import re
-from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 
 from .constants import LOSS_MODES, RECORD_TEMPLATE_VARS
+from .encoded import Encoded, Explained, Layout, assemble, mask_to_spans, strip_generation_marks
 from .errors import BuildError, RecordError
 from .formats import record_kind
+from .jinja_env import (PH_CLOSE, PH_OPEN, PIECE_BREAK, RESERVED_RE, ChatTemplate, available_templates,
+                        compile_template, find_template, render, template_literal_text)
 from .layouts import prepare, template_directives
-from .jinja_env import (GEN_CLOSE, GEN_OPEN, PH_CLOSE, PH_OPEN, PIECE_BREAK, RESERVED_RE, ChatTemplate,
-                        available_templates, compile_template, find_template, render, template_literal_text)
+from .template_tokens import CONTROL_STRING_RE, check_control_strings
 from .tokenizer import Tokenizer
 from .turn_bounds import message_starts
 
@@ -53,19 +54,7 @@ __all__ = ["RENDER_VERSION", "ChatTemplate", "Encoded", "Explained", "Renderer",
 
 RENDER_VERSION = 3  # bump when the same inputs would give other ids or spans (belongs in cache keys)
 PH_RE = re.compile(f"{PH_OPEN}(\\d+){PH_CLOSE}")
-GEN_RE = re.compile(f"[{GEN_OPEN}{GEN_CLOSE}]")
 DATA_FIELDS = ("content", "reasoning_content")
-
-
-# what a chat template's control strings look like: <|name|>, and Hunyuan/DeepSeek's <｜name｜>
-CONTROL_STRING_RE = re.compile(r"<\|[^<>|\s]{1,80}\|>|<｜[^<>｜\s]{1,80}｜>")
-# conversations rendered to find control strings a template assembles from parts ('<｜x' + sfx + '｜>')
-PROBES = (
-    [{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
-     {"role": "assistant", "content": "a", "reasoning_content": "r"}, {"role": "user", "content": "q"},
-     {"role": "assistant", "content": "a"}],
-    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
-)
 
 
 def resolve_template(name: str, tokenizer: Tokenizer) -> ChatTemplate:
@@ -73,69 +62,8 @@ def resolve_template(name: str, tokenizer: Tokenizer) -> ChatTemplate:
     it writes (`<|…|>`, `<｜…｜>`) is not one token of the tokenizer: rendered as plain text it
     would train the wrong tokens, and the first trained token would straddle the boundary."""
     tmpl = find_template(name, tokenizer)
-    missing = [s for s in control_strings(tmpl.text, json.dumps(tokenizer.template_kwargs(), sort_keys=True))
-               if s not in tokenizer.control_tokens]
-    if missing:
-        raise BuildError(f"template {tmpl.name!r} writes {missing[0]!r}, which is not one token of the "
-                         f"tokenizer {tokenizer.path}" + (f" (nor {', '.join(map(repr, missing[1:4]))})"
-                                                          if len(missing) > 1 else "")
-                         + ": this template is for another tokenizer's control tokens")
+    check_control_strings(tmpl, tokenizer)
     return tmpl
-
-
-@lru_cache(maxsize=32)
-def control_strings(text: str, kwargs_json: str) -> list[str]:
-    """The control strings of a template: in its literal text, and in what it renders for
-    probe conversations (under every reasoning_effort); a probe the template refuses is skipped."""
-    found = set(CONTROL_STRING_RE.findall(template_literal_text(text)))
-    compiled = compile_template(text, False)
-    kwargs = json.loads(kwargs_json)
-    for probe in PROBES:
-        for effort in (None, "high", "no_think"):
-            kw = kwargs if effort is None else {**kwargs, "reasoning_effort": effort}
-            try:
-                out = compiled.render(messages=probe, tools=None, documents=None, add_generation_prompt=False, **kw)
-            except Exception:
-                continue
-            found |= set(CONTROL_STRING_RE.findall(out))
-    return sorted(found)
-
-
-# ---------------------------------------------------------------------------------------
-# encoded samples
-# ---------------------------------------------------------------------------------------
-@dataclass
-class Encoded:
-    ids: np.ndarray  # int64
-    spans: np.ndarray | None  # int32 (m, 2) trained [start, end); None = every token trained
-    notes: tuple[str, ...] = ()  # what the layout rules decided for this record (layouts.NOTES)
-
-    @property
-    def n_trained(self) -> int:
-        if self.spans is None:
-            return len(self.ids)
-        return int((self.spans[:, 1] - self.spans[:, 0]).sum())
-
-
-@dataclass
-class Explained:
-    """One record encoded, with where each part came from (for `pipeline show`).
-    regions: trained token ranges [(start, end, message_index, role)] (message_index -1 and
-    role 'all' for loss: all); data: [(start, end, message_index, role, field)] token ranges
-    of each data string; text: the rendered conversation."""
-    encoded: Encoded
-    regions: list[tuple[int, int, int, str]]
-    data: list[tuple[int, int, int, str, str]]
-    text: str
-
-
-@dataclass
-class _Layout:
-    text: str  # the real rendered conversation
-    cuts: list[tuple[int, int, int]]  # template control tokens: (start, end, id)
-    regions: list[tuple[int, int, int]]  # trained char ranges (start, end, message index)
-    data: list[tuple[int, int, int, str]] = field(default_factory=list)  # (start, end, msg, field)
-    notes: tuple[str, ...] = ()
 
 
 class Renderer:
@@ -245,7 +173,7 @@ class Renderer:
         return ph_messages, real_messages, data
 
     # -- layout -----------------------------------------------------------------------
-    def _layout(self, record: dict) -> _Layout:
+    def _layout(self, record: dict) -> Layout:
         messages, extra, notes = self.prepare(record)
         tools = record.get("tools")
         if tools is not None:
@@ -258,7 +186,7 @@ class Renderer:
         marked = render(self.template, ph_messages, tools, extra, self.generation, False)
         blocks: list[tuple[int, int]] = []
         if self.generation:
-            ph_text, blocks = _strip_generation_marks(marked)
+            ph_text, blocks = strip_generation_marks(marked)
         else:
             ph_text = marked
         if any(self.template_kwargs.get(k, k) != v for k, v in extra.items()):
@@ -392,7 +320,7 @@ class Renderer:
         data = [m.end() for m in PH_RE.finditer(ph_text, start, end)]
         return max(ctl[-1], data[-1] if data else start)
 
-    def _to_real(self, ph_text: str, data, ph_regions) -> _Layout:
+    def _to_real(self, ph_text: str, data, ph_regions) -> Layout:
         """Put the data back; find the template's control tokens; map regions to real text."""
         parts: list[str] = []
         cuts: list[tuple[int, int, int]] = []
@@ -439,7 +367,7 @@ class Renderer:
             return real_pos[k] + (p - ph_pos[k])
 
         regions = [(to_real(s), to_real(e), i) for s, e, i in ph_regions]
-        return _Layout(text, cuts, regions, spans)
+        return Layout(text, cuts, regions, spans)
 
     # -- batch ------------------------------------------------------------------------
     def _document_ids(self, ids: np.ndarray) -> np.ndarray:
@@ -464,7 +392,7 @@ class Renderer:
     def _encode(self, records: list[dict], explain: bool):
         out: list = [None] * len(records)
         doc_idx, doc_texts = [], []
-        layouts: dict[int, tuple[_Layout, list[tuple[int, int]], int]] = {}
+        layouts: dict[int, tuple[Layout, list[tuple[int, int]], int]] = {}
         pieces: list[str] = []
         continued: list[bool] = []
         for i, rec in enumerate(records):
@@ -498,76 +426,6 @@ class Renderer:
             out[i] = Explained(enc, [(0, len(enc.ids), -1, "text")], [], records[i]["text"]) if explain else enc
         encoded = self.tok.encode_pieces(pieces, continued, self.as_text) if pieces else []
         for i, (layout, sections, k) in layouts.items():
-            out[i] = self._assemble(layout, sections, [encoded[j] for j in range(k, k + len(sections))], explain)
+            out[i] = assemble(layout, sections, [encoded[j] for j in range(k, k + len(sections))], explain,
+                              self.unk_id, self.tok.unk_token)
         return out
-
-    def _assemble(self, layout: _Layout, sections, encoded, explain: bool):
-        ids_parts, starts, ends = [], [], []
-        items = [(s, e, ("ctl", tid)) for s, e, tid in layout.cuts]
-        items += [(a, b, ("text", enc)) for (a, b), enc in zip(sections, encoded)]
-        items.sort(key=lambda x: x[0])
-        for s, e, (kind, val) in items:
-            if kind == "ctl":
-                if val < 0:  # a piece break: a boundary, no token
-                    continue
-                ids_parts.append(np.array([val], dtype=np.int64))
-                starts.append(np.array([s], dtype=np.int64))
-                ends.append(np.array([e], dtype=np.int64))
-            else:
-                ids, ts, te = val
-                ids_parts.append(ids)
-                starts.append(ts + s)
-                ends.append(te + s)
-        ids_a = np.concatenate(ids_parts) if ids_parts else np.zeros(0, np.int64)
-        s_a = np.concatenate(starts) if starts else np.zeros(0, np.int64)
-        e_a = np.concatenate(ends) if ends else np.zeros(0, np.int64)
-        if self.unk_id is not None and (ids_a == self.unk_id).any():
-            return RecordError("unknown_token", "the tokenizer has no token for some of this text "
-                               f"(it became {self.tok.unk_token!r}), so it cannot round-trip")
-        mask = np.zeros(len(ids_a), dtype=bool)
-        tok_regions = []
-        for rs, re_, msg in layout.regions:
-            hit = (e_a > rs) & (s_a < re_)
-            mask |= hit
-            if explain and hit.any():
-                where = np.flatnonzero(hit)
-                tok_regions.append((int(where[0]), int(where[-1]) + 1, msg, "all" if msg < 0 else "assistant"))
-        if not mask.any():
-            return RecordError("no_trained_tokens", "no token is trained (every assistant turn "
-                               "is empty or has loss_weight 0)")
-        enc = Encoded(ids_a, mask_to_spans(mask), layout.notes)
-        if not explain:
-            return enc
-        data = []
-        for ds, de, msg, key in layout.data:
-            where = np.flatnonzero((e_a > ds) & (s_a < de))
-            if len(where):
-                data.append((int(where[0]), int(where[-1]) + 1, msg, "", key))
-        return Explained(enc, tok_regions, data, layout.text.replace(PIECE_BREAK, ""))
-
-
-def _strip_generation_marks(marked: str) -> tuple[str, list[tuple[int, int]]]:
-    """Remove generation marks; return the clean text and each outermost block's range."""
-    out, blocks, depth, pos, removed, start = [], [], 0, 0, 0, 0
-    for m in GEN_RE.finditer(marked):
-        out.append(marked[pos:m.start()])
-        here = m.start() - removed
-        if m.group() == GEN_OPEN:
-            if depth == 0:
-                start = here
-            depth += 1
-        else:
-            depth -= 1
-            if depth == 0 and here > start:
-                blocks.append((start, here))
-        removed += 1
-        pos = m.end()
-    out.append(marked[pos:])
-    return "".join(out), blocks
-
-
-def mask_to_spans(mask: np.ndarray) -> np.ndarray:
-    """Boolean mask → int32 (m, 2) [start, end) runs of True."""
-    padded = np.concatenate([[False], mask, [False]]).astype(np.int8)
-    edges = np.flatnonzero(np.diff(padded))
-    return edges.reshape(-1, 2).astype(np.int32)
