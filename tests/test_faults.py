@@ -154,6 +154,10 @@ def test_not_a_gzip_file_is_one_clear_line(tmp_path, capsys, sample_tokenizer):
     rc, err = build(tmp_path, capsys)
     line = one_error_line(err)
     assert rc == 1 and "x.jsonl.gz:1: truncated or corrupt gzip stream after 0 lines: BadGzipFile" in line
+    manifest(tmp_path, sample_tokenizer, {"x": "x.jsonl.gz"})  # format auto: the cause is still named
+    rc, err = build(tmp_path, capsys)
+    line = one_error_line(err)
+    assert rc == 1 and "no readable record" in line and "BadGzipFile" in line
 
 
 @pytest.mark.skipif(IS_ROOT, reason="root reads a chmod 000 file anyway: permission faults need a non-root user")
