@@ -8,14 +8,15 @@ import pytest
 from test_train_helpers import TOKENIZER, build_sample_lock, tiny_config
 
 from train.__main__ import main
-from train.args import CONFIG_DIR, TrainError, load_ds_config, parse_args, resolve_ds_config
+from train.args import TrainError, parse_args
+from train.ds_config import CONFIG_DIR, load_ds_config, resolve_ds_config
 
 BASE = ["--mixture", "L", "--model_config", "C", "--output_dir", "O", "--max_steps", "10"]
 
 
 def resolved(extra, config="zero2", world_size=2, hidden=64):
     args = parse_args(BASE + ["--deepspeed", config] + extra)
-    return args, resolve_ds_config(args, load_ds_config(args.deepspeed), world_size=world_size, hidden_size=hidden)
+    return resolve_ds_config(args, load_ds_config(args.deepspeed), world_size=world_size, hidden_size=hidden)
 
 
 def test_shipped_configs_resolve_every_auto():
@@ -80,7 +81,8 @@ def test_usage_errors_exit_2(capsys):
     with pytest.raises(SystemExit):
         parse_args(BASE + ["--bf16", "--fp16"])
     assert "exclude each other" in capsys.readouterr().err
-    assert "PERCENT" in " ".join(__import__("train.args", fromlist=["x"]).build_parser().format_help().split())
+    help_text = " ".join(__import__("train.args", fromlist=["x"]).build_parser().format_help().split())
+    assert "PERCENT" in help_text and "FRACTION" in help_text
 
 
 # ---------------------------------------------------------------- clear errors of a real launch
@@ -150,11 +152,40 @@ def test_resume_errors(setup, capsys, tmp_path):
     assert code == 1 and "saved by 2 ranks, this run has 1" in err
 
 
-def test_fp16_on_cpu_is_a_clear_error(setup, capsys, tmp_path):
+def test_fp16_on_cpu_falls_back_to_fp32_with_a_note(setup, capsys, tmp_path):
+    """Issue 17: the seed scripts pass --fp16 (GPU); on CPU that is fp32 and one warning, not an error."""
     import torch
     if torch.cuda.is_available():
         pytest.skip("fp16 works on GPU")
+    from train.trainer import prepare
     lock, cfg, root = setup
-    code, err = launch(["--mixture", str(lock), "--model_config", str(cfg), "--output_dir", str(tmp_path),
-                        "--max_steps", "3", "--fp16"], capsys)
-    assert code == 1 and "fp16" in err and "not supported" in err
+    plan = prepare(parse_args(["--mixture", str(lock), "--model_config", str(cfg), "--output_dir",
+                               str(tmp_path), "--max_steps", "3", "--fp16"]), 1, None)
+    assert plan.cfg.fp16 is False and plan.ds_config["fp16"]["enabled"] is False
+    assert "fp16 is not supported" in capsys.readouterr().err
+
+
+def test_seed_flag_meanings():
+    """CLA's flags map to ours: block_size = concat at N, fraction validation split, LoRA implied,
+    torch_dtype = the DeepSpeed dtype; the frozen config refuses assignment."""
+    c = parse_args(["--dataset_dir", "D", "--model_name_or_path", "M", "--output_dir", "O", "--max_steps", "2",
+                    "--block_size", "512", "--validation_split_percentage", "0.001", "--lora_rank", "8",
+                    "--torch_dtype", "bfloat16", "--logging_first_step", "True",
+                    "--ddp_find_unused_parameters", "False", "--do_train"])
+    assert (c.packing, c.max_seq_length, c.use_lora, c.bf16) == ("concat", 512, True, True)
+    assert c.validation_percentage == pytest.approx(0.1)
+    assert any("implies --use_lora" in n for n in c.notes)
+    assert any("ddp_find_unused_parameters" in n for n in c.notes)
+    with pytest.raises(AttributeError, match="frozen"):
+        c.max_steps = 3
+    assert parse_args(BASE + ["--validation_split_percentage", "5"]).validation_percentage == 5
+    # HF: --max_steps wins over --num_train_epochs; epochs alone are accepted
+    assert parse_args(BASE[:-2] + ["--num_train_epochs", "1"]).max_steps is None
+
+
+def test_seed_deepspeed_json_min_loss_scale_is_normalised(tmp_path):
+    args, cfg = resolved([], write(tmp_path, {"fp16": {"enabled": "auto", "min_loss_scale": 1e-10},
+                                              "zero_optimization": {"stage": 2}}))
+    assert cfg["fp16"]["min_loss_scale"] == 1 and any("min_loss_scale" in n for n in args.notes)
+    import deepspeed.runtime.precision_config as pc  # DeepSpeed's own schema accepts the result
+    pc.DeepSpeedFP16Config(**cfg["fp16"])

@@ -1,4 +1,5 @@
-"""The learning-rate schedule: warmup, cosine decay, absolute min_lr floor, never rising."""
+"""The learning-rate schedule: warmup, cosine decay ending at max_steps (as HF's), absolute
+min_lr floor, never rising; linear / constant / constant_with_warmup kinds."""
 import math
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 from train.schedule import build_scheduler, check_schedule, lr_at, warmup_steps_for
 
 
-def lrs(max_steps, lr, min_lr, warmup):
-    return [lr_at(s, learning_rate=lr, min_lr=min_lr, max_steps=max_steps, warmup=warmup)
+def lrs(max_steps, lr, min_lr, warmup, kind="cosine"):
+    return [lr_at(s, learning_rate=lr, min_lr=min_lr, max_steps=max_steps, warmup=warmup, kind=kind)
             for s in range(max_steps)]
 
 
@@ -24,8 +25,10 @@ def test_warmup_then_cosine_to_the_floor(max_steps, warmup):
     assert all(b <= a for a, b in zip(decay, decay[1:]))  # decay never rises
     if len(decay) > 1:
         assert decay[0] == pytest.approx(lr)
-        assert decay[-1] == pytest.approx(floor)  # exactly min_lr on the last step
-        mid = warmup + (max_steps - 1 - warmup) / 2
+        # HF: the decay reaches min_lr at step max_steps, so the last step is just above it
+        last = floor + (lr - floor) * 0.5 * (1 + math.cos(math.pi * (len(decay) - 1) / len(decay)))
+        assert decay[-1] == pytest.approx(last) and decay[-1] > floor
+        mid = warmup + (max_steps - warmup) / 2
         if mid == int(mid):
             assert got[int(mid)] == pytest.approx((lr + floor) / 2)  # cosine midpoint
     # beyond the schedule: stays at the floor
@@ -36,7 +39,7 @@ def test_warmup_then_cosine_to_the_floor(max_steps, warmup):
 def test_min_lr_is_absolute_and_hy3_mistake_is_refused():
     # Hy3 train.sh: lr 1e-5, min_lr 1e-6 → a floor of 1e-6, not 1e-11.
     got = lrs(30, 1e-5, 1e-6, 3)
-    assert min(got) == pytest.approx(1e-6)
+    assert 1e-6 < min(got) == pytest.approx(1e-6, rel=0.05)
     # The "ratio" reading (min_lr 0.01 with lr 1e-5) would make the decay rise: refused.
     with pytest.raises(ValueError, match="absolute"):
         check_schedule(1e-5, 0.01, 30, 3)
@@ -71,6 +74,16 @@ def test_scheduler_follows_lr_at_through_optimizer_steps():
 
 def test_zero_min_lr_is_plain_cosine_with_linear_warmup():
     got = lrs(11, 1.0, 0.0, 0)
-    want = [0.5 * (1 + math.cos(math.pi * s / 10)) for s in range(11)]
-    assert got == pytest.approx(want)
+    want = [0.5 * (1 + math.cos(math.pi * s / 11)) for s in range(11)]
+    assert got == pytest.approx(want) and got[-1] > 0  # --min_lr 0: the last step is not at lr 0
     assert lrs(4, 1.0, 0.0, 4) == pytest.approx([0.25, 0.5, 0.75, 1.0])
+
+
+def test_scheduler_kinds_match_hf_formulas():
+    # HF get_*_schedule_with_warmup with warmup 0: linear (1 - s/N), constant 1; ours add the floor
+    n = 10
+    assert lrs(n, 1.0, 0.0, 0, "linear") == pytest.approx([1 - s / n for s in range(n)])
+    assert lrs(n, 1.0, 0.1, 0, "linear") == pytest.approx([0.1 + 0.9 * (1 - s / n) for s in range(n)])
+    assert lrs(n, 1.0, 0.0, 3, "constant") == [1.0] * n  # HF constant: no warmup
+    assert lrs(n, 1.0, 0.0, 4, "constant_with_warmup") == pytest.approx([0.25, 0.5, 0.75] + [1.0] * 7)
+    assert lrs(n, 1.0, 0.1, 2, "cosine_with_min_lr") == lrs(n, 1.0, 0.1, 2, "cosine")

@@ -1,32 +1,34 @@
-"""Command-line flags of `python -m train` and the DeepSpeed config they resolve.
+"""Command-line flags of `python -m train` -> a frozen TrainConfig (train/config.py).
 
 Flag names follow the Hunyuan / Hy3 training scripts (DESIGN §6) and, where those have none,
-the HF Trainer / Chinese-LLaMA-Alpaca ones. Flags that also live in the DeepSpeed JSON
-(batch size, accumulation, clipping, lr, weight decay, fp16/bf16) default to "unset": an
-`auto` in the JSON takes the flag (or its default); a concrete JSON value is kept unless the
-flag was given with a different value, which is an error rather than a silent pick.
+the HF Trainer / Chinese-LLaMA-Alpaca ones; the seed scripts' flag sets are accepted as they
+are (README "Coming from a seed script"). Flags that also live in the DeepSpeed JSON (batch
+size, accumulation, clipping, lr, weight decay, fp16/bf16) default to "unset" and are settled
+against it in train/ds_config.py. This module imports neither torch nor numba: `--help` is instant.
 """
 from __future__ import annotations
 
 import argparse
-import copy
-import json
-from pathlib import Path
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-SHIPPED_CONFIGS = {
-    "zero2": "ds_zero2_no_offload.json",
-    "zero3": "ds_zero3_no_offload.json",
-    "zero3_offload": "ds_zero3_offload.json",
-}
+from .config import TrainConfig
 
-# Flags whose default is applied only after the DeepSpeed config had its say.
-LATE_DEFAULTS = {
-    "per_device_train_batch_size": 1,
-    "gradient_accumulation_steps": 1,
-    "max_grad_norm": 1.0,
-    "learning_rate": 1e-5,
-    "weight_decay": 0.0,
+SCHEDULERS = ("cosine", "cosine_with_min_lr", "linear", "constant", "constant_with_warmup")
+TORCH_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": None, "auto": None}
+LORA_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "modules_to_save")
+# Hy3 / Hunyuan-Large train.sh model-shape flags: they describe a model built from scratch,
+# which here is a --model_config JSON. Accepted (so the script runs), never silently used.
+MODEL_SHAPE_FLAGS = ("hidden_size", "intermediate_size", "num_layers", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "num_experts", "moe_topk",
+                     "num_shared_expert", "moe_intermediate_size", "max_position_embeddings",
+                     "vocab_size", "rope_theta", "use_mixed_mlp_moe", "use_qk_norm", "use_cla",
+                     "cla_share_factor", "use_rotary_pos_emb", "tie_word_embeddings", "kv_channels",
+                     "head_dim", "norm_type", "hidden_act", "moe_layer_num_skipped", "capacity_factor")
+# Accepted for compatibility; they cannot mean anything here (one note each).
+NO_OP_FLAGS = {
+    "ddp_find_unused_parameters": "DeepSpeed reduces every gradient itself",
+    "do_train": "training is what python -m train does",
+    "logging_first_step": "step 1 is always logged",
+    "lazy_preprocess": "data is read from built shards, never preprocessed at train time",
 }
 
 
@@ -38,7 +40,8 @@ class TrainError(Exception):
     """Missing / inconsistent inputs: lock, model, tokenizer, checkpoint (exit status 1)."""
 
 
-def _bool(s: str) -> bool:
+def parse_bool(s: str) -> bool:
+    """HF-style boolean flag values (`--logging_first_step True`)."""
     if s.lower() in ("1", "true", "yes", "y", "on"):
         return True
     if s.lower() in ("0", "false", "no", "n", "off"):
@@ -46,43 +49,66 @@ def _bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean, got {s!r}")
 
 
+class _Help(argparse.HelpFormatter):
+    """Shows a flag's default once, and only when there is one."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in h \
+                and "default" not in h and action.option_strings:
+            h += " (default: %(default)s)"
+        return h
+
+
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train",
         description="Train a causal LM on a tokenmill mixture lock with DeepSpeed "
                     "(plain python, `deepspeed --module train`, or `torchrun -m train`).",
-        argument_default=argparse.SUPPRESS if suppress_defaults else None,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        argument_default=argparse.SUPPRESS if suppress_defaults else None, formatter_class=_Help)
     d = (lambda v: argparse.SUPPRESS) if suppress_defaults else (lambda v: v)
     flag = dict(action="store_true", default=d(False))
+    hf_bool = dict(nargs="?", const=True, type=parse_bool, default=d(False))
 
     g = p.add_argument_group("data")
-    g.add_argument("--mixture", help="mixture.lock.json written by `python -m pipeline build`")
-    g.add_argument("--train_data_file", help="a .jsonl/.json/.txt file; built into shards (or reused "
-                   "from the cache) through the pipeline first, then trained like a one-dataset lock")
-    g.add_argument("--max_seq_length", type=int, help="sequence length (default: the lock's max_length)")
+    g.add_argument("--mixture", help="mixture.lock.json written by `python -m pipeline build` (a manifest "
+                   "is built first, into OUTPUT_DIR/data)")
+    g.add_argument("--train_data_file", help="a .jsonl/.json/.txt file or a dir of them; built into "
+                   "shards (or reused from the cache) through the pipeline, then trained as a lock")
+    g.add_argument("--dataset_dir", help="Chinese-LLaMA-Alpaca: a dir whose *.txt / *.json / *.jsonl files "
+                   "become one dataset each (equal token shares), built through the pipeline")
+    g.add_argument("--max_seq_length", "--model_max_length", dest="max_seq_length", type=int,
+                   help="sequence length; default: the lock's max_length")
+    g.add_argument("--block_size", type=int, help="Chinese-LLaMA-Alpaca: concat packing at this length "
+                   "(= --packing concat --max_seq_length N)")
     g.add_argument("--packing", choices=["packed", "padded", "concat"], default=d("packed"),
                    help="packed: whole documents per row, attention per document; padded: one "
                         "sample per row; concat: documents joined with EOS and cut (pretraining)")
     g.add_argument("--validation_split_percentage", type=float, default=d(0.0),
-                   help="PERCENT of each dataset held out for evaluation (1.0 = 1%%), chosen by sample, "
-                        "stable across runs and world sizes. Chinese-LLaMA-Alpaca took a fraction here: "
-                        "its 0.001 (0.1%%) is 0.1 in tokenmill")
-    g.add_argument("--data_seed", type=int, help="seed of the sample order (default: the lock's seed)")
+                   help="held-out share of each dataset, chosen by sample, stable across runs and world "
+                        "sizes. A value >= 1 is a PERCENT (5 = 5%%, HF run_clm); a value < 1 is a FRACTION "
+                        "as Chinese-LLaMA-Alpaca passes it (0.001 = 0.1%%). The held-out count is printed")
+    g.add_argument("--data_seed", type=int, help="seed of the sample order; default: the lock's seed")
     g.add_argument("--num_workers", type=int, default=d(0), help="DataLoader workers per rank")
+    g.add_argument("--preprocessing_num_workers", type=int, help="build workers for --train_data_file / "
+                   "--dataset_dir / a manifest")
     g.add_argument("--allow_lock_change", **flag, help="resume even though the lock changed")
     g.add_argument("--allow_tokenizer_mismatch", **flag,
                    help="train although the lock was built with another tokenizer (dangerous)")
-    g.add_argument("--data_cache_dir", help="cache of built datasets for --train_data_file "
-                   "(default: $TOKENMILL_CACHE or OUTPUT_DIR/data/cache)")
+    g.add_argument("--data_cache_dir", help="cache of built datasets for --train_data_file / --dataset_dir; "
+                   "default: $TOKENMILL_CACHE or OUTPUT_DIR/data/cache")
+    g.add_argument("--verify_data", choices=["cheap", "full"], default=d("cheap"),
+                   help="check the built data before step 0: cheap = meta.json, lock and sizes; "
+                        "full = also the sha256 and structure of every shard (as `pipeline verify`)")
 
     g = p.add_argument_group("model")
     g.add_argument("--model_name_or_path", help="local Hugging Face model dir to start from")
     g.add_argument("--model_config", help="config.json (or a dir holding one) to initialise a "
                    "model from scratch for pretraining")
-    g.add_argument("--tokenizer_name_or_path", help="tokenizer dir (default: the model dir, else "
-                   "the lock's tokenizer)")
+    g.add_argument("--tokenizer_name_or_path", help="tokenizer dir; default: the model dir, else the lock's")
     g.add_argument("--trust_remote_code", **flag, help="allow custom modeling code in the model dir")
+    g.add_argument("--torch_dtype", choices=sorted(TORCH_DTYPES),
+                   help="float16 = --fp16, bfloat16 = --bf16, float32/auto = neither")
     g.add_argument("--use_flash_attn", **flag, help="flash-attention 2 varlen kernels on GPU "
                    "(falls back to sdpa with per-document masks where unavailable)")
     g.add_argument("--gradient_checkpointing", **flag)
@@ -91,9 +117,11 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--make_moe_param_leaf_module", **flag,
                    help="ZeRO-3: make MoE blocks leaf modules (gathered whole, not per expert)")
     g.add_argument("--moe_leaf_module_classes", help="comma list of class names to use as MoE "
-                   "leaf modules (default: detected, names ending in MoE/Moe/MoeBlock)")
+                   "leaf modules; default: detected, names ending in MoE/Moe/MoeBlock")
+    for name in MODEL_SHAPE_FLAGS:
+        g.add_argument(f"--{name}", default=d(None), help=argparse.SUPPRESS)
 
-    g = p.add_argument_group("LoRA")
+    g = p.add_argument_group("LoRA (any LoRA flag implies --use_lora)")
     g.add_argument("--use_lora", **flag)
     g.add_argument("--lora_rank", type=int, default=d(64))
     g.add_argument("--lora_alpha", type=float, default=d(8.0))
@@ -106,176 +134,138 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--deepspeed", default=d("zero2"),
                    help="DeepSpeed JSON, or a shipped one: zero2, zero3, zero3_offload")
-    g.add_argument("--per_device_train_batch_size", type=int)
-    g.add_argument("--per_device_eval_batch_size", type=int)
-    g.add_argument("--gradient_accumulation_steps", type=int)
-    g.add_argument("--max_steps", type=int, required=not suppress_defaults, help="optimizer steps")
-    g.add_argument("--learning_rate", type=float, help=f"peak lr (default {LATE_DEFAULTS['learning_rate']})")
+    g.add_argument("--per_device_train_batch_size", type=int, help="default 1")
+    g.add_argument("--per_device_eval_batch_size", type=int, help="default: the train batch size")
+    g.add_argument("--gradient_accumulation_steps", type=int, help="default 1")
+    g.add_argument("--max_steps", type=int, help="optimizer steps (or give --num_train_epochs)")
+    g.add_argument("--num_train_epochs", type=float, help="without --max_steps: steps = epochs x the lock's "
+                   "train tokens (samples when padded) / tokens per step, printed")
+    g.add_argument("--learning_rate", type=float, help="peak lr; default 1e-05")
+    g.add_argument("--lr_scheduler_type", choices=SCHEDULERS, default=d("cosine"),
+                   help="after linear warmup: cosine / cosine_with_min_lr (both decay to --min_lr at "
+                        "max_steps), linear (to --min_lr), constant (no warmup), constant_with_warmup")
     g.add_argument("--min_lr", type=float, default=d(0.0),
-                   help="ABSOLUTE floor of the cosine decay (not a ratio of --learning_rate)")
+                   help="ABSOLUTE floor of the decay (not a ratio of --learning_rate)")
     g.add_argument("--warmup_ratio", type=float, default=d(0.0))
     g.add_argument("--warmup_steps", type=int, help="overrides --warmup_ratio")
-    g.add_argument("--weight_decay", type=float)
+    g.add_argument("--weight_decay", type=float, help="default 0.0")
     g.add_argument("--adam_beta1", type=float, default=d(0.9))
     g.add_argument("--adam_beta2", type=float, default=d(0.95))
     g.add_argument("--adam_epsilon", type=float, default=d(1e-8))
-    g.add_argument("--max_grad_norm", type=float, help="gradient clipping (0 = off; default 1.0)")
-    g.add_argument("--bf16", **flag)
-    g.add_argument("--fp16", **flag)
+    g.add_argument("--max_grad_norm", type=float, help="gradient clipping (0 = off); default 1.0")
+    g.add_argument("--bf16", **hf_bool)
+    g.add_argument("--fp16", **hf_bool, help="on a device without fp16 (CPU) this becomes fp32 with a note")
     g.add_argument("--seed", type=int, default=d(42), help="model init, dropout")
 
     g = p.add_argument_group("evaluation, logging, checkpoints")
     g.add_argument("--output_dir", required=not suppress_defaults)
+    g.add_argument("--overwrite_output_dir", **flag, help="start afresh in an OUTPUT_DIR that holds a "
+                   "finished or checkpointed run (else refused)")
+    g.add_argument("--do_eval", **flag, help="evaluate (needs --validation_split_percentage)")
     g.add_argument("--eval_steps", type=int, help="evaluate every N steps (and always at the end)")
+    g.add_argument("--evaluation_strategy", "--eval_strategy", dest="eval_strategy",
+                   choices=["no", "steps", "epoch"], help="'no' turns evaluation off; otherwise --eval_steps")
     g.add_argument("--max_eval_batches", type=int, help="cap on validation batches per rank")
     g.add_argument("--logging_steps", type=int, default=d(1))
-    g.add_argument("--report_to", choices=["tensorboard", "none"], default=d("tensorboard"))
+    g.add_argument("--logging_strategy", choices=["steps", "epoch", "no"], default=d("steps"),
+                   help="'no': no console step lines (train_log.jsonl keeps every step)")
+    g.add_argument("--report_to", choices=["tensorboard", "none", "all"], default=d("tensorboard"))
     g.add_argument("--save_steps", type=int, default=d(500))
+    g.add_argument("--save_strategy", choices=["steps", "no", "epoch"], default=d("steps"),
+                   help="'no': no intermediate checkpoints (the final model is still saved)")
     g.add_argument("--save_total_limit", type=int, help="keep only the newest N checkpoints")
     g.add_argument("--resume_from_checkpoint", help="OUTPUT_DIR/checkpoint-N, or 'latest' "
                    "(the newest complete checkpoint in --output_dir)")
     g.add_argument("--stop_after_steps", type=int, help="end this run (with a checkpoint) after "
                    "N steps of it, without ending the schedule: for time-limited jobs")
+    g.add_argument("--ddp_timeout", type=int, default=d(1800), help="seconds a collective may wait")
+    g.add_argument("--ddp_find_unused_parameters", **hf_bool, help=argparse.SUPPRESS)
+    g.add_argument("--do_train", **flag, help=argparse.SUPPRESS)
+    g.add_argument("--logging_first_step", **hf_bool, help=argparse.SUPPRESS)
+    g.add_argument("--lazy_preprocess", **hf_bool, help=argparse.SUPPRESS)
     g.add_argument("--local_rank", type=int, default=d(-1), help=argparse.SUPPRESS)  # deepspeed launcher
     return p
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    explicit = build_parser(suppress_defaults=True).parse_known_args(argv)[0]
-    args.explicit = set(vars(explicit))
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    explicit = set(vars(build_parser(suppress_defaults=True).parse_known_args(argv)[0]))
     try:
-        check_args(args)
+        return to_config(ns, explicit)
     except UsageError as e:
-        build_parser().error(str(e))
-    return args
+        parser.error(str(e))
 
 
-def check_args(args: argparse.Namespace) -> None:
-    if not (args.mixture or args.train_data_file):
-        raise UsageError("give the data: --mixture LOCK or --train_data_file FILE")
-    if args.mixture and args.train_data_file:
-        raise UsageError("give either --mixture or --train_data_file, not both")
-    if args.model_name_or_path and args.model_config:
+def to_config(ns: argparse.Namespace, explicit: set[str]) -> TrainConfig:
+    """Check the flags and map the seed-script aliases to their meaning here."""
+    v = dict(vars(ns))
+    notes = []
+    sources = [f for f in ("mixture", "train_data_file", "dataset_dir") if v[f]]
+    if not sources:
+        raise UsageError("give the data: --mixture LOCK or --train_data_file FILE (or --dataset_dir DIR)")
+    if len(sources) > 1:
+        raise UsageError(f"give one of --mixture, --train_data_file, --dataset_dir, not {' and '.join(sources)}")
+    if v["model_name_or_path"] and v["model_config"]:
         raise UsageError("give either --model_name_or_path (fine-tune) or --model_config (from scratch)")
-    if not (args.model_name_or_path or args.model_config or args.resume_from_checkpoint):
+    if not (v["model_name_or_path"] or v["model_config"] or v["resume_from_checkpoint"]):
         raise UsageError("give the model: --model_name_or_path DIR or --model_config JSON")
-    if args.bf16 and args.fp16:
-        raise UsageError("--bf16 and --fp16 exclude each other")
-    if args.max_steps <= 0:
+    if v["torch_dtype"]:
+        want = TORCH_DTYPES[v["torch_dtype"]]
+        if want:
+            v[want] = True
+    if v["bf16"] and v["fp16"]:
+        raise UsageError("--bf16 and --fp16 exclude each other (also via --torch_dtype)")
+    if v["max_steps"] is None and v["num_train_epochs"] is None:
+        raise UsageError("give the length: --max_steps N or --num_train_epochs E")
+    if v["max_steps"] is not None and v["max_steps"] <= 0:
         raise UsageError("--max_steps must be > 0")
-    if not 0 <= args.validation_split_percentage < 100:
-        raise UsageError("--validation_split_percentage is a percent in [0, 100)")
+    if v["num_train_epochs"] is not None and v["num_train_epochs"] <= 0:
+        raise UsageError("--num_train_epochs must be > 0")
+    if v["max_steps"] is not None and v["num_train_epochs"] is not None:
+        notes.append(f"--max_steps {v['max_steps']} given: --num_train_epochs is not used (as in HF Trainer)")
+    pct = v["validation_split_percentage"]
+    if not 0 <= pct < 100:
+        raise UsageError("--validation_split_percentage must be in [0, 100)")
+    if 0 < pct < 1:  # Chinese-LLaMA-Alpaca's fraction (train_test_split test_size)
+        notes.append(f"--validation_split_percentage {pct:g} < 1 is read as a fraction: {pct * 100:g}% held out")
+        pct *= 100
+    v["validation_percentage"] = pct
+    if v["block_size"] is not None:
+        if v["block_size"] < 2:
+            raise UsageError("--block_size must be >= 2")
+        if "packing" in explicit and v["packing"] != "concat":
+            raise UsageError(f"--block_size means --packing concat; it contradicts --packing {v['packing']}")
+        if v["max_seq_length"] not in (None, v["block_size"]):
+            raise UsageError("--block_size and --max_seq_length give two lengths")
+        v["packing"], v["max_seq_length"] = "concat", v["block_size"]
+    lora_given = [f for f in LORA_FLAGS if f in explicit]
+    if lora_given and not v["use_lora"]:
+        v["use_lora"] = True
+        notes.append(f"--{lora_given[0].replace('lora_target_modules', 'trainable')} implies --use_lora: "
+                     "training a LoRA adapter (only the adapter and modules_to_save are saved)")
+    shape = [f for f in MODEL_SHAPE_FLAGS if v.get(f) is not None]
+    if shape:
+        notes.append(f"--{shape[0]} and other model-shape flags are not used: put them in a config.json and "
+                     "pass --model_config (they only matter without --model_name_or_path)")
+    for name, why in NO_OP_FLAGS.items():
+        if name in explicit:
+            notes.append(f"--{name} accepted, no effect: {why}")
+    if v["eval_strategy"] == "no" or (v["do_eval"] and pct == 0):
+        if v["do_eval"] and pct == 0:
+            notes.append("--do_eval without --validation_split_percentage: nothing is held out to evaluate")
+    if v["save_strategy"] == "epoch" or v["logging_strategy"] == "epoch" or v["eval_strategy"] == "epoch":
+        notes.append("'epoch' strategies act per --save_steps/--logging_steps/--eval_steps: the stream has no "
+                     "epoch boundary across datasets")
+    if v["report_to"] == "all":
+        v["report_to"] = "tensorboard"
     for name in ("save_steps", "logging_steps", "eval_steps", "per_device_train_batch_size",
-                 "gradient_accumulation_steps", "save_total_limit", "stop_after_steps"):
-        v = getattr(args, name)
-        if v is not None and v <= 0:
+                 "per_device_eval_batch_size", "gradient_accumulation_steps", "save_total_limit",
+                 "stop_after_steps", "preprocessing_num_workers", "ddp_timeout"):
+        if v.get(name) is not None and v[name] <= 0:
             raise UsageError(f"--{name} must be > 0")
-
-
-def load_ds_config(spec: str) -> dict:
-    path = Path(CONFIG_DIR / SHIPPED_CONFIGS[spec]) if spec in SHIPPED_CONFIGS else Path(spec)
-    if not path.is_file():
-        raise TrainError(f"--deepspeed {spec}: no such file (or use one of {', '.join(SHIPPED_CONFIGS)})")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TrainError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-
-
-def resolve_ds_config(args: argparse.Namespace, raw: dict, *, world_size: int, hidden_size: int) -> dict:
-    """Fill `auto` values from the flags, adopt concrete JSON values for flags left unset, and
-    refuse a JSON that contradicts a flag given explicitly. Mutates args (late defaults)."""
-    cfg = copy.deepcopy(raw)
-    problems = []
-
-    def settle(flag: str, value, where: str):
-        """One number that lives both in the JSON and in a flag."""
-        if value == "auto" or value is None:
-            if getattr(args, flag) is None:
-                setattr(args, flag, LATE_DEFAULTS[flag])
-            return getattr(args, flag)
-        if flag in args.explicit and getattr(args, flag) != value:
-            problems.append(f"{where} = {value} but --{flag} {getattr(args, flag)}")
-        setattr(args, flag, type(LATE_DEFAULTS[flag])(value))
-        return value
-
-    cfg["train_micro_batch_size_per_gpu"] = settle(
-        "per_device_train_batch_size", cfg.get("train_micro_batch_size_per_gpu"), "train_micro_batch_size_per_gpu")
-    cfg["gradient_accumulation_steps"] = settle(
-        "gradient_accumulation_steps", cfg.get("gradient_accumulation_steps"), "gradient_accumulation_steps")
-    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world_size
-    if cfg.get("train_batch_size", "auto") not in ("auto", None) and cfg["train_batch_size"] != global_batch:
-        problems.append(f"train_batch_size = {cfg['train_batch_size']} but micro batch × accumulation × "
-                        f"world size = {global_batch}")
-    cfg["train_batch_size"] = global_batch
-    cfg["gradient_clipping"] = settle("max_grad_norm", cfg.get("gradient_clipping"), "gradient_clipping")
-
-    # Mixed precision: the flags decide; a JSON block that says otherwise is a contradiction.
-    for name in ("fp16", "bf16"):
-        block = cfg.get(name)
-        want = getattr(args, name)
-        if block is None:
-            if want:
-                cfg[name] = {"enabled": True}
-            continue
-        enabled = block.get("enabled", "auto")
-        if enabled == "auto":
-            block["enabled"] = want
-        elif enabled and not want:
-            other = "bf16" if name == "fp16" else "fp16"
-            if getattr(args, other):
-                problems.append(f"{name}.enabled = true but --{other} was given")
-            else:  # the JSON asks for it and no flag says otherwise
-                setattr(args, name, True)
-        elif not enabled and want:
-            problems.append(f"{name}.enabled = false but --{name} was given")
-    if args.fp16 and args.bf16:
-        problems.append("both fp16 and bf16 end up enabled")
-
-    if "scheduler" in cfg:
-        problems.append('a "scheduler" block: the schedule comes from --learning_rate/--min_lr/'
-                        "--warmup_ratio; remove the block")
-    zero = cfg.setdefault("zero_optimization", {})
-    zero.setdefault("stage", 0)
-    offload = any(zero.get(k, {}).get("device", "none") not in ("none", None)
-                  for k in ("offload_optimizer", "offload_param"))
-    if offload and "optimizer" not in cfg:
-        # ZeRO offload refuses a client torch optimizer: ask DeepSpeed for its CPU AdamW.
-        cfg["optimizer"] = {"type": "AdamW", "params": {k: "auto" for k in ("lr", "betas", "eps", "weight_decay")}}
-    if "optimizer" in cfg:
-        params = cfg["optimizer"].setdefault("params", {})
-        params["lr"] = settle("learning_rate", params.get("lr", "auto"), "optimizer.params.lr")
-        params["weight_decay"] = settle("weight_decay", params.get("weight_decay", "auto"),
-                                        "optimizer.params.weight_decay")
-        if params.get("betas", "auto") == "auto":
-            params["betas"] = [args.adam_beta1, args.adam_beta2]
-        if params.get("eps", "auto") == "auto":
-            params["eps"] = args.adam_epsilon
-    for flag, default in LATE_DEFAULTS.items():
-        if getattr(args, flag) is None:
-            setattr(args, flag, default)
-
-    # Bucket sizes: the HF Trainer's rules of thumb from the hidden size.
-    autos = {"reduce_bucket_size": hidden_size * hidden_size,
-             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-             "stage3_param_persistence_threshold": 10 * hidden_size}
-    for key, value in autos.items():
-        if zero.get(key) == "auto":
-            zero[key] = value
-    leftover = _find_auto(cfg)
-    if leftover:
-        problems.append(f"'auto' values tokenmill cannot resolve: {', '.join(leftover)}")
-    if problems:
-        raise TrainError(f"DeepSpeed config {args.deepspeed} contradicts the flags:\n  " + "\n  ".join(problems))
-    cfg.setdefault("steps_per_print", 10**9)  # our own logger reports; keep DeepSpeed quiet
-    cfg.setdefault("wall_clock_breakdown", False)
-    return cfg
-
-
-def _find_auto(obj, path=""):
-    if isinstance(obj, dict):
-        return [p for k, v in obj.items() for p in _find_auto(v, f"{path}.{k}" if path else k)]
-    if isinstance(obj, list):
-        return [p for i, v in enumerate(obj) for p in _find_auto(v, f"{path}[{i}]")]
-    return [path] if obj == "auto" else []
+    for name in MODEL_SHAPE_FLAGS + tuple(NO_OP_FLAGS) + ("torch_dtype", "block_size"):
+        v.pop(name, None)
+    v["explicit"] = frozenset(explicit)
+    v["notes"] = tuple(notes)
+    return TrainConfig(v)

@@ -4,9 +4,10 @@ Layout (DeepSpeed's own, so `zero_to_fp32.py` and `ds_to_universal` work on it):
 
     OUTPUT_DIR/latest                       name of the newest *complete* checkpoint
     OUTPUT_DIR/checkpoint-N/                DeepSpeed model/optimizer/scheduler states
-        trainer_state.json                  step, token counts, world size, flags
-        stream_state_rank00000.json …       the MixtureStream position, one file per rank
-        rng_state_rank00000.pt …            torch/numpy/python RNGs, one file per rank
+        trainer_state.json                  the "trainer" part: step, token counts, world size
+        stream_state_rank00000.json …       the "stream" part (loader position), one file per rank
+        rng_state_rank00000.pt …            the "rng" part: torch/numpy/python RNGs as tensors and
+                                            plain types, read back with torch.load(weights_only=True)
         config.json, tokenizer files        enough to rebuild the model and read its output
 
 `latest` is written by us after a barrier, once every rank has written everything (DeepSpeed
@@ -48,19 +49,35 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
+class RNGState:
+    """The python, numpy and torch RNGs as a stateful part: tensors and plain types only, so a
+    checkpoint loads with torch.load(weights_only=True) (no pickled objects to trust)."""
+
+    def state_dict(self) -> dict:
+        version, internal, gauss = random.getstate()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {"python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                            "gauss": gauss},
+                 "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                           "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+                 "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        py, nps = state["python"], state["numpy"]
+        random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss"]))
+        np.random.set_state((nps["name"], nps["keys"].numpy().astype(np.uint32), nps["pos"],
+                             nps["has_gauss"], nps["cached_gaussian"]))
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda"])
 
 
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+# part name -> (file stem, per rank, format)
+PART_FILES = {"trainer": ("trainer_state", False, "json"), "stream": ("stream_state", True, "json"),
+              "rng": ("rng_state", True, "pt")}
 
 
 class Checkpointer:
@@ -72,15 +89,31 @@ class Checkpointer:
         self.tokenizer, self.tokenizer_dir, self.model_dir = tokenizer, tokenizer_dir, model_dir
 
     # ------------------------------------------------------------ save
-    def save(self, engine, step: int, loader, trainer_state: dict) -> Path:
+    def _file(self, ckpt: Path, name: str, rank: int | None = None) -> Path:
+        stem, per_rank, fmt = PART_FILES[name]
+        rank = self.rank if rank is None else rank
+        return ckpt / (f"{stem}_rank{rank:05d}.{fmt}" if per_rank else f"{stem}.{fmt}")
+
+    def save(self, engine, step: int, parts: dict) -> Path:
+        """DeepSpeed's states, then each stateful part's state_dict() (see PART_FILES)."""
         tag = f"checkpoint-{step}"
         ckpt = self.out / tag
         engine.save_checkpoint(str(self.out), tag=tag, client_state={"step": step}, save_latest=False)
-        _write_json(ckpt / f"stream_state_rank{self.rank:05d}.json", loader.state_dict())
-        torch.save(rng_state(), ckpt / f"rng_state_rank{self.rank:05d}.pt")
+        for name, part in parts.items():
+            per_rank, fmt = PART_FILES[name][1:]
+            if not per_rank and self.rank != 0:
+                continue
+            state = part.state_dict()
+            if name == "trainer":
+                state = {**state, "step": step, "world_size": self.world_size}
+            path = self._file(ckpt, name)
+            if fmt == "json":
+                _write_json(path, state)
+            else:
+                tmp = path.with_name(f".{path.name}.tmp")
+                torch.save(state, tmp)
+                os.replace(tmp, path)
         if self.rank == 0:
-            _write_json(ckpt / "trainer_state.json", {**trainer_state, "step": step,
-                                                      "world_size": self.world_size})
             base_config(engine.module).save_pretrained(ckpt)
             self.save_tokenizer(ckpt)
         _barrier()  # every rank's files are on disk before `latest` names this checkpoint
@@ -130,30 +163,42 @@ class Checkpointer:
                              f"({p}/trainer_state.json missing)")
         return p
 
-    def check_resumable(self, ckpt: Path, zero_stage: int) -> dict:
-        """Fail before any model is built when DeepSpeed could not load the checkpoint."""
+    def check_resumable(self, ckpt: Path, zero_stage: int, allow_universal: bool = False) -> dict:
+        """Fail before any model is built when DeepSpeed could not load the checkpoint. Another
+        world size: ZeRO-3 goes through DeepSpeed's universal checkpoint (train/universal.py);
+        ZeRO-1/2 conversion fails with this DeepSpeed on CPU (PLATFORM.md), so it is refused."""
         state = json.loads((ckpt / "trainer_state.json").read_text())
-        if state["world_size"] != self.world_size and zero_stage > 0:
+        if state["world_size"] != self.world_size and zero_stage > 0 and not allow_universal:
             raise TrainError(
                 f"{ckpt} was saved by {state['world_size']} ranks, this run has {self.world_size}: ZeRO "
-                f"keeps optimizer states per rank, so resume with {state['world_size']} ranks. (The data "
-                f"stream would continue at any world size; to restart from the weights only, run "
+                f"keeps optimizer states per rank, so resume with {state['world_size']} ranks, or save with ZeRO-3 "
+                f"(converted to a universal checkpoint on resume). (The data stream would continue at any "
+                f"world size; to restart from the weights only, run "
                 f"{ckpt.parent}/zero_to_fp32.py and pass the result as --model_name_or_path.)")
         return state
 
-    def load(self, engine, ckpt: Path, loader, *, zero_stage: int) -> dict:
-        state = self.check_resumable(ckpt, zero_stage)
-        path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
+    def load(self, engine, ckpt: Path, parts: dict, *, zero_stage: int, load_dir: Path | None = None) -> dict:
+        """DeepSpeed's states (from `load_dir`, a universal conversion, when given), then every
+        part's load_state_dict. The stream position is global: any rank's file continues it."""
+        state = self.check_resumable(ckpt, zero_stage, allow_universal=load_dir is not None)
+        src = load_dir or ckpt
+        path, _ = engine.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)
         if path is None:
             raise TrainError(f"{ckpt}: DeepSpeed could not load this checkpoint")
-        own = ckpt / f"stream_state_rank{self.rank:05d}.json"
-        # The stream state is a global position: any rank's file continues the same stream.
-        stream_file = own if own.is_file() else ckpt / "stream_state_rank00000.json"
-        loader.load_state_dict(json.loads(stream_file.read_text()))
-        rng_file = ckpt / f"rng_state_rank{self.rank:05d}.pt"
-        if rng_file.is_file():
-            set_rng_state(torch.load(rng_file, weights_only=False))
+        for name, part in parts.items():
+            per_rank, fmt = PART_FILES[name][1:]
+            f = self._file(ckpt, name)
+            if per_rank and not f.is_file():
+                f = self._file(ckpt, name, rank=0)
+            if not f.is_file():
+                if name == "rng":
+                    continue  # a different world size: the new ranks seed afresh
+                raise TrainError(f"{ckpt}: {f.name} missing")
+            if fmt == "json":
+                part.load_state_dict(json.loads(f.read_text()))
+            else:
+                part.load_state_dict(torch.load(f, weights_only=True))
         log.info("resumed from %s at step %d", ckpt, state["step"])
         return state
 

@@ -1,78 +1,39 @@
-"""Training data: the lock (given, or built from --train_data_file), the tokenizer check,
-and the MixtureStreams for the train and validation splits."""
+"""Training data: the lock (read and validated once), the tokenizer check, the held-out split,
+and the MixtureStreams for the train and validation splits. Never builds anything: a lock
+that must be built first comes from the `build` callable train/__main__.py passes in."""
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
-
-import torch.distributed as dist
 
 from .args import TrainError
 
 log = logging.getLogger("train")
 
-DEFAULT_BUILD_MAX_LENGTH = 2048  # --train_data_file without --max_seq_length (Hunyuan's default)
 
-
-def build_lock_from_file(path: str, tokenizer: str, max_length: int, out_dir: str | Path,
-                         cache: str | None = None, chat_template: bool = True) -> Path:
-    """Build (or reuse from the cache) one source file into shards through the pipeline and
-    return the path of its lock: the `--train_data_file` path of the reference scripts."""
-    try:
-        from pipeline import build
-    except ImportError as e:
-        raise TrainError(f"--train_data_file needs the pipeline package: {e}") from e
-    if not hasattr(build, "build_mixture"):
-        raise TrainError("--train_data_file: this version's pipeline has no build_mixture(); build a lock "
-                         "with `python -m pipeline build MANIFEST` and pass --mixture LOCK")
-    src = Path(path).resolve()
-    if not src.is_file():
-        raise TrainError(f"--train_data_file {path}: no such file")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    name = src.name.split(".")[0] or "train"
-    manifest = {
-        "tokenizer": str(Path(tokenizer).resolve()),
-        "template": "tokenizer" if chat_template else "none",
-        "max_length": int(max_length),
-        "datasets": [{"dataset_name": name, "task_name": name, "abs_weight": 1.0, "path": str(src),
-                      "format": "auto", "allow_repeat": True}],
-    }
-    manifest_path = out / "manifest.json"
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
-    try:
-        lock_path, _, warnings = build.build_mixture(str(manifest_path), out=str(out), cache=cache)
-    except Exception as e:  # BuildError / ManifestError carry file and record
-        raise TrainError(f"--train_data_file {path}: build failed: {e}") from e
-    for w in warnings:
-        log.warning("%s", w)
-    return Path(lock_path)
-
-
-def resolve_lock(args, tokenizer_dir: str, tokenizer, *, rank: int) -> Path:
-    """The lock to train on. With --train_data_file, rank 0 builds and the others wait."""
-    if args.mixture:
-        lock_path = Path(args.mixture)
-        if not lock_path.is_file():
-            raise TrainError(f"--mixture {args.mixture}: no such lock file (build one with "
-                             "`python -m pipeline build MANIFEST`)")
-    else:
-        out = Path(args.output_dir) / "data"
-        lock_path = out / "mixture.lock.json"
-        if rank == 0:
-            build_lock_from_file(args.train_data_file, tokenizer_dir,
-                                 args.max_seq_length or DEFAULT_BUILD_MAX_LENGTH, out,
-                                 cache=args.data_cache_dir,
-                                 chat_template=bool(getattr(tokenizer, "chat_template", None)))
-        if dist.is_initialized():
-            dist.barrier()
+def read_lock_once(lock_path: Path) -> dict:
+    """The lock, validated by its schema (mixtures.lock); a bad lock is one TrainError line."""
     from mixtures.lock import LockError, read_lock
     try:
-        read_lock(lock_path)
+        return read_lock(lock_path)
     except LockError as e:
         raise TrainError(str(e)) from None
-    return lock_path
+
+
+def resolve_lock(cfg, tokenizer_dir: str, tokenizer, *, rank: int, build=None) -> tuple[Path, dict]:
+    """(lock path, lock). With `build` (data still to build), rank 0 builds, the others wait."""
+    import torch.distributed as dist
+    if build is None:
+        lock_path = Path(cfg.mixture)
+    else:
+        lock_path = Path(cfg.output_dir) / "data" / "mixture.lock.json"
+        if rank == 0:
+            lock_path = build(cfg, tokenizer_dir, tokenizer)
+        if dist.is_initialized():
+            dist.barrier()
+    return lock_path, read_lock_once(lock_path)
 
 
 def check_tokenizer(lock: dict, tokenizer_dir: str, tokenizer, allow_mismatch: bool) -> None:
@@ -106,20 +67,59 @@ def _same_vocab(lock_tokenizer_dir: str | None, tokenizer) -> bool:
     return other.get_vocab() == tokenizer.get_vocab()
 
 
-def make_streams(args, lock_path: Path, seq_len: int, *, rank: int, world_size: int):
+def heldout_counts(stream) -> dict[str, tuple[int, int]]:
+    """{task: (held-out samples, samples)} of an open train stream."""
+    return {ds.task: (ds.n - ds.n_train, ds.n) for ds in stream.datasets}
+
+
+def check_validation_split(cfg, stream, wants_eval: bool) -> None:
+    """An eval that would average over nothing is an error before training, not 'loss 0.0000'."""
+    counts = heldout_counts(stream)
+    held = sum(h for h, _ in counts.values())
+    detail = ", ".join(f"{t} {h} of {n}" for t, (h, n) in counts.items())
+    if cfg.validation_percentage > 0:
+        if held == 0:
+            raise TrainError(f"--validation_split_percentage {cfg.validation_split_percentage:g} "
+                             f"({cfg.validation_percentage:g}%) holds out no sample ({detail}): raise it, "
+                             "or drop it to train without evaluation")
+        log.info("validation split %g%%: %d samples held out (%s)", cfg.validation_percentage, held, detail)
+    elif wants_eval:
+        raise TrainError("--do_eval/--eval_steps need a validation split: pass --validation_split_percentage")
+
+
+def steps_for_epochs(cfg, lock: dict, stream, seq_len: int, world_size: int) -> int:
+    """--num_train_epochs -> optimizer steps: epochs x the train split's tokens (samples when
+    padded) / what one step takes (rows x seq_len, all ranks)."""
+    rows = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world_size
+    if cfg.packing == "padded":
+        units = sum(ds.n_train for ds in stream.datasets)
+        per_step, what = rows, "samples"
+    else:
+        units = 0
+        for entry, ds in zip(lock["datasets"], stream.datasets):
+            tokens = entry.get("n_tokens") or ds.built.meta.get("n_tokens") or 0
+            units += int(tokens) * ds.n_train // max(ds.n, 1)
+        per_step, what = rows * seq_len, "tokens"
+    steps = max(1, math.ceil(cfg.num_train_epochs * units / per_step))
+    log.info("--num_train_epochs %g: %s %s in the train split / %s per step = %d steps",
+             cfg.num_train_epochs, f"{units:,}", what, f"{per_step:,}", steps)
+    return steps
+
+
+def make_streams(cfg, lock_path: Path, seq_len: int, *, rank: int, world_size: int):
     """(train stream, stream for eval_batches() or None). The second only differs in its batch
     size (--per_device_eval_batch_size); eval_batches() walks its held-out split."""
     from train.stream import MixtureStream, StreamError
-    common = dict(seed=args.data_seed, rank=rank, world_size=world_size, mode=args.packing,
-                  validation_percentage=args.validation_split_percentage,
-                  allow_lock_change=args.allow_lock_change)
+    common = dict(seed=cfg.data_seed, rank=rank, world_size=world_size, mode=cfg.packing,
+                  validation_percentage=cfg.validation_percentage,
+                  allow_lock_change=cfg.allow_lock_change)
     try:
-        train = MixtureStream(lock_path, seq_len, batch_size=args.per_device_train_batch_size,
-                              split="train", **common)
+        train = MixtureStream(lock_path, seq_len, batch_size=cfg.per_device_train_batch_size,
+                              split="train", verify=cfg.verify_data, **common)
         valid = None
-        if args.validation_split_percentage > 0:
-            valid = MixtureStream(lock_path, seq_len, split="train",
-                                  batch_size=args.per_device_eval_batch_size or args.per_device_train_batch_size,
+        if cfg.validation_percentage > 0:
+            valid = MixtureStream(lock_path, seq_len, split="train", verify="none",
+                                  batch_size=cfg.per_device_eval_batch_size or cfg.per_device_train_batch_size,
                                   **common)
     except StreamError as e:
         raise TrainError(str(e)) from None

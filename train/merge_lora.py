@@ -17,11 +17,11 @@ import shutil
 import sys
 from pathlib import Path
 
+from stages.constants import TOKENIZER_FILES
+
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-                   "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
 def parse_args(argv=None):

@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from stages.constants import IGNORE
+
 from .args import TrainError
 
 log = logging.getLogger("train")
-
-IGNORE = -100
 DEFAULT_MOE_PATTERN = re.compile(r"(MoE|Moe|MoeBlock|SparseMoeBlock)$")
 
 
@@ -228,14 +228,17 @@ def model_inputs(batch: dict, use_varlen: bool) -> dict:
     return inputs
 
 
-def loss_sum(model, batch: dict, use_varlen: bool = False) -> tuple[torch.Tensor, int]:
-    """Summed token cross-entropy (fp32) and the number of predicted tokens of one micro-batch.
-    The caller divides by the global token count of the step (see trainer)."""
+def loss_sum(model, batch: dict, use_varlen: bool = False, per_token: bool = False):
+    """Summed token cross-entropy (fp32) and the number of predicted tokens of one micro-batch;
+    with per_token: (the [B, L] token losses, 0 where untrained, and the targets). The caller
+    divides by the global token count of the step (see train/loop.py)."""
     target = shift_labels(batch)
     logits = model(**model_inputs(batch, use_varlen)).logits
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1),
-                           ignore_index=IGNORE, reduction="sum")
-    return loss, int((target != IGNORE).sum())
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1),
+                             ignore_index=IGNORE, reduction="none" if per_token else "sum")
+    if per_token:
+        return losses.view(target.shape), target
+    return losses, int((target != IGNORE).sum())
 
 
 def copy_model_code(model_dir: str | None, out_dir: Path) -> None:

@@ -70,15 +70,22 @@ def _series(lines: dict[int, dict], key: str) -> tuple[list[int], list[float]]:
     return steps, [float(lines[s][key]) for s in steps]
 
 
-def _per_dataset(lines: dict[int, dict], key: str) -> dict[str, tuple[list[int], list[float]]]:
-    """{dataset: (steps, losses)}: a dataset's points are the steps where it trained (a loss given)."""
+def _per_dataset(lines: dict[int, dict], keys: tuple[str, ...], prefix: str = "") -> dict[str, tuple[list[int], list[float]]]:
+    """{dataset: (steps, losses)}: a dataset's points are the steps where it trained (a loss given).
+    Reads the coordinator's shape ({"loss", "tokens"}) and the trainer's ({"loss", "trained_tokens"};
+    in eval lines "datasets": {"eval_loss", "eval_trained_tokens"})."""
     out: dict[str, tuple[list[int], list[float]]] = {}
     for s in sorted(lines):
-        for name, m in (lines[s].get(key) or {}).items():
-            if isinstance(m, dict) and _number(m.get("loss")) and m.get("tokens", 1) != 0:
+        per = next((lines[s][k] for k in keys if isinstance(lines[s].get(k), dict)), {})
+        for name, m in per.items():
+            if not isinstance(m, dict):
+                continue
+            loss = m.get("loss", m.get(f"{prefix}loss"))
+            tokens = m.get("tokens", m.get(f"{prefix}trained_tokens", m.get("trained_tokens", 1)))
+            if _number(loss) and tokens != 0:
                 steps, vals = out.setdefault(name, ([], []))
                 steps.append(s)
-                vals.append(float(m["loss"]))
+                vals.append(float(loss))
     return dict(sorted(out.items()))
 
 
@@ -88,8 +95,8 @@ def curves(output_dir: str | Path) -> dict:
     the log, "datasets" is {} and the overall loss stands for the run."""
     train, evals = read_log(output_dir)
     return {"loss": _series(train, "loss"), "lr": _series(train, "lr"),
-            "datasets": _per_dataset(train, "datasets"),
-            "eval_loss": _series(evals, "eval_loss"), "eval_datasets": _per_dataset(evals, "eval_datasets")}
+            "datasets": _per_dataset(train, ("datasets",)),
+            "eval_loss": _series(evals, "eval_loss"), "eval_datasets": _per_dataset(evals, ("eval_datasets", "datasets"), prefix="eval_")}
 
 
 def _draw(ax, steps, values, label, color, raw_alpha=0.3):
@@ -132,6 +139,9 @@ def plot_run(output_dir: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+plot = plot_run  # the name an earlier draft of the trainer used
 
 
 def main(argv: list[str] | None = None) -> int:

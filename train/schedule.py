@@ -1,4 +1,7 @@
-"""Learning-rate schedule: linear warmup, then cosine decay to an absolute floor.
+"""Learning-rate schedules (--lr_scheduler_type): linear warmup, then cosine (cosine and
+cosine_with_min_lr are the same here: the floor is --min_lr, 0 by default), linear, constant
+(no warmup, as HF's) or constant_with_warmup. The decay ends at `max_steps`, as HF's does: the
+last step (max_steps - 1) runs just above min_lr, never at lr 0 with --min_lr 0.
 
 `min_lr` is an absolute learning rate (as the Hunyuan README says), not a ratio. Hy3 turned
 it into `min_lr_rate = min_lr / learning_rate`, so `--min_lr 0.01 --learning_rate 1e-5`
@@ -8,8 +11,6 @@ warmup and never goes below `min_lr`.
 from __future__ import annotations
 
 import math
-
-import torch
 
 
 def warmup_steps_for(max_steps: int, warmup_ratio: float, warmup_steps: int | None = None) -> int:
@@ -30,22 +31,28 @@ def check_schedule(learning_rate: float, min_lr: float, max_steps: int, warmup: 
         raise ValueError(f"warmup ({warmup} steps) is longer than --max_steps ({max_steps})")
 
 
-def lr_at(step: int, *, learning_rate: float, min_lr: float, max_steps: int, warmup: int) -> float:
+def lr_at(step: int, *, learning_rate: float, min_lr: float, max_steps: int, warmup: int,
+          kind: str = "cosine") -> float:
     """Learning rate of optimizer step `step` (0-based).
 
     Warmup: linear from min_lr to the peak, reaching the peak on step `warmup - 1`.
-    Decay: cosine from the peak on step `warmup` to exactly `min_lr` on the last step
-    (`max_steps - 1`); after that it stays at `min_lr`.
+    Decay: from the peak on step `warmup` towards `min_lr`, which it would reach at step
+    `max_steps` (HF's progress = (step - warmup) / (max_steps - warmup)); after that min_lr.
     """
+    if kind == "constant":
+        return learning_rate
     if step < warmup:
         return min_lr + (learning_rate - min_lr) * (step + 1) / warmup
-    decay_steps = max(1, max_steps - 1 - warmup)
-    progress = min(1.0, (step - warmup) / decay_steps)
+    if kind == "constant_with_warmup":
+        return learning_rate
+    progress = min(1.0, (step - warmup) / max(1, max_steps - warmup))
+    if kind == "linear":
+        return min_lr + (learning_rate - min_lr) * (1.0 - progress)
     return min_lr + (learning_rate - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, *, learning_rate: float, min_lr: float,
-                    max_steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer, *, learning_rate: float, min_lr: float, max_steps: int, warmup: int,
+                    kind: str = "cosine"):
     """A LambdaLR whose factor is lr_at(step) / learning_rate (every group's base lr is the
     peak). DeepSpeed steps it once per optimizer step and saves/loads it in checkpoints."""
     check_schedule(learning_rate, min_lr, max_steps, warmup)
@@ -57,6 +64,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, *, learning_rate: float, m
         if learning_rate == 0:
             return 0.0
         return lr_at(step, learning_rate=learning_rate, min_lr=min_lr, max_steps=max_steps,
-                     warmup=warmup) / learning_rate
+                     warmup=warmup, kind=kind) / learning_rate
 
+    import torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

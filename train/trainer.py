@@ -1,231 +1,72 @@
-"""The training run: `run(args)` builds the components, `train(...)` is the loop.
-
-One optimizer step = `gradient_accumulation_steps` micro-batches per rank. The loss is the
-token mean over the *global* step (every rank, every micro-batch): each micro-batch's summed
-cross-entropy is scaled by gas * world / (predicted tokens of the step, all ranks), which
-DeepSpeed's 1/gas and rank averaging turn into exactly that mean, whatever the packing.
-"""
+"""The training run: `run(cfg, build)` decides everything it can before any process group
+exists (bad inputs fail fast, identically, on every rank), then builds the components and
+runs train/loop.py. `build` (from train/__main__.py) makes the lock when the data still has to
+be built; this module never imports the pipeline."""
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import os
 import random
 import shutil
 import sys
-import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .args import TrainError, UsageError, load_ds_config, resolve_ds_config
-from .checkpoint import Checkpointer
-from .data import check_tokenizer, make_streams, resolve_lock
-from .model import IGNORE, build_model, load_config, load_tokenizer, loss_sum, shift_labels
+from .args import TrainError, UsageError
+from .checkpoint import Checkpointer, RNGState
+from .data import check_tokenizer, check_validation_split, make_streams, read_lock_once, resolve_lock, \
+    steps_for_epochs
+from .ds_config import load_ds_config, resolve_ds_config
+from .loop import evaluate, train
+from .metrics import Metrics
+from .model import build_model, load_config, load_tokenizer
 from .schedule import build_scheduler, check_schedule, warmup_steps_for
 
 log = logging.getLogger("train")
 
 
-@dataclass
 class TrainState:
-    step: int = 0  # optimizer steps done
-    trained_tokens: int = 0  # predicted (loss-carrying) tokens, all ranks
-    tokens: int = 0  # input positions processed, all ranks (padding included)
-    extra: dict = field(default_factory=dict)
+    """Step and token counters: the "trainer" stateful part of a checkpoint."""
 
-    def as_dict(self) -> dict:
+    def __init__(self):
+        self.step = self.trained_tokens = self.tokens = 0
+        self.extra: dict = {}
+
+    def state_dict(self) -> dict:
         return {"step": self.step, "trained_tokens": self.trained_tokens, "tokens": self.tokens, **self.extra}
 
-
-# ==================================================================== the loop
-def train(engine, loader, eval_stream, checkpointer, metrics, args, state: TrainState, *,
-          world_size: int, use_varlen: bool) -> str:
-    """Run optimizer steps until --max_steps, the end of the data, or --stop_after_steps.
-    Returns why it stopped: "done", "exhausted" or "stopped"."""
-    device = engine.device
-    gas = args.gradient_accumulation_steps
-    batches = iter(loader)
-    first_step = state.step
-    warned = False
-    while state.step < args.max_steps:
-        t0 = time.perf_counter()
-        micro = _take(batches, gas)
-        if len(micro) < gas:  # finite mixture ran out (all ranks see it on the same step)
-            log.warning("the data ran out after %d steps", state.step)
-            return "exhausted"
-        # Predicted tokens of the whole step, all ranks, before any backward: the loss divisor.
-        local = torch.tensor([sum(int((shift_labels(b) != IGNORE).sum()) for b in micro),
-                              sum(b["input_ids"].numel() for b in micro)], dtype=torch.float64)
-        n_pred, n_tok = _all_reduce(local, device).tolist()
-        if not warned and int(local[0]) != sum(int(b.get("n_trained", local[0])) for b in micro):
-            log.warning("batches' n_trained differs from the predicted tokens: the stream labels "
-                        "document-first tokens; they carry no loss here")
-            warned = True
-
-        lr = engine.get_lr()[0]  # the lr this step uses (DeepSpeed advances it in step())
-        scale = gas * world_size / max(n_pred, 1.0)
-        loss_total = torch.zeros((), dtype=torch.float64)
-        for batch in micro:
-            loss, _ = loss_sum(engine, _to(batch, device), use_varlen)
-            engine.backward(loss * scale)
-            engine.step()  # optimizer + scheduler step only at the accumulation boundary
-            loss_total += loss.detach().double().cpu()
-        loss_sum_all = _all_reduce(loss_total.reshape(1), device).item()
-
-        state.step += 1
-        state.trained_tokens += int(n_pred)
-        state.tokens += int(n_tok)
-        seconds = time.perf_counter() - t0
-        metrics.step(state.step, {
-            "loss": loss_sum_all / max(n_pred, 1.0), "lr": lr, "grad_norm": _grad_norm(engine),
-            "tokens_per_s": n_tok / seconds, "trained_tokens_step": int(n_pred),
-            "trained_tokens": state.trained_tokens, "tokens": state.tokens})
-
-        last = state.step == args.max_steps
-        if eval_stream is not None and ((args.eval_steps and state.step % args.eval_steps == 0) or last):
-            metrics.eval(state.step, evaluate(engine, eval_stream, args.max_eval_batches, use_varlen))
-        stop = args.stop_after_steps and state.step - first_step >= args.stop_after_steps and not last
-        if state.step % args.save_steps == 0 or stop:
-            checkpointer.save(engine, state.step, loader, state.as_dict())
-        if stop:
-            log.info("stopping after %d steps of this run (--stop_after_steps); resume with "
-                     "--resume_from_checkpoint latest", args.stop_after_steps)
-            return "stopped"
-    return "done"
+    def load_state_dict(self, d: dict) -> None:
+        self.step, self.trained_tokens, self.tokens = d["step"], d.get("trained_tokens", 0), d.get("tokens", 0)
+        self.saved = d
 
 
-@torch.no_grad()
-def evaluate(engine, eval_stream, max_batches: int | None, use_varlen: bool) -> dict:
-    """Token-mean loss over the held-out split. Ranks step in lockstep (ZeRO-3 forwards are
-    collectives): a rank whose share ran out runs a dummy forward until all are done."""
-    engine.eval()
-    device = engine.device
-    total = torch.zeros(2, dtype=torch.float64)  # loss sum, predicted tokens
-    it = iter(eval_stream.eval_batches())
-    k = 0
-    while True:
-        batch = next(it, None) if max_batches is None or k < max_batches else None
-        if _all_reduce(torch.tensor([float(batch is not None)]), device, op=dist.ReduceOp.MAX).item() == 0:
-            break
-        batch = batch if batch is not None else _dummy_batch()
-        loss, n = loss_sum(engine, _to(batch, device), use_varlen)
-        total += torch.tensor([loss.item(), n], dtype=torch.float64)
-        k += 1
-    loss_all, n_all = _all_reduce(total, device).tolist()
-    engine.train()
-    return {"eval_loss": loss_all / max(n_all, 1.0), "eval_tokens": int(n_all)}
-
-
-def _take(it, n: int) -> list:
-    out = []
-    for _ in range(n):
-        b = next(it, None)
-        if b is None:
-            break
-        out.append(b)
-    return out
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
-def _dummy_batch() -> dict:
-    return {"input_ids": torch.zeros(1, 2, dtype=torch.long), "labels": torch.full((1, 2), IGNORE),
-            "position_ids": torch.arange(2).unsqueeze(0)}
-
-
-def _all_reduce(t: torch.Tensor, device, op=None) -> torch.Tensor:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return t
-    # nccl needs device tensors; float64 keeps token counts exact.
-    x = t.to(device, copy=True)
-    dist.all_reduce(x, op=op or dist.ReduceOp.SUM)
-    return x.cpu()
-
-
-def _grad_norm(engine) -> float | None:
-    g = engine.get_global_grad_norm()
-    return None if g is None else float(g)
-
-
-# ==================================================================== logging
-class Metrics:
-    """Console (progress bar + a line every --logging_steps), TensorBoard and a JSON-lines
-    log (OUTPUT_DIR/train_log.jsonl), on rank 0 only."""
-
-    def __init__(self, args, rank: int, start_step: int):
-        self.enabled = rank == 0
-        self.every = args.logging_steps
-        self.bar = self.tb = self.jsonl = None
-        if not self.enabled:
-            return
-        from tqdm import tqdm
-        self.bar = tqdm(total=args.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
-                        disable=not sys.stderr.isatty())
-        if args.report_to == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(Path(args.output_dir) / "runs"))
-        self.jsonl = open(Path(args.output_dir) / "train_log.jsonl", "a")
-
-    def step(self, step: int, m: dict) -> None:
-        if not self.enabled:
-            return
-        self._write({"step": step, **m})
-        for k in ("loss", "lr", "grad_norm", "tokens_per_s", "trained_tokens"):
-            if self.tb is not None and m.get(k) is not None:
-                self.tb.add_scalar(f"train/{k}", m[k], step)
-        self.bar.update(1)
-        self.bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", refresh=False)
-        if step % self.every == 0 or step == 1:
-            gn = "-" if m["grad_norm"] is None else f"{m['grad_norm']:.3f}"
-            self._print(f"step {step}  loss {m['loss']:.4f}  lr {m['lr']:.3e}  grad_norm {gn}  "
-                        f"tokens/s {m['tokens_per_s']:.0f}  trained_tokens {m['trained_tokens']:,}")
-
-    def eval(self, step: int, m: dict) -> None:
-        if not self.enabled:
-            return
-        self._write({"step": step, **m})
-        if self.tb is not None:
-            self.tb.add_scalar("eval/loss", m["eval_loss"], step)
-        self._print(f"step {step}  eval_loss {m['eval_loss']:.4f}  ({m['eval_tokens']:,} tokens)")
-
-    def _write(self, rec: dict) -> None:
-        self.jsonl.write(json.dumps(rec) + "\n")
-        self.jsonl.flush()
-
-    def _print(self, line: str) -> None:
-        if self.bar is not None and not self.bar.disable:
-            self.bar.write(line)
-        else:
-            log.info(line)
-
-    def close(self) -> None:
-        if not self.enabled:
-            return
-        self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        self.jsonl.close()
-
-
-# ==================================================================== assembly
-def setup_distributed() -> tuple[int, int, int]:
+# ==================================================================== setup
+def setup_distributed(timeout_s: int) -> tuple[int, int, int]:
     """Rank, world size, local rank. A plain `python -m train` is a world of one: give
     DeepSpeed the env a launcher would (else it looks for MPI)."""
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import importlib
+
     import deepspeed
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        # One process reduces nothing: skip JIT-compiling the shm comm op (~30-100 s on first use).
+        # (by sys.modules: the package attribute `deepspeed.comm.torch` is torch itself)
+        importlib.import_module("deepspeed.comm.torch")
+        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        deepspeed.init_distributed()  # nccl on GPU, gloo on CPU
+        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))  # nccl / gloo
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 
@@ -243,6 +84,12 @@ def setup_logging(rank: int) -> None:
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns that it guessed
+    # warnings: one line each, once, without the source line
+    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {cat.__name__}: " + \
+        " ".join(str(msg).split()) + "\n"
+    warnings.simplefilter("once")
 
 
 def seed_everything(seed: int) -> None:
@@ -261,27 +108,34 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def init_engine(model, ds_config: dict, args, warmup: int):
+def init_engine(model, ds_config: dict, cfg, warmup: int):
     import deepspeed
-    groups = param_groups(model, args.weight_decay)
+    groups = param_groups(model, cfg.weight_decay)
     optimizer = None
     if "optimizer" not in ds_config:  # a torch optimizer needs no JIT-compiled op
-        optimizer = torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                      eps=args.adam_epsilon, weight_decay=args.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                      eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
 
     def scheduler(opt):
-        return build_scheduler(opt, learning_rate=args.learning_rate, min_lr=args.min_lr,
-                               max_steps=args.max_steps, warmup=warmup)
-
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
-                                      lr_scheduler=scheduler, config=ds_config)
+        return build_scheduler(opt, learning_rate=cfg.learning_rate, min_lr=cfg.min_lr,
+                               max_steps=cfg.max_steps, warmup=warmup, kind=cfg.lr_scheduler_type)
+    try:
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
+                                          lr_scheduler=scheduler, config=ds_config)
+    except Exception as e:
+        if type(e).__name__ != "ValidationError":
+            raise
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        raise TrainError(f"DeepSpeed config {cfg.deepspeed}: {e.title}.{where}: {first.get('msg')} "
+                         f"(got {first.get('input')!r})") from None
     return engine
 
 
 @dataclass
 class Plan:
-    """Everything decided before any process group exists (so bad inputs fail fast, and
-    identically, on every rank)."""
+    """Everything decided before any process group exists."""
+    cfg: object
     out: Path
     resume: Path | None
     tok_dir: str
@@ -289,121 +143,160 @@ class Plan:
     config: object
     ds_config: dict
     zero_stage: int
-    warmup: int
-    lock_path: Path | None  # None: built from --train_data_file once ranks can talk
+    lock_path: Path | None  # None: built once ranks can talk
+    universal: bool = False
 
 
-def prepare(args, world_size: int) -> Plan:
-    out = Path(args.output_dir)
-    if args.mixture and not Path(args.mixture).is_file():
-        raise TrainError(f"--mixture {args.mixture}: no such lock file (build one with "
-                         "`python -m pipeline build MANIFEST`)")
-    for flag in ("model_name_or_path", "model_config", "tokenizer_name_or_path", "train_data_file"):
-        if getattr(args, flag) and not Path(getattr(args, flag)).exists():
-            raise TrainError(f"--{flag} {getattr(args, flag)}: no such file or directory")
+def check_output_dir(cfg, out: Path) -> None:
+    """A finished or checkpointed run in OUTPUT_DIR is not silently overwritten."""
+    done = [f for f in ("train_log.jsonl", "latest", "model.safetensors", "adapter_model.safetensors")
+            if (out / f).exists()]
+    if not done or cfg.resume_from_checkpoint:
+        return
+    if not cfg.overwrite_output_dir:
+        raise TrainError(f"--output_dir {out} already holds a run ({', '.join(done)}): pass "
+                         "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to start "
+                         "afresh, or another --output_dir")
+    for p in out.iterdir():
+        if p.name == "data":  # built data (and its cache) is reusable
+            continue
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    log.info("--overwrite_output_dir: removed the previous run in %s", out)
 
+
+def prepare(cfg, world_size: int, build) -> Plan:
+    out = Path(cfg.output_dir)
+    for flag in ("model_name_or_path", "model_config", "tokenizer_name_or_path", "train_data_file",
+                 "dataset_dir"):
+        if getattr(cfg, flag) and not Path(getattr(cfg, flag)).exists():
+            raise TrainError(f"--{flag} {getattr(cfg, flag)}: no such file or directory")
+    if int(os.environ.get("RANK", 0)) == 0:
+        check_output_dir(cfg, out)
     resume = None
-    if args.resume_from_checkpoint:
-        probe = Checkpointer(out, rank=0, world_size=world_size, save_total_limit=None,
-                             tokenizer=None, tokenizer_dir=None)
-        resume = probe.resolve(args.resume_from_checkpoint)
+    probe = Checkpointer(out, rank=0, world_size=world_size, save_total_limit=None, tokenizer=None,
+                         tokenizer_dir=None)
+    if cfg.resume_from_checkpoint:
+        resume = probe.resolve(cfg.resume_from_checkpoint)
         if resume is None:
             log.warning("--resume_from_checkpoint latest: no checkpoint in %s yet; starting from scratch", out)
-    if resume is None and not (args.model_name_or_path or args.model_config):
+    if resume is None and not (cfg.model_name_or_path or cfg.model_config):
         raise TrainError("give the model: --model_name_or_path DIR or --model_config JSON")
 
+    lock_path, lock = None, None
+    if build is None:
+        lock_path = Path(cfg.mixture)
+        lock = read_lock_once(lock_path)
     # Tokenizer: explicit, else the model dir's (or checkpoint's), else the lock's.
-    tok_dir = args.tokenizer_name_or_path or _model_tokenizer_dir(args, resume)
-    if tok_dir is None and args.mixture:
-        tok_dir = (json.loads(Path(args.mixture).read_text()).get("tokenizer") or {}).get("path")
+    tok_dir = cfg.tokenizer_name_or_path or _model_tokenizer_dir(cfg, resume)
+    if tok_dir is None and lock is not None:
+        tok_dir = (lock.get("tokenizer") or {}).get("path")
     if tok_dir is None:
         raise TrainError("no tokenizer: pass --tokenizer_name_or_path")
-    tokenizer = load_tokenizer(tok_dir, args.trust_remote_code)
-    lock_path = None
-    if args.mixture:
-        lock_path = resolve_lock(args, tok_dir, tokenizer, rank=0)
-        check_tokenizer(json.loads(lock_path.read_text()), tok_dir, tokenizer, args.allow_tokenizer_mismatch)
+    tokenizer = load_tokenizer(tok_dir, cfg.trust_remote_code)
+    if lock is not None:
+        check_tokenizer(lock, tok_dir, tokenizer, cfg.allow_tokenizer_mismatch)
 
-    config = load_config(args, fallback_dir=str(resume) if resume else None, vocab_size=len(tokenizer))
-    ds_config = resolve_ds_config(args, load_ds_config(args.deepspeed), world_size=world_size,
-                                  hidden_size=int(getattr(config, "hidden_size", 1024)))
+    config = load_config(cfg, fallback_dir=str(resume) if resume else None, vocab_size=len(tokenizer))
     from deepspeed.accelerator import get_accelerator
     acc = get_accelerator()
+    if cfg.fp16 and not acc.is_fp16_supported():
+        log.warning("fp16 is not supported on this %s device: training in %s (the seed scripts' --fp16 is "
+                    "for GPUs)", acc.device_name(), "bf16" if cfg.bf16 else "fp32")
+        cfg = cfg.replace(fp16=False)
+    cfg, ds_config = resolve_ds_config(cfg, load_ds_config(cfg.deepspeed), world_size=world_size,
+                                       hidden_size=int(getattr(config, "hidden_size", 1024)))
     for name, ok in (("fp16", acc.is_fp16_supported()), ("bf16", acc.is_bf16_supported())):
-        if getattr(args, name) and not ok:
+        if getattr(cfg, name) and not ok:
             raise TrainError(f"{name} (from --{name} or the DeepSpeed config) is not supported on this "
                              f"{acc.device_name()} device; use {'--bf16 or ' if name == 'fp16' else ''}fp32")
-    warmup = warmup_steps_for(args.max_steps, args.warmup_ratio, args.warmup_steps)
-    try:
-        check_schedule(args.learning_rate, args.min_lr, args.max_steps, warmup)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
     zero_stage = int(ds_config["zero_optimization"].get("stage", 0))
+    universal = False
     if resume is not None:
-        Checkpointer(out, rank=0, world_size=world_size, save_total_limit=None, tokenizer=None,
-                     tokenizer_dir=None).check_resumable(resume, zero_stage)
-    return Plan(out, resume, tok_dir, tokenizer, config, ds_config, zero_stage, warmup, lock_path)
+        state = probe.check_resumable(resume, zero_stage, allow_universal=zero_stage == 3)
+        if state["world_size"] != world_size and zero_stage == 3:
+            universal = True
+            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+    for note in cfg.notes:
+        log.info("note: %s", note)
+    return Plan(cfg, out, resume, tok_dir, tokenizer, config, ds_config, zero_stage, lock_path, universal)
 
 
-def run(args) -> str:
+def run(cfg, build=None) -> str:
     setup_logging(int(os.environ.get("RANK", 0)))
-    plan = prepare(args, world_size=int(os.environ.get("WORLD_SIZE", 1)))
-    rank, world_size, _ = setup_distributed()
-    seed_everything(args.seed)
+    plan = prepare(cfg, int(os.environ.get("WORLD_SIZE", 1)), build)
+    cfg = plan.cfg
+    rank, world_size, _ = setup_distributed(cfg.ddp_timeout)
+    seed_everything(cfg.seed)
     out, zero_stage = plan.out, plan.zero_stage
     out.mkdir(parents=True, exist_ok=True)
 
     lock_path = plan.lock_path
-    if lock_path is None:  # --train_data_file: rank 0 builds, the others wait
-        lock_path = resolve_lock(args, plan.tok_dir, plan.tokenizer, rank=rank)
-        check_tokenizer(json.loads(lock_path.read_text()), plan.tok_dir, plan.tokenizer,
-                        args.allow_tokenizer_mismatch)
-    lock = json.loads(lock_path.read_text())
-    seq_len = args.max_seq_length or int(lock["max_length"])
-    if args.max_seq_length and args.max_seq_length < int(lock["max_length"]):
+    if lock_path is None:  # rank 0 builds through the pipeline (train/__main__.py), the others wait
+        lock_path, lock = resolve_lock(cfg, plan.tok_dir, plan.tokenizer, rank=rank, build=build)
+        check_tokenizer(lock, plan.tok_dir, plan.tokenizer, cfg.allow_tokenizer_mismatch)
+    else:
+        lock = read_lock_once(lock_path)
+    seq_len = cfg.max_seq_length or int(lock["max_length"])
+    if cfg.max_seq_length and cfg.max_seq_length < int(lock["max_length"]):
         log.warning("--max_seq_length %d < the lock's max_length %d: longer samples go through their "
-                    "overflow policy", args.max_seq_length, lock["max_length"])
-    train_stream, eval_stream = make_streams(args, lock_path, seq_len, rank=rank, world_size=world_size)
+                    "overflow policy", cfg.max_seq_length, lock["max_length"])
+    train_stream, eval_stream = make_streams(cfg, lock_path, seq_len, rank=rank, world_size=world_size)
+    check_validation_split(cfg, train_stream, wants_eval=bool(cfg.do_eval or cfg.eval_steps))
+    if cfg.eval_strategy == "no":
+        eval_stream = None
+    if cfg.max_steps is None:
+        cfg = cfg.replace(max_steps=steps_for_epochs(cfg, lock, train_stream, seq_len, world_size))
+    warmup = warmup_steps_for(cfg.max_steps, cfg.warmup_ratio, cfg.warmup_steps)
+    try:
+        check_schedule(cfg.learning_rate, cfg.min_lr, cfg.max_steps, warmup)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    # per-dataset metrics are per task (FM9G's tensorboard_all_tasks): datasets may share one
+    names = list(dict.fromkeys(ds.task for ds in train_stream.datasets))
+    task_of = torch.tensor([names.index(ds.task) for ds in train_stream.datasets], dtype=torch.long)
 
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
     hf_ds = None
     if zero_stage == 3:  # transformers then builds/loads the model partitioned (zero.Init)
         from transformers.integrations import HfDeepSpeedConfig
         hf_ds = HfDeepSpeedConfig(plan.ds_config)  # kept alive: transformers holds a weakref
     try:
         # From scratch: initialise in fp32 (DeepSpeed casts); pretrained: load in the train dtype.
-        model = build_model(args, plan.config, plan.tokenizer, zero_stage=zero_stage,
-                            dtype=dtype if args.model_name_or_path else torch.float32)
+        model = build_model(cfg, plan.config, plan.tokenizer, zero_stage=zero_stage,
+                            dtype=dtype if cfg.model_name_or_path else torch.float32)
         use_varlen = getattr(plan.config, "_attn_implementation", None) == "flash_attention_2"
-        engine = init_engine(model, plan.ds_config, args, plan.warmup)
-
-        checkpointer = Checkpointer(out, rank=rank, world_size=world_size, save_total_limit=args.save_total_limit,
+        engine = init_engine(model, plan.ds_config, cfg, warmup)
+        checkpointer = Checkpointer(out, rank=rank, world_size=world_size, save_total_limit=cfg.save_total_limit,
                                     tokenizer=plan.tokenizer, tokenizer_dir=plan.tok_dir,
-                                    model_dir=args.model_name_or_path)
+                                    model_dir=cfg.model_name_or_path)
         if rank == 0:
-            _write_run_files(out, args, plan.ds_config, lock_path, plan.warmup, seq_len)
-        loader = train_stream.loader(num_workers=args.num_workers)
+            _write_run_files(out, cfg, plan.ds_config, lock_path, warmup, seq_len)
+        loader = train_stream.loader(num_workers=cfg.num_workers)
         state = TrainState()
+        parts = {"trainer": state, "stream": loader, "rng": RNGState()}
         if plan.resume is not None:
-            saved = checkpointer.load(engine, plan.resume, loader, zero_stage=zero_stage)
-            state = TrainState(saved["step"], saved.get("trained_tokens", 0), saved.get("tokens", 0))
-            if saved.get("max_steps") not in (None, args.max_steps):
+            load_dir = None
+            if plan.universal:
+                from .universal import to_universal
+                load_dir = to_universal(plan.resume, rank=rank)
+            checkpointer.load(engine, plan.resume, parts, zero_stage=zero_stage, load_dir=load_dir)
+            if state.saved.get("max_steps") not in (None, cfg.max_steps):
                 log.warning("--max_steps changed from %s to %d: the lr schedule changes shape",
-                            saved["max_steps"], args.max_steps)
-        state.extra = {"max_steps": args.max_steps, "seq_len": seq_len}
+                            state.saved["max_steps"], cfg.max_steps)
+        state.extra = {"max_steps": cfg.max_steps, "seq_len": seq_len}
 
         log.info("training %d steps: %d ranks × %d micro-batches × %d rows × %d tokens, ZeRO-%d, %s",
-                 args.max_steps, world_size, args.gradient_accumulation_steps,
-                 args.per_device_train_batch_size, seq_len, zero_stage,
-                 "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")
-        metrics = Metrics(args, rank, state.step)
+                 cfg.max_steps, world_size, cfg.gradient_accumulation_steps,
+                 cfg.per_device_train_batch_size, seq_len, zero_stage,
+                 "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32")
+        metrics = Metrics(cfg, rank, state.step)
         try:
-            why = train(engine, loader, eval_stream, checkpointer, metrics, args, state,
-                        world_size=world_size, use_varlen=use_varlen)
+            why = train(engine, loader, eval_stream, checkpointer, metrics, cfg, state, parts,
+                        world_size=world_size, use_varlen=use_varlen, names=names, task_of=task_of)
             if why == "exhausted" and eval_stream is not None:
-                metrics.eval(state.step, evaluate(engine, eval_stream, args.max_eval_batches, use_varlen))
+                metrics.eval(state.step, evaluate(engine, eval_stream, cfg.max_eval_batches, use_varlen, names, task_of))
             if why != "stopped":
-                checkpointer.save_final(engine, out, is_lora=args.use_lora, zero_stage=zero_stage)
+                checkpointer.save_final(engine, out, is_lora=cfg.use_lora, zero_stage=zero_stage)
         finally:
             metrics.close()
     finally:
@@ -413,16 +306,16 @@ def run(args) -> str:
     return why
 
 
-def _model_tokenizer_dir(args, resume: Path | None) -> str | None:
-    for d in (args.model_name_or_path, str(resume) if resume else None):
+def _model_tokenizer_dir(cfg, resume: Path | None) -> str | None:
+    for d in (cfg.model_name_or_path, str(resume) if resume else None):
         if d and any((Path(d) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             return d
     return None
 
 
-def _write_run_files(out: Path, args, ds_config: dict, lock_path: Path, warmup: int, seq_len: int) -> None:
+def _write_run_files(out: Path, cfg, ds_config: dict, lock_path: Path, warmup: int, seq_len: int) -> None:
     """What this run was: resolved flags, resolved DeepSpeed config, and the lock itself."""
-    flags = {k: v for k, v in sorted(vars(args).items()) if k not in ("explicit", "local_rank")}
+    flags = {k: v for k, v in sorted(cfg.as_dict().items()) if k not in ("explicit", "local_rank", "notes")}
     flags.update(resolved_warmup_steps=warmup, resolved_seq_len=seq_len)
     (out / "train_args.json").write_text(json.dumps(flags, indent=2, default=str) + "\n")
     (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
@@ -434,4 +327,3 @@ def finish() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
