@@ -106,6 +106,28 @@ def test_smoothing_is_llama_factory_ema():
     assert smooth([]) == []
 
 
+def test_trainer_log_shape(tmp_path):
+    """The trainer's own per-dataset shape: "trained_tokens" and, in eval lines, "datasets" with
+    eval_-prefixed keys; a dataset with no tokens in a step (loss None) has no point there."""
+    out = tmp_path / "run"
+    out.mkdir()
+    lines = [{"step": 1, "loss": 3.0, "lr": 1e-3,
+              "datasets": {"a": {"samples": 2, "trained_tokens": 10, "loss": 3.5},
+                           "b": {"samples": 0, "trained_tokens": 0, "loss": None}}},
+             {"step": 2, "loss": 2.0, "lr": 1e-3,
+              "datasets": {"a": {"samples": 1, "trained_tokens": 5, "loss": 2.5},
+                           "b": {"samples": 1, "trained_tokens": 4, "loss": 1.5}}},
+             {"step": 2, "eval_loss": 2.2, "eval_tokens": 9,
+              "datasets": {"a": {"eval_samples": 1, "eval_trained_tokens": 6, "eval_loss": 2.4},
+                           "b": {"eval_samples": 1, "eval_trained_tokens": 3, "eval_loss": 1.8}}}]
+    (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    c = curves(out)
+    assert c["datasets"] == {"a": ([1, 2], [3.5, 2.5]), "b": ([2], [1.5])}
+    assert c["eval_datasets"] == {"a": ([2], [2.4]), "b": ([2], [1.8])}
+    assert c["eval_loss"] == ([2], [2.2])
+    _is_png(plot_run(out))
+
+
 def test_overall_loss_when_log_has_no_datasets(tmp_path):
     out, lines = _log(tmp_path, with_datasets=False)
     c = curves(out)
