@@ -118,12 +118,33 @@ def plan_dataset(spec: DatasetSpec, mixture: Mixture, tok, template, cache: Path
                       tokenizer_sha256=tok.sha256, max_length=mixture.max_length,
                       overflow=spec.overflow, loss=loss, txt_paragraphs=paragraphs,
                       shard_tokens=target)
+    check_name(spec.dataset_name, cache)
     entry = CacheEntry(cache, spec.dataset_name, key)
     job = DatasetJob(spec.dataset_name, fmt, tok.path, mixture.template, mixture.max_length,
                      spec.overflow, loss, spec.transforms, mixture.seed, on_error, str(entry.partial),
                      trust_remote_code=mixture.trust_remote_code)
     return DatasetPlan(spec, entry, job, sources, units, shard_tokens=target,
                        transform_sha256=transform_sha)
+
+
+_ENTRY_SUFFIX = "-0123456789abcdef.partial.lock"  # the longest name a key adds (also ".old-<pid>")
+
+
+def check_name(name: str, cache: Path) -> None:
+    """A dataset_name the manifest schema accepts but the filesystem cannot hold as a dir name
+    (too long, a character with no file-name encoding) → one line naming the dataset."""
+    try:
+        encoded = os.fsencode(name)
+    except UnicodeEncodeError as e:
+        raise BuildError(f"dataset {name!r}: dataset_name cannot be a file name here "
+                         f"({e.reason}: {name[e.start:e.end]!r}); rename it in the manifest") from None
+    try:
+        limit = os.pathconf(cache, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    if len(encoded) + len(_ENTRY_SUFFIX) > limit:
+        raise BuildError(f"dataset {name!r}: dataset_name too long for the filesystem "
+                         f"({len(encoded)} bytes; at most {limit - len(_ENTRY_SUFFIX)} under {cache})")
 
 
 def check_sources_unchanged(plan: DatasetPlan) -> None:

@@ -9,8 +9,10 @@ def print_summary(lock_path, plans, warnings) -> None:
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
+
+    from .inspect import safe  # names from a manifest: no raw control characters on the terminal
     title = f"tokenmill build → {lock_path}" if lock_path else "tokenmill build (no lock written)"
-    table = Table(title=escape(title))
+    table = Table(title=escape(safe(title)))
     for c, j in (("dataset", "left"), ("status", "left"), ("samples", "right"), ("tokens", "right"),
                  ("trained", "right"), ("skipped", "right"), ("truncated", "right"), ("encoder", "left"),
                  ("dir", "left")):
@@ -20,10 +22,10 @@ def print_summary(lock_path, plans, warnings) -> None:
         table.add_column("template check", justify="left")
     for p, check in zip(plans, checks):
         m = p.meta
-        row = [escape(p.spec.dataset_name), "built" if p.status == "build" else "reused",
+        row = [escape(safe(p.spec.dataset_name)), "built" if p.status == "build" else "reused",
                f"{m['n_samples']:,}", f"{m['n_tokens']:,}", f"{m['n_loss_tokens']:,}",
                str(sum(m["skipped"].values())), str(m["truncated_samples"]),
-               m["build"].get("encoder", ""), p.entry.final.name]
+               m["build"].get("encoder", ""), escape(safe(p.entry.final.name))]
         if any(checks):
             row.append(check.short if check else "")
         table.add_row(*row)
@@ -31,16 +33,16 @@ def print_summary(lock_path, plans, warnings) -> None:
     console.print(table)
     for p in plans:  # why the fast path was or was not used (pipeline/encoders.py)
         if p.status == "build" and p.encoder_note:
-            console.print(f"encoder for {escape(p.spec.dataset_name)}: {escape(p.encoder_note)}",
+            console.print(f"encoder for {escape(safe(p.spec.dataset_name))}: {escape(p.encoder_note)}",
                           highlight=False)
     for p in plans:  # why records were set aside, and where they are listed
         skipped = p.meta["skipped"]
         if skipped:
             reasons = ", ".join(f"{r} {n:,}" for r, n in skipped.items())
             where = f" (listed in {p.entry.final / 'rejects.jsonl'})" if p.meta.get("rejects") else ""
-            console.print(escape(f"skipped in {p.spec.dataset_name}: {reasons}{where}"), highlight=False)
+            console.print(escape(safe(f"skipped in {p.spec.dataset_name}: {reasons}{where}")), highlight=False)
     for w in warnings:
         if w.startswith("note: "):
-            console.print(escape(w), highlight=False)
+            console.print(escape(safe(w)), highlight=False)
         else:
-            console.print(f"[yellow]warning:[/yellow] {escape(w)}", highlight=False)
+            console.print(f"[yellow]warning:[/yellow] {escape(safe(w))}", highlight=False)

@@ -225,14 +225,22 @@ def test_broken_transform_is_one_error_naming_the_record(tmp_path, kind, on_erro
         assert "bad.py" in "\n".join(r.stderr.splitlines()[1:])  # the script's traceback below
 
 
-def test_dataset_name_too_long_for_the_filesystem(tmp_path):
+@pytest.mark.parametrize("name,why", [("n" * 300, "too long"), ("a\ud800b", "cannot be a file name")])
+def test_dataset_name_the_filesystem_refuses(tmp_path, name, why):
     write_texts(tmp_path / "x.jsonl", ["hello world"])
-    name = "n" * 300
     mix = manifest(tmp_path, [{"dataset_name": name, "path": "x.jsonl"}])
     r = cli("build", mix, "--out", str(tmp_path / "out"), "--workers", "1")
     assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
     (line,) = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert line.startswith("error: ") and name in line and "too long" in line
+    assert line.startswith("error: ") and repr(name) in line and why in line
+
+
+def test_control_characters_in_a_dataset_name_do_not_reach_the_terminal(tmp_path):
+    write_texts(tmp_path / "x.jsonl", ["hello world"])
+    mix = manifest(tmp_path, [{"dataset_name": "ok\x1b[2Jname", "path": "x.jsonl"}])
+    r = cli("build", mix, "--out", str(tmp_path / "out"), "--workers", "1")
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "ok\\x1b[2Jname" in r.stdout
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
