@@ -129,3 +129,14 @@ def test_cache_list_and_gc(tmp_path, sample_tokenizer):
     gc = subprocess.run([sys.executable, "-m", "pipeline", "cache", "gc", "--cache", str(cache),
                          "--keep", str(lock), "--older-than", "0"], cwd=ROOT, capture_output=True, text=True)
     assert gc.returncode == 0 and {d.name for d in cache.iterdir() if d.is_dir()} == kept
+
+
+def test_shard_target_size_is_part_of_the_key():
+    from pipeline.cache import dataset_key
+    base = dict(sources=[{"name": "a.jsonl", "bytes": 10, "hash": "h"}], format="text", transform_sha256=None,
+                seed=1, template_sha256="t", tokenizer_sha256="k", max_length=256, overflow="segment",
+                loss="assistant", txt_paragraphs=False)
+    keys = {dataset_key(**base), dataset_key(**base, shard_tokens=1 << 30), dataset_key(**base, shard_tokens=1 << 20)}
+    assert len(keys) == 3
+    assert dataset_key(**base, shard_tokens=1 << 20) == dataset_key(**base, shard_tokens=1 << 20)
+    assert dataset_key(**base, seed=2) == dataset_key(**base)  # without a transform the seed changes nothing
