@@ -139,4 +139,4 @@ def test_shard_target_size_is_part_of_the_key():
     keys = {dataset_key(**base), dataset_key(**base, shard_tokens=1 << 30), dataset_key(**base, shard_tokens=1 << 20)}
     assert len(keys) == 3
     assert dataset_key(**base, shard_tokens=1 << 20) == dataset_key(**base, shard_tokens=1 << 20)
-    assert dataset_key(**base, seed=2) == dataset_key(**base)  # without a transform the seed changes nothing
+    assert dataset_key(**{**base, "seed": 2}) == dataset_key(**base)  # without a transform the seed changes nothing
