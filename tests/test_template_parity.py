@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from collections import Counter
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -52,10 +54,12 @@ PAIRS = {
     "qwen2.5/tokenizer": ("qwen2.5-family-internvl2_5-1b", "tokenizer", None),
     # the same, data text encoded by the tiktoken fast path (stages/fast_bpe.py)
     "qwen2.5-tiktoken/tokenizer": ("qwen2.5-family-internvl2_5-1b", "tokenizer", None),
-    "mistral-sp/chatml": ("mistral-sentencepiece", "chatml", None),
+    # Mistral's SentencePiece tokenizer with ChatML's control tokens added (as a user fine-tuning it on
+    # ChatML does; on the plain Mistral tokenizer chatml is refused: <|im_end|> is not a token of it)
+    "mistral-sp+im/chatml": ("mistral-sentencepiece", "chatml", None),
     "hunyuan-tiktoken/hunyuan": ("hunyuan-a13b", "hunyuan", "tokenizer"),
 }
-EOT = {"qwen2.5/tokenizer": "<|im_end|>", "qwen2.5-tiktoken/tokenizer": "<|im_end|>", "mistral-sp/chatml": "<|im_end|>", "hunyuan-tiktoken/hunyuan": "<|eos|>"}
+EOT = {"qwen2.5/tokenizer": "<|im_end|>", "qwen2.5-tiktoken/tokenizer": "<|im_end|>", "mistral-sp+im/chatml": "<|im_end|>", "hunyuan-tiktoken/hunyuan": "<|eos|>"}
 
 pytestmark = pytest.mark.skipif(not (C.is_dir() and T.is_dir()), reason="../shared corpora/tokenizers absent")
 
@@ -78,7 +82,7 @@ def load_records(name: str, limit: int | None = None) -> tuple[list[dict], Count
 
 def adjust(pair: str, name: str, records: list[dict]) -> tuple[list[dict], str]:
     """Where a pair cannot take a dataset as is, say so and adapt it the way a user would."""
-    if name == "reason_tool_use" and pair != "mistral-sp/chatml":
+    if name == "reason_tool_use" and pair != "mistral-sp+im/chatml":
         # Qwen2.5's template has no place for reasoning (the renderer refuses to drop it), and
         # A13B's template (the Hunyuan reference) ignores it: compare without reasoning
         return [dict(r, messages=[{k: v for k, v in m.items() if k != "reasoning_content"}
@@ -86,9 +90,20 @@ def adjust(pair: str, name: str, records: list[dict]) -> tuple[list[dict], str]:
     return records, ""
 
 
+@lru_cache(maxsize=1)
+def with_chatml_tokens(tok_dir: str) -> str:
+    """The tokenizer with <|im_start|> and <|im_end|> added as special tokens (a temporary dir)."""
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(str(T / tok_dir))
+    hf.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    out = tempfile.mkdtemp(prefix="tokenmill-parity-")
+    hf.save_pretrained(out)
+    return out
+
+
 def renderer_for(pair: str) -> tuple[Renderer, object]:
     tok_dir, template, reference = PAIRS[pair]
-    tok = load_tokenizer(str(T / tok_dir))
+    tok = load_tokenizer(with_chatml_tokens(tok_dir) if "+im/" in pair else str(T / tok_dir))
     if "tiktoken/" in pair and tok.kind == "hf":
         tok = tok.with_fast_bpe()
     r = Renderer(tok, resolve_template(template, tok))
