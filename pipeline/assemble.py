@@ -53,6 +53,7 @@ class _Totals:
         self.sums = dict.fromkeys(self.SUMS, 0)
         self.records, self.samples = stats.LengthCounts(), stats.LengthCounts()
         self.skipped: dict[str, int] = {}
+        self.notes: dict[str, int] = {}
         self.first = None
 
     def add(self, s: dict):
@@ -62,6 +63,8 @@ class _Totals:
         self.samples.add(s["sample_lengths"])
         for k, v in s["skipped"].items():
             self.skipped[k] = self.skipped.get(k, 0) + v
+        for k, v in s.get("render_notes", {}).items():
+            self.notes[k] = self.notes.get(k, 0) + v
         if self.first is None and s["first_record"] is not None:
             self.first = s["first_record"]
 
@@ -131,6 +134,7 @@ def make_meta(plan, totals: _Totals, shards: list[dict], tok, template, mixture,
         "truncated_samples": t["truncated_samples"],
         "truncated_tokens": t["truncated_tokens"],
         "dropped_tokens": t["dropped_tokens"],
+        "render_notes": dict(sorted(totals.notes.items())),  # records a layout rule decided for
         "shards": shards,
     }
     assert list(meta)[:len(FM9G_KEYS)] == list(FM9G_KEYS)

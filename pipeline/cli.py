@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="mark spans with colours (default: auto, when stdout is a terminal)")
     s.add_argument("--template", help="the .jinja file the dataset was built with, to label spans "
                                       "(meta.json keeps only its name and sha256)")
+    s.add_argument("--transform", metavar="FILE.py",
+                   help="the transform script the dataset was built with, to label its spans (run only "
+                        "when named here; its sha256 must match meta.json)")
 
     c = sub.add_parser("cache", help="list or garbage-collect built datasets", parents=[par["where"]])
     c.add_argument("action", choices=("list", "gc"), help="list the cache, or remove unused dirs")
@@ -223,8 +226,10 @@ def _run(args) -> int:
     if args.cmd == "show":
         from .show import show
         color = {"auto": None, "always": True, "never": False}[args.color]
+        import inspect
+        extra = {"transform": args.transform} if "transform" in inspect.signature(show).parameters else {}
         return show(args.path, args.index, args.dataset, color, template=args.template,
-                    trust_remote_code=args.trust_remote_code)
+                    trust_remote_code=args.trust_remote_code, **extra)
     return _cache(args)
 
 

@@ -100,6 +100,9 @@ def inspect(path: str, plot: str | None = None, as_json: bool = False) -> int:
                           + escape(f" — format {safe(b.get('format'))}, template "
                                    f"{safe(m['template']['name'])}, max_length {b.get('max_length')}, "
                                    f"skipped {skipped}"))
+            if m.get("render_notes"):
+                console.print(escape("layout rules applied: " + ", ".join(
+                    f"{safe(k)} {v:,}" for k, v in m["render_notes"].items())), highlight=False)
             console.print("per record, before overflow (FM9G length_distribute):", highlight=False)
             console.print(record_buckets(m), markup=False, highlight=False)
             console.print("per sample, after overflow:", highlight=False)

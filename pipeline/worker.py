@@ -141,6 +141,7 @@ def process_unit(job: DatasetJob, unit: WorkUnit) -> dict:
                 acc.dropped_tokens += len(enc.ids)
                 continue
             acc.accept(rec, raw, len(enc.ids), samples, lost)
+            acc.render_notes.update(getattr(enc, "notes", ()))  # what the layout rules decided
         pending.clear()
 
     for rec, raw, canonical in canonical_records(job, unit):
@@ -171,6 +172,7 @@ class _Accumulator:
         self.record_lengths: list[int] = []  # full token length of each accepted record, pre-overflow
         self.truncated_samples = self.truncated_tokens = self.n_loss_tokens = 0
         self.dropped_tokens = 0  # tokens of records the overflow policy set aside whole
+        self.render_notes: Counter = Counter()  # stages.layouts.NOTES name -> accepted records
         self.first_record = None
 
     def reject(self, e: RecordError, rec: int):
@@ -227,6 +229,7 @@ class _Accumulator:
             "truncated_samples": int(self.truncated_samples),
             "truncated_tokens": int(self.truncated_tokens),
             "dropped_tokens": int(self.dropped_tokens),
+            "render_notes": dict(sorted(self.render_notes.items())),
             "record_tokens": int(sum(self.record_lengths)),
             "record_lengths": stats.length_counts(self.record_lengths),
             "sample_lengths": stats.length_counts(self.lengths),

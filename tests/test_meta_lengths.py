@@ -260,3 +260,17 @@ def test_disk_full_under_the_cache_is_one_line_and_no_valid_dir(tmp_path):
                     and (p / "meta.json").is_file()]
     finally:
         subprocess.run(["umount", str(cache)])
+
+
+def test_render_notes_count_what_the_layout_rules_decided(tmp_path):
+    """template none on a response that already ends with the EOS text: the EOS is not
+    appended twice, and meta.json counts the record under render_notes (issue 14)."""
+    (tmp_path / "a.jsonl").write_bytes(b'{"instruction": "hi", "input": "", "output": "hello<|im_end|>"}\n'
+                                       b'{"instruction": "hi", "input": "", "output": "plain"}\n')
+    mix = manifest(tmp_path, [{"dataset_name": "a", "path": "a.jsonl", "format": "alpaca",
+                               "overflow": "truncate"}], template="none")
+    _, (plan,), _ = build_mixture(mix, out=str(tmp_path / "out"), workers=1)
+    assert plan.meta["render_notes"] == {"eos_in_data": 1} and plan.meta["nlines"] == 2
+    eos = plan.meta["tokenizer"]["eos_id"]
+    first = shard_samples(plan.entry.final, plan.meta)[0][1]
+    assert first[-1] == eos and first[-2] != eos  # one EOS, not two
