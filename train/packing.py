@@ -52,19 +52,23 @@ def ranges_index(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
 
 
 def default_max_mapped() -> int:
-    """Shards mapped at once per process: TOKENMILL_MAX_MAPPED_SHARDS, else a quarter of the
-    open-file limit (each map holds one descriptor), at most 4096 (vm.max_map_count is
-    65530 by default, shared by every map of the process)."""
+    """Shards mapped at once per process: TOKENMILL_MAX_MAPPED_SHARDS, else half the open-file
+    limit (each map holds one descriptor) and half of vm.max_map_count (shared by every map
+    of the process), at most 32768."""
     env = os.environ.get("TOKENMILL_MAX_MAPPED_SHARDS")
     if env:
         return max(1, int(env))
     try:
         import resource
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        soft = 1 << 20 if soft == resource.RLIM_INFINITY else soft
     except (ImportError, OSError, ValueError):
         soft = 1024
-    soft = 1 << 20 if soft == getattr(__import__("resource"), "RLIM_INFINITY", -1) else soft
-    return max(8, min(4096, soft // 4))
+    try:
+        maps = int(open("/proc/sys/vm/max_map_count").read())
+    except (OSError, ValueError):
+        maps = 65530
+    return max(8, min(32768, soft // 2, maps // 2))
 
 
 _LIMIT_HELP = ("the process ran out of {what} ({err}); each mapped shard holds one file "
@@ -143,10 +147,11 @@ class Located:
     tokens: list
     lo: np.ndarray
     hi: np.ndarray
+    addr: np.ndarray | None = None  # address of each tokens array, when all share one dtype
 
     def take(self, idx) -> "Located":
         return Located(self.d[idx], self.i[idx], self.slot[idx], self.start[idx], self.n[idx],
-                       self.q0[idx], self.q1[idx], self.tokens, self.lo, self.hi)
+                       self.q0[idx], self.q1[idx], self.tokens, self.lo, self.hi, self.addr)
 
     @staticmethod
     def join(parts: list["Located"]) -> "Located":
@@ -193,7 +198,8 @@ class TokenStore:
         self._maps: dict[int, MappedShard] = {}
         self._checked: set[int] = set()
         ns = len(self.paths)
-        self._addr = np.zeros((3, ns), np.int64)  # offsets, loss_span_offsets, loss_spans
+        self._addr = np.zeros((4, ns), np.int64)  # offsets, loss_span_offsets, loss_spans, tokens
+        self._wide = np.zeros(ns, bool)  # tokens stored as uint32
         self._is_mapped = np.zeros(ns, bool)
         self._last_use = np.zeros(ns, np.int64)
         self._tick = 0
@@ -215,7 +221,9 @@ class TokenStore:
             self._is_mapped[g] = True
             self._addr[:, g] = (m.offsets.ctypes.data,
                                 m.lso.ctypes.data if m.spans is not None else 0,
-                                m.spans.ctypes.data if m.spans is not None else 0)
+                                m.spans.ctypes.data if m.spans is not None else 0,
+                                m.tokens.ctypes.data)
+            self._wide[g] = m.tokens.dtype == np.uint32
         self._last_use[uniq] = self._tick
         over = len(self._maps) - self.max_mapped
         if over > 0:
@@ -239,7 +247,9 @@ class TokenStore:
         a = self._addr[:, uniq]
         start, n, q0, q1, lo, hi = gather_samples(slot, j, a[0], a[1], a[2], _P64, _P32)
         tokens = [self._maps[g].tokens for g in uniq.tolist()]
-        loc = Located(d, i, slot, start, n, q0, q1, tokens, lo, hi)
+        wide = self._wide[uniq]
+        loc = Located(d, i, slot, start, n, q0, q1, tokens, lo, hi,
+                      a[3].copy() if len(uniq) and (wide.all() or not wide.any()) else None)
         if drop_empty and len(d) and not (loc.n > 0).all():
             loc = loc.take(np.flatnonzero(loc.n > 0))
         return loc
@@ -372,8 +382,13 @@ class PackedPieces:
         self.row_ptr, self.table, self.samples = packed_layout(
             order, rows, nrows, np.uint64(key or 0), key is not None, loc.d, loc.i, a, b,
             loc.slot, loc.start, loc.q0, loc.q1)
-        self.addr, self.proto, self._keep = token_table(loc.tokens) if loc.tokens else \
-            (np.zeros(0, np.int64), np.zeros(0, np.uint16), [])
+        if loc.addr is not None:  # one dtype: the maps' own addresses (loc.tokens keeps them)
+            self.addr, self._keep = loc.addr, loc.tokens
+            self.proto = np.zeros(0, loc.tokens[0].dtype)
+        elif loc.tokens:  # mixed dtypes: converted copies
+            self.addr, self.proto, self._keep = token_table(loc.tokens)
+        else:
+            self.addr, self.proto, self._keep = np.zeros(0, np.int64), np.zeros(0, np.uint16), []
         self.lo = np.ascontiguousarray(loc.lo, np.int32)
         self.hi = np.ascontiguousarray(loc.hi, np.int32)
 

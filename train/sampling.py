@@ -126,6 +126,7 @@ class MixtureSampler:
         self.bases = [int(v) for v in dataset_bases]
         self._n_arr = np.asarray(self.n, np.int64)
         self._bases_arr = np.asarray(self.bases, dtype=U64)
+        self._rep_arr = np.asarray(self.repeat, bool)
         self.seed_base = int(seed_base)
         # Draws are generated `block` at a time (a window of 1024 is mostly numpy call
         # overhead) into a look-ahead buffer; the public state below only counts what `draw`
@@ -135,26 +136,27 @@ class MixtureSampler:
 
     # -- state ---------------------------------------------------------------------------
     def snapshot(self) -> dict:
-        return {"draws": self.draws, "epoch": list(self.epoch), "pos": list(self.pos)}
+        return {"draws": self.draws, "epoch": self.epoch.tolist(), "pos": self.pos.tolist()}
 
     def restore(self, snap: dict) -> None:
         self.draws = int(snap["draws"])
-        self.epoch = [int(v) for v in snap["epoch"]]
-        self.pos = [int(v) for v in snap["pos"]]
+        self.epoch = np.array(snap["epoch"], np.int64).reshape(-1)
+        self.pos = np.array(snap["pos"], np.int64).reshape(-1)
         # the generator's own position (ahead of the public one by the buffered draws)
-        self._g_draws, self._g_epoch, self._g_pos = self.draws, list(self.epoch), list(self.pos)
+        self._g_draws, self._g_epoch, self._g_pos = self.draws, self.epoch.copy(), self.pos.copy()
         self._buf_d = self._buf_t = np.zeros(0, np.int64)
         self._buf_at = 0
 
-    def _active(self, pos) -> list[int]:
-        return [d for d, n in enumerate(self.n)
-                if n > 0 and self.probs[d] > 0 and (self.repeat[d] or pos[d] < n)]
+    def _active(self, pos) -> np.ndarray:
+        """Datasets still drawn from (vectorised: no Python loop over datasets)."""
+        return np.flatnonzero((self._n_arr > 0) & (self.probs > 0)
+                              & (self._rep_arr | (pos < self._n_arr)))
 
     def active(self) -> list[int]:
         return self._active(self.pos)
 
     def exhausted(self) -> bool:
-        return not self.active()
+        return len(self.active()) == 0
 
     # -- drawing -------------------------------------------------------------------------
     def draw(self, count: int) -> tuple[np.ndarray, np.ndarray]:
@@ -171,18 +173,18 @@ class MixtureSampler:
         self._buf_at = b
         d, t = self._buf_d[a:b], self._buf_t[a:b]
         self.draws += b - a
-        self._advance(self.epoch, self.pos, np.bincount(d, minlength=len(self.n)).tolist())
+        self._advance(self.epoch, self.pos, np.bincount(d, minlength=len(self.n)))
         return d, t
 
-    def _advance(self, epoch: list, pos: list, counts: list) -> None:
-        for d, c in enumerate(counts):
-            if c:
-                n, tot = self.n[d], pos[d] + c
-                if self.repeat[d]:
-                    epoch[d] += tot // n
-                    pos[d] = tot % n
-                else:
-                    pos[d] = tot
+    def _advance(self, epoch: np.ndarray, pos: np.ndarray, counts: np.ndarray) -> None:
+        """Move (epoch, pos) of every dataset by its draw count, in place."""
+        c = np.asarray(counts, np.int64)
+        tot = pos + c
+        rep = np.flatnonzero(self._rep_arr & (c > 0))
+        epoch[rep] += tot[rep] // self._n_arr[rep]
+        pos[rep] = tot[rep] % self._n_arr[rep]
+        once = np.flatnonzero(~self._rep_arr & (c > 0))
+        pos[once] = tot[once]
 
     def _generate(self, count: int) -> tuple[np.ndarray, np.ndarray]:
         """The next `count` draws from the generator's position (the buffer's end)."""
@@ -190,25 +192,23 @@ class MixtureSampler:
         remaining = int(count)
         epoch, pos = self._g_epoch, self._g_pos
         while remaining > 0:
-            active = self._active(pos)
-            if not active:
+            act = self._active(pos)
+            if len(act) == 0:
                 break
-            act = np.asarray(active, dtype=np.int64)
             cdf = np.cumsum(self.probs[act])
             cdf /= cdf[-1]
             choice = mixture_choices(U64(self.seed_base), self._g_draws, remaining, cdf, act)
             cut = remaining
-            for d in active:  # first draw that uses up a non-repeating dataset ends this chunk
-                if not self.repeat[d]:
-                    left = self.n[d] - pos[d]
-                    hit = np.flatnonzero(choice == d)
-                    if hit.size >= left:
-                        cut = min(cut, int(hit[left - 1]) + 1)
+            for d in act[~self._rep_arr[act]].tolist():  # first draw that uses up a
+                left = self.n[d] - int(pos[d])         # non-repeating dataset ends this chunk
+                hit = np.flatnonzero(choice == d)
+                if hit.size >= left:
+                    cut = min(cut, int(hit[left - 1]) + 1)
             choice = choice[:cut]
             counts = np.bincount(choice, minlength=len(self.n))
             t = permuted_positions(choice, np.asarray(pos, np.int64), np.asarray(epoch, np.int64),
                                    self._n_arr, self._bases_arr)
-            self._advance(epoch, pos, counts.tolist())
+            self._advance(epoch, pos, counts)
             out_d.append(choice)
             out_t.append(t)
             self._g_draws += cut
