@@ -63,6 +63,7 @@ def test_one_render_gives_the_prefix_renders_ids_and_spans(tok_path, template, t
         assert len(calls) <= min(turns, 4), "the bounds came from prefix renders, not the one render"
 
 
+@pytest.mark.slow
 def test_five_thousand_turns_render_in_linear_time():
     tok = load_tokenizer(str(QWEN))
     r = Renderer(tok, resolve_template("tokenizer", tok))
