@@ -619,3 +619,45 @@ def test_segments_place_every_piece_in_the_flat_batch(lock, mode):
             pos = b["position_ids"].numpy().reshape(-1)
             for _, a, e in seg.tolist():
                 assert np.array_equal(pos[a:e], np.arange(e - a))
+
+
+def test_mapped_shards_are_bounded_and_batches_unchanged(tmp_path, monkeypatch):
+    """At most TOKENMILL_MAX_MAPPED_SHARDS shard maps outside the window in use (least
+    recently used unmapped first); the batches do not depend on the bound."""
+    d = make_dataset(tmp_path, "many", np.random.default_rng(5).integers(1, 40, 300), n_shards=12)
+    lk = make_lock(tmp_path / "lock.json", [{"dir": d, "abs_weight": 1.0}])
+    free = take(MixtureStream(lk, 64, batch_size=2, pack_window=8).loader(), 40)
+    monkeypatch.setenv("TOKENMILL_MAX_MAPPED_SHARDS", "2")
+    s = MixtureStream(lk, 64, batch_size=2, pack_window=8)
+    it = iter(s.loader())
+    bounded = []
+    for _ in range(40):
+        bounded.append(next(it))
+        assert len(s._tokens()._maps) <= 8  # a window of 8 samples touches at most 8 shards
+    assert s._tokens().max_mapped == 2
+    assert_same(free, bounded)
+
+
+def test_running_out_of_file_descriptors_names_the_limit(tmp_path):
+    """A worker that cannot map a shard: a StreamError naming `ulimit -n` and the fix in the
+    parent, never a bare EOFError."""
+    d = make_dataset(tmp_path, "many", [5] * 64, n_shards=64)
+    lk = make_lock(tmp_path / "lock.json", [{"dir": d, "abs_weight": 1.0}])
+    code = f"""
+import resource, sys
+from train.stream import MixtureStream, StreamError
+s = MixtureStream({str(lk)!r}, 32, batch_size=2)
+import torch  # the DataLoader's own descriptors first
+resource.setrlimit(resource.RLIMIT_NOFILE, (40, 40))
+try:
+    next(iter(s.loader(num_workers=1)))
+except StreamError as e:
+    print("REFUSED", e)
+    sys.exit(3)
+"""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+               TOKENMILL_MAX_MAPPED_SHARDS="1000")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 3, (r.returncode, r.stdout, r.stderr[-2000:])
+    assert "ulimit -n" in r.stdout and "TOKENMILL_MAX_MAPPED_SHARDS" in r.stdout
