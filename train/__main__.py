@@ -99,8 +99,9 @@ def build_data(cfg, tokenizer_dir: str, tokenizer) -> Path:
     for w in warnings:
         log.warning("%s", w)
     lock = json.loads(Path(lock_path).read_text())
-    parts = [f"{d['task_name']} {d.get('n_samples', '?'):,} samples / {d.get('n_tokens', '?'):,} tokens"
-             if isinstance(d.get("n_samples"), int) else d["task_name"] for d in lock["datasets"]]
+    parts = [f"{d['dataset_name']} {d['nlines']:,} samples / {d['n_tokens']:,} tokens"
+             if isinstance(d.get("nlines"), int) and isinstance(d.get("n_tokens"), int) else d["dataset_name"]
+             for d in lock["datasets"]]
     log.info("built %s into %s: %d datasets (%s)", given, lock_path, len(parts), "; ".join(parts))
     return Path(lock_path)
 

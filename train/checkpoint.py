@@ -165,8 +165,8 @@ class Checkpointer:
 
     def check_resumable(self, ckpt: Path, zero_stage: int, allow_universal: bool = False) -> dict:
         """Fail before any model is built when DeepSpeed could not load the checkpoint. Another
-        world size: ZeRO-3 goes through DeepSpeed's universal checkpoint (train/universal.py);
-        ZeRO-1/2 conversion fails with this DeepSpeed on CPU (PLATFORM.md), so it is refused."""
+        world size goes through DeepSpeed's universal checkpoint (train/universal.py), whose
+        failed conversion is its own one-line refusal; without it, a ZeRO checkpoint is refused."""
         state = json.loads((ckpt / "trainer_state.json").read_text())
         if state["world_size"] != self.world_size and zero_stage > 0 and not allow_universal:
             raise TrainError(

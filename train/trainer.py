@@ -212,10 +212,12 @@ def prepare(cfg, world_size: int, build) -> Plan:
     zero_stage = int(ds_config["zero_optimization"].get("stage", 0))
     universal = False
     if resume is not None:
-        state = probe.check_resumable(resume, zero_stage, allow_universal=zero_stage == 3)
-        if state["world_size"] != world_size and zero_stage == 3:
-            universal = True
-            ds_config.setdefault("checkpoint", {})["load_universal"] = True
+        from .universal import load_universal_config, needs_universal, resume_world_size_note
+        universal = zero_stage > 0 and needs_universal(resume, world_size)
+        probe.check_resumable(resume, zero_stage, allow_universal=universal)
+        if universal:  # DeepSpeed's universal checkpoint loads on any world size
+            log.info("note: %s", resume_world_size_note(resume, world_size))
+            ds_config = load_universal_config(ds_config)
     for note in cfg.notes:
         log.info("note: %s", note)
     return Plan(cfg, out, resume, tok_dir, tokenizer, config, ds_config, zero_stage, lock_path, universal)
@@ -277,8 +279,11 @@ def run(cfg, build=None) -> str:
         if plan.resume is not None:
             load_dir = None
             if plan.universal:
-                from .universal import to_universal
-                load_dir = to_universal(plan.resume, rank=rank)
+                from .universal import UniversalError, to_universal
+                try:
+                    load_dir = to_universal(plan.resume, rank=rank)
+                except UniversalError as e:
+                    raise TrainError(str(e)) from None
             checkpointer.load(engine, plan.resume, parts, zero_stage=zero_stage, load_dir=load_dir)
             if state.saved.get("max_steps") not in (None, cfg.max_steps):
                 log.warning("--max_steps changed from %s to %d: the lr schedule changes shape",
