@@ -77,38 +77,6 @@ def lock_content_sha256(lock: dict) -> str:
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
-def _special_id(tok_dir: Path | None, entry: dict, which: str) -> int | None:
-    """The lock's (= Tokenizer.info()'s) bos/eos/pad id; for locks built before those were
-    recorded, read from the tokenizer files. (Goes once every lock records them.)"""
-    if isinstance(entry.get(f"{which}_id"), int) or f"{which}_id" in entry:
-        return entry.get(f"{which}_id")
-    if tok_dir is None or not tok_dir.is_dir():
-        return None
-    try:
-        cfg = json.loads((tok_dir / "tokenizer_config.json").read_text("utf-8"))
-    except (OSError, ValueError):
-        cfg = {}
-    tok = cfg.get(f"{which}_token")
-    if isinstance(tok, dict):
-        tok = tok.get("content")
-    if not tok:
-        return None
-    for i, v in (cfg.get("added_tokens_decoder") or {}).items():
-        if v.get("content") == tok:
-            return int(i)
-    try:
-        tj = json.loads((tok_dir / "tokenizer.json").read_text("utf-8"))
-        for v in tj.get("added_tokens", []):
-            if v.get("content") == tok:
-                return int(v["id"])
-        vid = (tj.get("model") or {}).get("vocab", {})
-        if isinstance(vid, dict) and tok in vid:
-            return int(vid[tok])
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 @dataclass
 class _Dataset:
     index: int
@@ -225,15 +193,16 @@ class MixtureStream(IterableDataset):
         self.seed = int(self.lock.get("seed", DEFAULT_SEED) if seed is None else seed)
         tok = self.lock.get("tokenizer") or {}
         self.vocab_size = tok.get("vocab_size")
-        tok_dir = Path(tok["path"]) if tok.get("path") else None
-        if tok_dir is not None and not tok_dir.is_absolute():
-            tok_dir = self.lock_path.parent / tok_dir
-        self.pad_id = pad_id if pad_id is not None else (_special_id(tok_dir, tok, "pad") or 0)
-        self.eos_id = eos_id if eos_id is not None else _special_id(tok_dir, tok, "eos")
+        self.datasets = self._open_datasets(overflow)
+        # special ids as recorded at build time (Tokenizer.info() in the lock and meta.json)
+        ids = {w: tok.get(f"{w}_id") if isinstance(tok.get(f"{w}_id"), int)
+               else self.datasets[0].built.special_id(w) for w in ("pad", "eos")}
+        self.pad_id = pad_id if pad_id is not None else (ids["pad"] if ids["pad"] is not None else 0)
+        self.eos_id = eos_id if eos_id is not None else ids["eos"]
         if mode == "concat" and self.eos_id is None:
             raise StreamError(f"{self.lock_path}: concat mode needs an EOS id: none in the lock's"
-                              " tokenizer; pass eos_id=")
-        self.datasets = self._open_datasets(overflow)
+                              " tokenizer (a lock from before eos_id was recorded: rebuild it);"
+                              " or pass eos_id=")
         self._policies = np.array([ds.overflow for ds in self.datasets])
         for ds in self.datasets:
             self._verify(ds, verify)
