@@ -661,3 +661,18 @@ except StreamError as e:
                        timeout=300)
     assert r.returncode == 3, (r.returncode, r.stdout, r.stderr[-2000:])
     assert "ulimit -n" in r.stdout and "TOKENMILL_MAX_MAPPED_SHARDS" in r.stdout
+
+
+def test_heldout_split_equals_the_numpy_hash_definition():
+    """The validation split without a per-sample array (per-64-id block counts + a compiled
+    scan) picks exactly the ids hash_uniform(key, i) < pct / 100 defines, in order."""
+    from train.sampling import HeldOut, hash_uniform, stable_hash64
+    bases = [stable_hash64("tokenmill-validation", k) for k in ("a", "b", "c", "d")]
+    ns = [1000, 7, 130, 0]
+    h = HeldOut(bases, ns, 10.0)
+    for k, (b, n) in enumerate(zip(bases, ns)):
+        mask = hash_uniform(b, np.arange(n)) < 0.1
+        kept, held = np.flatnonzero(~mask), np.flatnonzero(mask)
+        assert h.n_held[k] == len(held) and h.n_train[k] == len(kept)
+        assert np.array_equal(h.train_ids(np.full(len(kept), k), np.arange(len(kept))), kept)
+        assert np.array_equal(h.held_ids(np.full(len(held), k), np.arange(len(held))), held)
