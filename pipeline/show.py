@@ -20,6 +20,7 @@ import numpy as np
 import orjson
 
 from mixtures.manifest import DEFAULT_SEED
+from stages.errors import BuildError, RecordError
 from stages.formats import base_format
 from stages.jinja_env import available_templates
 from stages.overflow import stored_piece_starts
@@ -32,12 +33,12 @@ from .verify import built_dirs
 def locate_shard(d: Path, meta: dict, index: int):
     """Global sample index → (shard path, shard arrays, index within shard)."""
     if not 0 <= index < meta["n_samples"]:
-        raise IndexError(f"{d.name}: index {index} out of range (0 … {meta['n_samples'] - 1})")
+        raise BuildError(f"{d.name}: index {index} out of range (0 … {meta['n_samples'] - 1})")
     for sh in meta["shards"]:
         if index < sh["n_samples"]:
             return d / sh["file"], read_shard(d / sh["file"]), index
         index -= sh["n_samples"]
-    raise IndexError(index)
+    raise BuildError(f"{d.name}: index {index} is past the samples its shards list (meta.json disagrees)")
 
 
 class _NoLabels(Exception):
@@ -141,7 +142,6 @@ def explain_sample(meta: dict, shard: Path, arrays, i: int, tok, *, seed: int,
     """Labels of the trained spans of sample i of a shard (see module doc), and a line on
     which piece of its record it is ("" when the record gave one sample). Raises _NoLabels."""
     from mixtures.transforms import TransformError
-    from stages.errors import RecordError
     from stages.render import Renderer
 
     from .worker import DatasetJob, canonicalize
@@ -204,7 +204,7 @@ def show(path: str, index: int = 0, dataset: str | None = None, color: bool | No
     if dataset:
         dirs = [d for d in dirs if metas[d]["dataset_name"] == dataset]
         if not dirs:
-            raise KeyError(f"no dataset named {dataset!r} in {path}")
+            raise BuildError(f"no dataset named {dataset!r} in {path}")
     d = dirs[0]
     meta = metas[d]
     shard, arrays, i = locate_shard(d, meta, index)
