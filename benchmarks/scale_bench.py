@@ -111,7 +111,7 @@ def measure(lock: str, ws: int, workers: int, batches: int) -> dict:
     w1 = time.perf_counter()
     next(it)
     c2, w2 = time.process_time(), time.perf_counter()
-    for _ in range(24):  # past the first windows, which map and check the shards
+    for _ in range(24):  # past the first windows, which map and check most shards
         next(it)
     c3, w3 = time.process_time(), time.perf_counter()
     for _ in range(batches):
@@ -154,7 +154,9 @@ def slope(x, y) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="/tmp/scale_bench")
-    ap.add_argument("--big", action="store_true", help="also 10^8 samples (~5 GB disk)")
+    ap.add_argument("--big", action="store_true", help="also 10^8 samples (~7 GB disk)")
+    ap.add_argument("--only", type=int, help="measure one sample count only (100 shards, 10 datasets,"
+                    " world 1, then 2 workers)")
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -164,12 +166,18 @@ def main() -> None:
         return
     out = Path(a.out)
     t0 = time.perf_counter()
+    if a.only:
+        lock = synth(out, a.only, 100, 10)
+        print(f"synthesised in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(line(f"{a.only:.0e} samples", run(lock, batches=a.batches)), flush=True)
+        print(line(f"{a.only:.0e} samples, 2 workers", run(lock, workers=2, batches=a.batches)))
+        return
     print("== samples (100 shards, 10 datasets, world 1)")
     xs, priv = [], []
     for n in [10**6, 10**7] + ([10**8] if a.big else []):
         r = run(synth(out, n, 100, 10), batches=a.batches)
         print(line(f"{n:.0e} samples", r), flush=True)
-        xs.append(n), priv.append(r["private_MB"])
+        xs.append(n), priv.append(r["private_MB"] - r["import_private_MB"])  # the stream's own
     r = run(synth(out, xs[-1], 100, 10), workers=2, batches=a.batches)
     print(line(f"{xs[-1]:.0e} samples, 2 workers", r), flush=True)
     print("== shards (10^6 samples, 10 datasets, world 1)")
@@ -191,7 +199,7 @@ def main() -> None:
         print(line(f"world {ws}", r), flush=True)
         wss.append(ws), wms.append(r["ms_per_batch_cpu"])
     print("== fitted costs")
-    print(f"per sample : {slope(xs, priv) * 2**20:8.3f} B private memory per sample")
+    print(f"per sample : {slope(xs, priv) * 2**20:8.3f} B private memory per sample (beyond imports)")
     print(f"per shard  : {slope(hs, cpu) * 1e3:8.3f} ms CPU (construct + first batch) per shard")
     print(f"per dataset: {slope(ds, dms) * 1e3:8.3f} µs CPU per batch per dataset")
     print(f"per rank   : {slope(wss, wms):8.3f} ms CPU per batch per rank "
