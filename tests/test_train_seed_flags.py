@@ -81,7 +81,8 @@ def test_hunyuan_train_sh_flag_set(setup, base_model):
     assert "--hidden_size and other model-shape flags are not used" in p.stderr and "--model_config" in p.stderr
     steps, _ = read_log(out)
     lrs = [steps[s]["lr"] for s in (1, 2, 3)]
-    assert lrs[0] == pytest.approx(1e-5) and 1e-6 < lrs[2] < lrs[1] < 1e-5  # min_lr reached at max_steps
+    # warmup ceil(0.01 * 3) = 1 step, then cosine that would reach min_lr at step max_steps (HF)
+    assert lrs[0] == lrs[1] == pytest.approx(1e-5) and 1e-6 < lrs[2] < lrs[1]
     assert (out / "checkpoint-2" / "rng_state_rank00000.pt").is_file()
     import torch
     torch.load(out / "checkpoint-2" / "rng_state_rank00000.pt", weights_only=True)  # no pickled objects
@@ -140,3 +141,25 @@ def test_help_imports_neither_torch_nor_numba():
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.stdout.strip().splitlines()[-1] == "[]", p.stdout[-500:] + p.stderr[-2000:]
     assert "(default: None)" not in p.stdout and "(default: the lock" not in p.stdout
+
+
+def test_verify_data_full_refuses_an_edited_shard(setup, tmp_path):
+    """Issue 16: --verify_data full hashes every shard before step 0; an edited one is one line."""
+    lock, cfg, _ = setup
+    doc = json.loads(lock.read_text())
+    entry = doc["datasets"][0]
+    copy = tmp_path / "ds"
+    shutil.copytree(entry["path"], copy)
+    shard = sorted(copy.glob("*.h5"))[0]
+    data = bytearray(shard.read_bytes())
+    data[-9] ^= 0xFF  # a byte of token data: sizes and meta.json stay valid, the sha256 does not
+    shard.write_bytes(bytes(data))
+    entry["path"] = str(copy)
+    edited = tmp_path / "mixture.lock.json"
+    edited.write_text(json.dumps(doc))
+    argv = ["--mixture", str(edited), "--model_config", str(cfg), "--output_dir", str(tmp_path / "o"),
+            "--max_steps", "1", "--verify_data", "full"]
+    p = run_train(argv, check=False)
+    last = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and last.startswith("error: ") and shard.name in last, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr

@@ -89,7 +89,7 @@ def setup_logging(rank: int) -> None:
     # warnings: one line each, once, without the source line
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {cat.__name__}: " + \
         " ".join(str(msg).split()) + "\n"
-    warnings.simplefilter("once")
+    warnings.filterwarnings("once", category=DeprecationWarning)  # torch's: one line, once
 
 
 def seed_everything(seed: int) -> None:
@@ -190,6 +190,8 @@ def prepare(cfg, world_size: int, build) -> Plan:
     tok_dir = cfg.tokenizer_name_or_path or _model_tokenizer_dir(cfg, resume)
     if tok_dir is None and lock is not None:
         tok_dir = (lock.get("tokenizer") or {}).get("path")
+    if tok_dir is None and cfg.mixture and lock is None:  # a manifest to build: its own tokenizer
+        tok_dir = _manifest_tokenizer(Path(cfg.mixture))
     if tok_dir is None:
         raise TrainError("no tokenizer: pass --tokenizer_name_or_path")
     tokenizer = load_tokenizer(tok_dir, cfg.trust_remote_code)
@@ -309,6 +311,17 @@ def run(cfg, build=None) -> str:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
             unset_hf_deepspeed_config()
     return why
+
+
+def _manifest_tokenizer(manifest: Path) -> str | None:
+    try:
+        doc = json.loads(manifest.read_text("utf-8"))
+    except (OSError, ValueError):
+        return None
+    tok = doc.get("tokenizer") if isinstance(doc, dict) else None
+    if not isinstance(tok, str):
+        return None
+    return str(Path(tok) if Path(tok).is_absolute() else manifest.parent / tok)
 
 
 def _model_tokenizer_dir(cfg, resume: Path | None) -> str | None:
