@@ -84,6 +84,8 @@ def setup_logging(rank: int) -> None:
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():  # no progress bars in logs (transformers' "Writing model shards", ...)
+        os.environ.setdefault("TQDM_DISABLE", "1")
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns that it guessed
     # warnings: one line each, once, without the source line
