@@ -216,11 +216,17 @@ def prepare(cfg, world_size: int, build) -> Plan:
     zero_stage = int(ds_config["zero_optimization"].get("stage", 0))
     universal = False
     if resume is not None:
-        from .universal import load_universal_config, needs_universal, resume_world_size_note
-        universal = zero_stage > 0 and needs_universal(resume, world_size)
+        from .universal import UniversalError, is_universal, load_universal_config, needs_universal, \
+            resume_world_size_note
+        try:
+            universal = zero_stage > 0 and (is_universal(resume) or needs_universal(resume, world_size))
+        except UniversalError:  # e.g. saved without ZeRO (no optimizer partitions): loads as saved
+            universal = False
         probe.check_resumable(resume, zero_stage, allow_universal=universal)
         if universal:  # DeepSpeed's universal checkpoint loads on any world size
-            log.info("note: %s", resume_world_size_note(resume, world_size))
+            note = resume_world_size_note(resume, world_size)
+            if note:
+                log.info("note: %s", note)
             ds_config = load_universal_config(ds_config)
     for note in cfg.notes:
         log.info("note: %s", note)
@@ -283,9 +289,9 @@ def run(cfg, build=None) -> str:
         if plan.resume is not None:
             load_dir = None
             if plan.universal:
-                from .universal import UniversalError, to_universal
+                from .universal import UniversalError, is_universal, to_universal
                 try:
-                    load_dir = to_universal(plan.resume, rank=rank)
+                    load_dir = plan.resume if is_universal(plan.resume) else to_universal(plan.resume, rank=rank)
                 except UniversalError as e:
                     raise TrainError(str(e)) from None
             checkpointer.load(engine, plan.resume, parts, zero_stage=zero_stage, load_dir=load_dir)
