@@ -156,6 +156,29 @@ def resume_world_size_note(ckpt: str | Path, world_size: int) -> str | None:
             f"continues from the saved global position")
 
 
+def load_universal(engine, load_dir: str | Path):
+    """`engine.load_checkpoint` of a universal dir, undoing two faults of DeepSpeed 0.19.8's ZeRO-3
+    universal load when the optimizer has several param groups (the trainer's decay / no-decay):
+    - it copies group 0's hyperparameters (weight_decay included) onto every group: restored;
+    - it gives every group's state the SAME `step` tensor, which torch's Adam increments in place
+      once per group, so group k trains with bias correction t+k (measured: the no-decay group's
+      first step after resume 0.939x the uninterrupted run's, t=5 instead of 4): each state
+      gets its own copy.
+    The lr is left as loaded (one lr for all groups here; the scheduler owns it)."""
+    load_dir = Path(load_dir)
+    groups = engine.optimizer.param_groups
+    keep = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
+    path, client = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True)
+    for g, k in zip(engine.optimizer.param_groups, keep):
+        g.update(k)
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+    for st in getattr(inner, "state", {}).values():
+        if isinstance(st, dict) and hasattr(st.get("step"), "clone"):
+            st["step"] = st["step"].clone()
+    return path, client
+
+
 def load_universal_config(ds_config: dict) -> dict:
     """`ds_config` with {"checkpoint": {"load_universal": true}} set (a copy)."""
     cfg = dict(ds_config)
