@@ -1,0 +1,240 @@
+"""Shard access for the training stream: `TokenStore` memory-maps the shards of a lock on first
+use (a bounded number at once, one map per shard file, byte offsets from meta.json) and finds
+a window's samples in them (`Located`); nothing per sample is copied into private memory. A
+shard is checked (dtypes, bounds) when first mapped, before compiled code reads it; running
+out of descriptors or maps is a StreamError naming the limit and the fix.
+"""
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from stages.built_dataset import (TOKEN_CHECK_ON_MAP, check_arrays, expected_layout_faults,
+                                  shard_layout)
+
+from .kernels import gather_samples
+
+
+class StreamError(ValueError):
+    """A lock, shard or state that the stream refuses (message names the file and field)."""
+
+
+def ranges_index(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """Concatenation of arange(s, e) over the pairs, vectorised."""
+    lens = np.asarray(ends, np.int64) - np.asarray(starts, np.int64)
+    total = int(lens.sum())
+    if total == 0:
+        return np.zeros(0, np.int64)
+    shift = np.asarray(starts, np.int64) - (np.cumsum(lens) - lens)
+    return np.repeat(shift, lens) + np.arange(total, dtype=np.int64)
+
+
+def default_max_mapped() -> int:
+    """Shards mapped at once per process: TOKENMILL_MAX_MAPPED_SHARDS, else half the open-file
+    limit (each map holds one descriptor) and half of vm.max_map_count (shared by every map
+    of the process), at most 32768."""
+    env = os.environ.get("TOKENMILL_MAX_MAPPED_SHARDS")
+    if env:
+        return max(1, int(env))
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        soft = 1 << 20 if soft == resource.RLIM_INFINITY else soft
+    except (ImportError, OSError, ValueError):
+        soft = 1024
+    try:
+        maps = int(open("/proc/sys/vm/max_map_count").read())
+    except (OSError, ValueError):
+        maps = 65530
+    return max(8, min(32768, soft // 2, maps // 2))
+
+
+_LIMIT_HELP = ("the process ran out of {what} ({err}); each mapped shard holds one file "
+               "descriptor and one memory map. Fix: raise the limit (`ulimit -n 65536`; "
+               "`sysctl -w vm.max_map_count=262144`), or map fewer shards at once "
+               "(TOKENMILL_MAX_MAPPED_SHARDS=256), or build with larger shards")
+
+
+class MappedShard:
+    """One shard file mapped once (one mmap, no h5py handle): its tokens, offsets and, when
+    present, loss spans as read-only views of the page cache, shared by every process."""
+
+    __slots__ = ("tokens", "offsets", "lso", "spans")
+
+    def __init__(self, path: str, entry: dict, vocab_size: int, check: bool):
+        try:
+            arrays = entry.get("arrays") or shard_layout(path)
+            size = os.stat(path).st_size
+        except OSError as e:
+            raise _os_error(path, e) from None
+        n, nt = int(entry["n_samples"]), int(entry["n_tokens"])
+        bad = expected_layout_faults(arrays, n, nt, vocab_size, size, wider_tokens=True)
+        if bad:
+            raise StreamError(f"{path}: {bad[0]}")
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise _os_error(path, e) from None
+
+        def view(name):
+            a = arrays.get(name)
+            if a is None:
+                return None
+            dt, shape = np.dtype(a["dtype"]), tuple(a["shape"])
+            if a["offset"] is None:
+                return np.zeros(shape, dt)
+            return np.frombuffer(mm, dt, int(np.prod(shape)), a["offset"]).reshape(shape)
+
+        self.tokens, self.offsets = view("tokens"), view("offsets")
+        self.lso, self.spans = view("loss_span_offsets"), view("loss_spans")
+        if check:  # bounds before any compiled read; token ids too when that is cheap
+            arr = {"tokens": self.tokens, "offsets": self.offsets}
+            if self.spans is not None:
+                arr.update(loss_spans=self.spans, loss_span_offsets=self.lso)
+            bad = check_arrays(arr, vocab_size, tokens=nt <= TOKEN_CHECK_ON_MAP)
+            if bad:
+                raise StreamError(f"{path}: {bad[0]}")
+
+
+def _os_error(path: str, e: OSError) -> StreamError:
+    if e.errno in (errno.EMFILE, errno.ENFILE):
+        return StreamError(f"{path}: " + _LIMIT_HELP.format(what="open files", err=e.strerror))
+    if e.errno == errno.ENOMEM:
+        return StreamError(f"{path}: " + _LIMIT_HELP.format(what="memory maps (vm.max_map_count)",
+                                                           err=e.strerror))
+    return StreamError(f"{path}: cannot map the shard: {e.strerror or e}")
+
+
+@dataclass
+class Located:
+    """Items (samples or pieces of them) of one window, found in their shards. Per item:
+    dataset d, sample i, slot (index into `tokens`), start (the sample's first token in its
+    shard), n (its length), q0/q1 (its loss spans in lo/hi; -1, -1: a sample without spans).
+    tokens: the token array of each shard the window uses; lo, hi: the window's spans."""
+    d: np.ndarray
+    i: np.ndarray
+    slot: np.ndarray
+    start: np.ndarray
+    n: np.ndarray
+    q0: np.ndarray
+    q1: np.ndarray
+    tokens: list
+    lo: np.ndarray
+    hi: np.ndarray
+    addr: np.ndarray | None = None  # address of each tokens array, when all share one dtype
+
+    def take(self, idx) -> "Located":
+        return Located(self.d[idx], self.i[idx], self.slot[idx], self.start[idx], self.n[idx],
+                       self.q0[idx], self.q1[idx], self.tokens, self.lo, self.hi, self.addr)
+
+    @staticmethod
+    def join(parts: list["Located"]) -> "Located":
+        """Items of several windows as one (slots and span indices renumbered)."""
+        if len(parts) == 1:
+            return parts[0]
+        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
+        slot, q0, q1, toks, lo, hi = [], [], [], [], [], []
+        ns = nq = 0
+        for p in parts:
+            slot.append(p.slot + ns)
+            has = p.q0 >= 0
+            q0.append(np.where(has, p.q0 + nq, -1))
+            q1.append(np.where(has, p.q1 + nq, -1))
+            toks += p.tokens
+            lo.append(p.lo)
+            hi.append(p.hi)
+            ns, nq = ns + len(p.tokens), nq + len(p.lo)
+        return Located(cat([p.d for p in parts]), cat([p.i for p in parts]), cat(slot),
+                       cat([p.start for p in parts]), cat([p.n for p in parts]), cat(q0),
+                       cat(q1), toks, np.concatenate(lo).astype(np.int32),
+                       np.concatenate(hi).astype(np.int32))
+
+
+class TokenStore:
+    """Every shard of every dataset of a lock, memory-mapped on first use (at most
+    `max_mapped` at once, least recently used unmapped first). Private memory per process:
+    per-shard bookkeeping (cumulative sample counts), nothing per sample - offsets, spans and
+    tokens are read through the maps, shared by every process of a node via the page cache."""
+
+    def __init__(self, shards: list[list[tuple[str, dict]]], vocab_size: int,
+                 max_mapped: int | None = None, check: bool = True):
+        """shards: per dataset, (path, meta.json shard entry) of each of its shards."""
+        self.paths = [p for ds in shards for p, _ in ds]
+        self.entries = [e for ds in shards for _, e in ds]
+        counts = [int(e["n_samples"]) for e in self.entries]
+        self.first = np.zeros(len(counts) + 1, np.int64)  # global id of each shard's sample 0
+        np.cumsum(counts, out=self.first[1:])
+        per_ds = np.cumsum([0] + [len(ds) for ds in shards])
+        self.ds_base = self.first[per_ds]  # global sample id of each dataset's sample 0
+        self.vocab_size = int(vocab_size)
+        self.max_mapped = max_mapped or default_max_mapped()
+        self.check = check
+        self._maps: dict[int, MappedShard] = {}
+        self._checked: set[int] = set()
+        ns = len(self.paths)
+        self._addr = np.zeros((4, ns), np.int64)  # offsets, loss_span_offsets, loss_spans, tokens
+        self._wide = np.zeros(ns, bool)  # tokens stored as uint32
+        self._is_mapped = np.zeros(ns, bool)
+        self._last_use = np.zeros(ns, np.int64)
+        self._tick = 0
+
+    def shard(self, g: int) -> MappedShard:
+        if not self._is_mapped[g]:
+            self._ensure(np.array([g], np.int64))
+        return self._maps[g]
+
+    def _ensure(self, uniq: np.ndarray) -> None:
+        """Map the shards `uniq` (sorted ids) if not mapped; unmap the least recently used
+        others beyond max_mapped (a window still holding one keeps its pages alive)."""
+        self._tick += 1
+        for g in uniq[~self._is_mapped[uniq]].tolist():
+            m = MappedShard(self.paths[g], self.entries[g], self.vocab_size,
+                            self.check and g not in self._checked)
+            self._checked.add(g)
+            self._maps[g] = m
+            self._is_mapped[g] = True
+            self._addr[:, g] = (m.offsets.ctypes.data,
+                                m.lso.ctypes.data if m.spans is not None else 0,
+                                m.spans.ctypes.data if m.spans is not None else 0,
+                                m.tokens.ctypes.data)
+            self._wide[g] = m.tokens.dtype == np.uint32
+        self._last_use[uniq] = self._tick
+        over = len(self._maps) - self.max_mapped
+        if over > 0:
+            cand = np.flatnonzero(self._is_mapped & (self._last_use < self._tick))
+            k = min(over, len(cand))
+            if k:
+                for g in cand[np.argpartition(self._last_use[cand], k - 1)[:k]].tolist():
+                    del self._maps[g]
+                    self._is_mapped[g] = False
+                    self._addr[:, g] = 0
+
+    def locate(self, d, i, drop_empty: bool = True) -> Located:
+        """Samples (dataset d, index i), in order; empty ones dropped."""
+        d, i = np.asarray(d, np.int64), np.asarray(i, np.int64)
+        gs = self.ds_base[d] + i
+        g = np.searchsorted(self.first, gs, side="right") - 1
+        j = gs - self.first[g]
+        uniq, slot = np.unique(g, return_inverse=True)
+        slot = slot.reshape(-1).astype(np.int64)
+        self._ensure(uniq)
+        a = self._addr[:, uniq]
+        start, n, q0, q1, lo, hi = gather_samples(slot, j, a[0], a[1], a[2], _P64, _P32)
+        tokens = [self._maps[g].tokens for g in uniq.tolist()]
+        wide = self._wide[uniq]
+        loc = Located(d, i, slot, start, n, q0, q1, tokens, lo, hi,
+                      a[3].copy() if len(uniq) and (wide.all() or not wide.any()) else None)
+        if drop_empty and len(d) and not (loc.n > 0).all():
+            loc = loc.take(np.flatnonzero(loc.n > 0))
+        return loc
+
+
+_P64, _P32 = np.zeros(0, np.int64), np.zeros(0, np.int32)
