@@ -26,8 +26,24 @@ _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 WATCHDOG_S = 0.5  # how often a worker checks that its driver is still alive
 
 
+_TERMINATED = threading.Event()  # set by SIGTERM: seen even where a KeyboardInterrupt was swallowed
+
+
 def _interrupt(signum, frame):
+    _TERMINATED.set()
     raise KeyboardInterrupt
+
+
+def _get_local(res):
+    """A pool result, waited for in short slices: a SIGTERM whose KeyboardInterrupt landed in a
+    destructor or callback (and was swallowed there) still stops the build here."""
+    while True:
+        if _TERMINATED.is_set():
+            raise KeyboardInterrupt
+        try:
+            return res.get(timeout=0.25)
+        except mp.TimeoutError:
+            continue
 
 
 def handle_sigterm_as_interrupt() -> None:
@@ -111,6 +127,7 @@ def run_local(tasks, workers: int, progress, on_result=None) -> dict:
     head = list(itertools.islice(it, 2))
     tasks = itertools.chain(head, it)
     deliver = functools.partial(_deliver, results, on_result, progress)
+    _TERMINATED.clear()
     with _sigterm_interrupts():
         if workers <= 1 or len(head) <= 1:
             for plan, unit in tasks:
@@ -120,7 +137,7 @@ def run_local(tasks, workers: int, progress, on_result=None) -> dict:
         with ctx.Pool(workers, maxtasksperchild=64, initializer=_worker_init,
                       initargs=(os.getpid(),)) as pool:
             _windowed(tasks, 2 * workers, lambda plan, unit: pool.apply_async(process_unit, (plan.job, unit)),
-                      lambda res: res.get(), deliver)
+                      _get_local, deliver)
     return results
 
 

@@ -323,9 +323,16 @@ SPIN = ("import multiprocessing\n"
 def _children(pid: int) -> list[int]:
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             kids += [int(k) for k in (task / "children").read_text().split()]
     return kids
+
+
+def _cmdline(pid: int) -> bytes | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):  # a short-lived child already gone
+        return None
 
 
 def _alive(pid: int) -> bool:
@@ -342,15 +349,15 @@ def _start_spinning_build(tmp_path: Path, tokenizer: str):
     manifest(tmp_path, tokenizer, {n: {"path": f"{n}.jsonl", "transforms": "spin.py"} for n in "ab"})
     driver = subprocess.Popen([sys.executable, "-m", "pipeline", "build", str(tmp_path / "mix.json"),
                                "--workers", "2", "--out", str(tmp_path / "out")], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONFAULTHANDLER": "1"})
     cmdline = None
     deadline = time.time() + 120
     while time.time() < deadline:  # bounded poll: two pool workers (forks: same cmdline) running
         if driver.poll() is not None:
             pytest.fail(f"the build ended early: {driver.communicate()}")
-        cmdline = cmdline or Path(f"/proc/{driver.pid}/cmdline").read_bytes()
-        workers = [k for k in _children(driver.pid)
-                   if _alive(k) and Path(f"/proc/{k}/cmdline").read_bytes() == cmdline]
+        cmdline = cmdline or _cmdline(driver.pid)
+        workers = [k for k in _children(driver.pid) if _alive(k) and _cmdline(k) == cmdline]
         if len(workers) >= 2:
             return driver, workers
         time.sleep(0.1)
@@ -380,7 +387,15 @@ def test_workers_die_with_a_killed_driver(tmp_path, sample_tokenizer):
 def test_sigterm_stops_a_build_like_ctrl_c(tmp_path, sample_tokenizer):
     driver, workers = _start_spinning_build(tmp_path, sample_tokenizer)
     driver.send_signal(signal.SIGTERM)
-    _, err = driver.communicate(timeout=60)
+    try:
+        _, err = driver.communicate(timeout=120)
+    except subprocess.TimeoutExpired:  # show where it hangs (faulthandler dumps on SIGABRT)
+        driver.send_signal(signal.SIGABRT)
+        _, err = driver.communicate()
+        for p in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGKILL)
+        pytest.fail(f"the driver did not stop on SIGTERM:\n{err[-4000:]}")
     left = _wait_gone(workers, 5.0)
     for p in left:
         os.kill(p, signal.SIGKILL)
