@@ -14,12 +14,12 @@ from pathlib import Path
 import orjson
 
 from stages import stats
+from stages.constants import DEFAULT_SHARD_TOKENS
 from stages.built_dataset import SCHEMA_VERSION, describe_shard, write_meta
 from stages.shard import concat_shards, token_dtype
 
 from .worker import unit_paths
 
-DEFAULT_SHARD_TOKENS = 1 << 30  # ~1 GiB of tokens per shard (issue 13: ~10^3 shards per TB)
 FM9G_KEYS = ("language", "nlines", "nbytes", "length_distribute", "avg_token_per_line",
              "hdfs_path", "data_sample")  # first in meta.json, in FM9G's order
 

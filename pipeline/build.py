@@ -7,7 +7,6 @@ order. Units depend only on the data, so the result is byte-identical for any wo
 from __future__ import annotations
 
 import errno
-import inspect
 import os
 import shutil
 import time
@@ -19,11 +18,12 @@ from mixtures.lock import LockError, make_lock, write_lock
 from mixtures.manifest import DatasetSpec, Mixture, load_manifest
 from mixtures.transforms import load_transform
 from stages.built_dataset import read_meta
+from stages.constants import DEFAULT_SHARD_TOKENS
 from stages.errors import BuildError, RecordError
 from stages.formats import detect_format
 from stages.readers import expand_source, iter_unit, plan_units
 
-from .assemble import DEFAULT_SHARD_TOKENS, assemble
+from .assemble import assemble
 from .cache import (CacheEntry, FingerprintMemo, dataset_key, dir_fingerprint, ensure_cache_dir,
                     file_fingerprint)
 from .progress import Progress
@@ -58,23 +58,19 @@ class EmptyMixtureError(BuildError):
         self.plans = plans
 
 
-def load_mixture(manifest: str, shard_tokens: int | None, **settings) -> tuple[Mixture, int | None]:
-    """The manifest, with --shard-tokens applied by the manifest loader where it knows the key
-    (a dataset's own shard_tokens wins, then --shard-tokens, then the top level). → (mixture,
-    the override the driver must still apply itself: only for an older manifest loader)."""
-    if "shard_tokens" in inspect.signature(load_manifest).parameters:
-        return load_manifest(manifest, shard_tokens=shard_tokens, **settings), None
-    return load_manifest(manifest, **settings), shard_tokens
+def load_mixture(manifest: str, shard_tokens: int | None, **settings) -> tuple[Mixture, None]:
+    """The manifest, with --shard-tokens applied by the manifest loader (a dataset's own
+    shard_tokens wins, then --shard-tokens, then the top level). → (mixture, None: no override
+    is left for the driver to apply)."""
+    return load_manifest(manifest, shard_tokens=shard_tokens, **settings), None
 
 
-def shard_tokens_of(spec: DatasetSpec, mixture: Mixture, override: int | None) -> int:
-    """Target shard size: the dataset's (as resolved by the manifest), else ~1 GiB."""
-    for value in (override, getattr(spec, "shard_tokens", None), getattr(mixture, "shard_tokens", None)):
-        if value is not None:
-            if int(value) < 1:
-                raise BuildError(f"{spec.dataset_name}: shard_tokens must be >= 1, got {value}")
-            return int(value)
-    return DEFAULT_SHARD_TOKENS
+def shard_tokens_of(spec: DatasetSpec, override: int | None) -> int:
+    """Target shard size of a dataset: as the manifest resolved it (default ~1 GiB of tokens)."""
+    value = override if override is not None else spec.shard_tokens
+    if int(value) < 1:
+        raise BuildError(f"{spec.dataset_name}: shard_tokens must be >= 1, got {value}")
+    return int(value)
 
 
 def _detect(units, spec: DatasetSpec) -> str:
@@ -112,7 +108,7 @@ def plan_dataset(spec: DatasetSpec, mixture: Mixture, tok, template, cache: Path
     fmt = spec.format if spec.format != "auto" else _detect(units, spec)
     transform_sha = load_transform(spec.transforms).sha256 if spec.transforms else None
     loss = spec.loss
-    target = shard_tokens_of(spec, mixture, shard_tokens)
+    target = shard_tokens_of(spec, shard_tokens)
     key = dataset_key(sources=sources, format=fmt, transform_sha256=transform_sha,
                       seed=mixture.seed, template_sha256=template.sha256,
                       tokenizer_sha256=tok.sha256, max_length=mixture.max_length,
@@ -187,14 +183,14 @@ def _run_units(plans, executor, workers, ray_address, progress, cache_dir) -> No
     (assemble reads them back one at a time), so nothing per unit is kept here."""
     tasks = ((p, u) for p in plans if p.status == "build" for u in p.units)
     run = run_local if executor == "local" else run_ray
-    lazy = "on_result" in inspect.signature(run).parameters  # streaming executors: nothing kept
-    kwargs = {"on_result": lambda plan, unit, summary: None} if lazy else {}
+    def keep_nothing(plan, unit, summary):  # the executors stream; summaries are read back from disk
+        return None
     if executor == "ray":  # every node must see the sources and the cache (checked up front)
         shared = sorted({s["path"] for p in plans if p.status == "build" for s in p.sources}
                         | {str(cache_dir.resolve())})
-        run(tasks if lazy else list(tasks), ray_address, progress, shared, **kwargs)
+        run(tasks, ray_address, progress, shared, on_result=keep_nothing)
     else:
-        run(tasks if lazy else list(tasks), workers, progress, **kwargs)
+        run(tasks, workers, progress, on_result=keep_nothing)
 
 
 def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = None,
@@ -235,8 +231,8 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
             plans = plan_all()
         tmpl = real
     memo.save()
-    notes = list(getattr(mixture, "notes", ()))  # manifest keys ignored on purpose
-    if getattr(memo, "note", None):
+    notes = list(mixture.notes)  # manifest keys ignored on purpose
+    if memo.note:
         notes.append(memo.note)
     if check_template:  # before any work: a difference stops the build here
         from .check import check_datasets

@@ -161,8 +161,6 @@ def user_fault(e: BaseException, cmd: str) -> str | None:
         return str(e)  # a TransformError's second part is the script's own traceback
     if isinstance(e, OSError):  # missing file, full disk, permissions
         return os_fault(e)
-    if cmd == "show" and isinstance(e, (IndexError, KeyError)):  # show's own "no such sample"
-        return str(e.args[0]) if e.args else repr(e)
     return None
 
 
@@ -213,11 +211,8 @@ def _run(args) -> int:
         from .inspect import inspect
         return inspect(args.path, plot=args.plot, as_json=args.json)
     if args.cmd == "verify":
-        from . import verify
-        if hasattr(verify, "verify_path"):
-            faults = verify.verify_path(args.path)
-        else:
-            faults = [f for d in verify.built_dirs(args.path) for f in verify.verify_dir(d)]
+        from .verify import verify_path
+        faults = verify_path(args.path)
         for f in faults:
             print(f"FAULT {f}")
         if not faults:
@@ -226,10 +221,8 @@ def _run(args) -> int:
     if args.cmd == "show":
         from .show import show
         color = {"auto": None, "always": True, "never": False}[args.color]
-        import inspect
-        extra = {"transform": args.transform} if "transform" in inspect.signature(show).parameters else {}
         return show(args.path, args.index, args.dataset, color, template=args.template,
-                    trust_remote_code=args.trust_remote_code, **extra)
+                    trust_remote_code=args.trust_remote_code, transform=args.transform)
     return _cache(args)
 
 

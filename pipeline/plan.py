@@ -91,7 +91,7 @@ def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None
     if lock_path.is_file():
         locked = {d["key"] for d in orjson.loads(lock_path.read_bytes())["datasets"]}
     total_w = sum(s.abs_weight for s in mixture.datasets)
-    rows, warnings = [], [f"note: {n}" for n in getattr(mixture, "notes", ())]
+    rows, warnings = [], [f"note: {n}" for n in mixture.notes]
     for spec in mixture.datasets:
         plan = plan_dataset(spec, mixture, tok, tmpl, cache_dir, memo.data if memo else {}, "skip",
                             shard_tokens)
