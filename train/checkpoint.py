@@ -182,12 +182,7 @@ class Checkpointer:
         part's load_state_dict. The stream position is global: any rank's file continues it."""
         state = self.check_resumable(ckpt, zero_stage, allow_universal=load_dir is not None)
         if load_dir is not None:  # universal: per-group optimizer state un-shared (train/universal.py)
-            try:
-                from .universal import load_universal
-            except ImportError:  # an older train/universal.py: DeepSpeed's own load
-                def load_universal(eng, d):
-                    return eng.load_checkpoint(str(d.parent), tag=d.name, load_optimizer_states=True,
-                                               load_lr_scheduler_states=True)
+            from .universal import load_universal
             path, _ = load_universal(engine, load_dir)
         else:
             path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,

@@ -47,7 +47,8 @@ def default_max_mapped() -> int:
     except (ImportError, OSError, ValueError):
         soft = 1024
     try:
-        maps = int(open("/proc/sys/vm/max_map_count").read())
+        with open("/proc/sys/vm/max_map_count") as f:
+            maps = int(f.read())
     except (OSError, ValueError):
         maps = 65530
     return max(8, min(32768, soft // 2, maps // 2))
