@@ -3,7 +3,6 @@ samples (exact from meta.json once built, else estimated from a sample of record
 share, and how many epochs a token budget gives it."""
 from __future__ import annotations
 
-import itertools
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,13 +10,12 @@ from pathlib import Path
 import orjson
 
 from stages.errors import RecordError
-from stages.formats import ADAPTERS
-from stages.readers import iter_unit
 from stages.render import Renderer
 
 from .build import default_cache, default_out, load_mixture, plan_dataset
 from .cache import FingerprintMemo
 from .reuse import LazyTokenizer, resolve
+from .sampling import sample_records
 
 SAMPLE_RECORDS = 200
 REPEAT_WARN = 10.0
@@ -37,30 +35,9 @@ class PlanRow:
 
 def _sampled(plan) -> tuple[list, int]:
     """(canonical records, their raw bytes): the first records as a build sees them —
-    adapted and transformed (pipeline/sampling.py where present)."""
-    try:
-        from .sampling import sample_records
-    except ImportError:
-        return _first_records(plan)
+    adapted and transformed, by the one sampler the encoder check and --check-template use."""
     sample = sample_records(plan.job, plan.units, SAMPLE_RECORDS, scan=SAMPLE_RECORDS * 5)
     return sample.records, sample.raw_bytes
-
-
-def _first_records(plan) -> tuple[list, int]:
-    adapt = ADAPTERS[plan.job.format]
-    recs, raw_bytes = [], 0
-    for unit in plan.units:
-        for _, raw in itertools.islice(iter_unit(unit), SAMPLE_RECORDS - len(recs)):
-            if isinstance(raw, RecordError):
-                continue
-            try:
-                recs.append(adapt(raw))
-            except RecordError:
-                continue
-            raw_bytes += len(raw.encode()) + 1 if isinstance(raw, str) else len(orjson.dumps(raw)) + 1
-        if len(recs) >= SAMPLE_RECORDS:
-            break
-    return recs, raw_bytes
 
 
 def _estimate(plan, renderer: Renderer) -> tuple[float, float]:

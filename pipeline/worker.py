@@ -18,12 +18,7 @@ import orjson
 from mixtures.transforms import TransformError, apply_transform, load_transform
 from stages import stats
 from stages.errors import POLICY_REASONS, RecordError
-from stages.formats import ADAPTERS
-try:
-    from stages.formats import base_format  # a column-mapped format is "alpaca {json}"
-except ImportError:  # formats.py before column mappings
-    def base_format(fmt: str) -> str:
-        return fmt.split(" ", 1)[0]
+from stages.formats import ADAPTERS, base_format  # a column-mapped format is "alpaca {json}"
 from stages.overflow import apply_overflow
 from stages.readers import WorkUnit, iter_unit
 from stages.render import Renderer, resolve_template
