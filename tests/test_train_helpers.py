@@ -78,8 +78,8 @@ def run_train(args: list[str], nproc: int = 1, launcher: str = "python", timeout
               check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)  # an in-process test's process group may still hold that port
     p = subprocess.run(train_cmd(args, nproc, launcher), cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=timeout)
     if check and p.returncode != 0:
