@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import orjson
 from jsonschema import Draft202012Validator
+
+from stages.fsutil import atomic_write_bytes
 
 from .manifest import DatasetSpec, Mixture, format_json_path, schema_problems
 
@@ -180,23 +181,11 @@ def _declared_mismatches(spec: DatasetSpec, nlines: int, ave: float, total: floa
 
 
 def write_lock(lock: dict, path: str | os.PathLike) -> None:
-    """Write the lock atomically (temp file + rename): 2-space indent, sorted keys."""
+    """Write the lock atomically (stages/fsutil): 2-space indent, sorted keys."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = orjson.dumps(lock, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write_bytes(path, data, fsync=True)
 
 
 def read_lock(path: str | os.PathLike) -> dict[str, Any]:
