@@ -158,6 +158,8 @@ def main() -> None:
     ap.add_argument("--only", type=int, help="measure one sample count only (100 shards, 10 datasets,"
                     " world 1, then 2 workers)")
     ap.add_argument("--batches", type=int, default=40)
+    ap.add_argument("--sections", default="samples,shards,datasets,world",
+                    help="comma-separated subset of samples,shards,datasets,world")
     ap.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.measure:
@@ -172,38 +174,45 @@ def main() -> None:
         print(line(f"{a.only:.0e} samples", run(lock, batches=a.batches)), flush=True)
         print(line(f"{a.only:.0e} samples, 2 workers", run(lock, workers=2, batches=a.batches)))
         return
-    print("== samples (100 shards, 10 datasets, world 1)")
-    xs, priv = [], []
-    for n in [10**6, 10**7] + ([10**8] if a.big else []):
+    sec = set(a.sections.split(","))
+    xs, priv, hs, cpu, ds, dms, wss, wms = ([] for _ in range(8))
+    for n in ([10**6, 10**7] + ([10**8] if a.big else [])) * ("samples" in sec):
+        if n == 10**6:
+            print("== samples (100 shards, 10 datasets, world 1)")
         r = run(synth(out, n, 100, 10), batches=a.batches)
         print(line(f"{n:.0e} samples", r), flush=True)
         xs.append(n), priv.append(r["private_MB"] - r["import_private_MB"])  # the stream's own
-    r = run(synth(out, xs[-1], 100, 10), workers=2, batches=a.batches)
-    print(line(f"{xs[-1]:.0e} samples, 2 workers", r), flush=True)
-    print("== shards (10^6 samples, 10 datasets, world 1)")
-    hs, cpu = [], []
-    for h in (100, 1000, 10000):
+    if xs:
+        r = run(synth(out, xs[-1], 100, 10), workers=2, batches=a.batches)
+        print(line(f"{xs[-1]:.0e} samples, 2 workers", r), flush=True)
+    for h in (100, 1000, 10000) * ("shards" in sec):
+        if h == 100:
+            print("== shards (10^6 samples, 10 datasets, world 1)")
         r = run(synth(out, 10**6, h, 10), batches=a.batches)
         print(line(f"{h} shards", r), flush=True)
         hs.append(h), cpu.append(r["construct_cpu_s"] + r["first_batch_cpu_s"])
-    print("== datasets (10^6 samples, max(100, datasets) shards, world 1)")
-    ds, dms = [], []
-    for d in (10, 100, 1000):
+    for d in (10, 100, 1000) * ("datasets" in sec):
+        if d == 10:
+            print("== datasets (10^6 samples, max(100, datasets) shards, world 1)")
         r = run(synth(out, 10**6, max(100, d), d), batches=a.batches)
         print(line(f"{d} datasets", r), flush=True)
         ds.append(d), dms.append(r["ms_per_batch_cpu"])
-    print("== world size (10^6 samples, 100 shards, 10 datasets, rank 0)")
-    wss, wms = [], []
-    for ws in (1, 8, 64, 512):
-        r = run(synth(out, 10**6, 100, 10), ws=ws, batches=max(5, a.batches // (1 + ws // 64)))
+    for ws in (1, 8, 64, 512) * ("world" in sec):
+        if ws == 1:
+            print("== world size (10^6 samples, 100 shards, 10 datasets, rank 0)")
+        r = run(synth(out, 10**6, 100, 10), ws=ws, batches=a.batches)
         print(line(f"world {ws}", r), flush=True)
         wss.append(ws), wms.append(r["ms_per_batch_cpu"])
     print("== fitted costs")
-    print(f"per sample : {slope(xs, priv) * 2**20:8.3f} B private memory per sample (beyond imports)")
-    print(f"per shard  : {slope(hs, cpu) * 1e3:8.3f} ms CPU (construct + first batch) per shard")
-    print(f"per dataset: {slope(ds, dms) * 1e3:8.3f} µs CPU per batch per dataset")
-    print(f"per rank   : {slope(wss, wms):8.3f} ms CPU per batch per rank "
-          f"(world 512 / world 1: {wms[-1] / wms[0]:.1f}x)")
+    if xs:
+        print(f"per sample : {slope(xs, priv) * 2**20:8.3f} B private memory per sample (beyond imports)")
+    if hs:
+        print(f"per shard  : {slope(hs, cpu) * 1e3:8.3f} ms CPU (construct + first batch) per shard")
+    if ds:
+        print(f"per dataset: {slope(ds, dms) * 1e3:8.3f} µs CPU per batch per dataset")
+    if wss:
+        print(f"per rank   : {slope(wss, wms):8.3f} ms CPU per batch per rank "
+              f"(world 512 / world 1: {wms[-1] / wms[0]:.2f}x)")
     print(f"total bench wall {time.perf_counter() - t0:.0f} s")
 
 

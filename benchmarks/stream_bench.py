@@ -206,19 +206,23 @@ def fill(lock: Path, n_batches: int) -> dict:
 
 
 def resume(lock: Path, out: Path, target: int = 1_000_000) -> dict:
+    import numpy as np
     from train import stream as sm
+    from train.lanes import fresh
     s = MixtureStream(lock, SEQ, mode="packed", batch_size=8)
-    cur = sm._Cursor(s, s._internal(s.state_dict()))
+    cur = sm._Cursor(s, fresh(0, 1), np.zeros(len(s.datasets), np.int64))
     t0 = time.perf_counter()
-    while cur.win.next_start["src"]["draws"] < target:  # walk windows (lengths only)
-        cur.advance(cur.win.size - cur.off + 1)
+    while int(s._schedule.counts(cur.pos.current()[0] + 1).sum()) < target:  # lengths only
+        cur.pos.offset = cur.win.size
+        cur._settle()
     cur.advance(cur.win.size // 2)  # stop inside the window that holds sample 10^6
     t_walk = time.perf_counter() - t0
-    state = s._public(cur.state())
+    state = s._public_at(cur)
     expect = s._collate(cur.advance(8, collect=True))["input_ids"]
     (out / "state_1e6.json").write_text(json.dumps(state))
-    res = {"state_bytes": len(json.dumps(state)), "draws_at_window_start": state["draws"],
-           "rows_consumed": state["consumed"], "walk_to_it_s": t_walk}
+    res = {"state_bytes": len(json.dumps(state)),
+           "draws_at_window_start": sum(x["draws"] for x in state["datasets"]),
+           "window": state["window"], "walk_to_it_s": t_walk}
     for nw in (0, 2):
         r = subprocess.run([sys.executable, __file__, "--resume-child", str(lock),
                             str(out / "state_1e6.json"), str(nw)], capture_output=True,
@@ -292,8 +296,8 @@ def main() -> None:
           f"  | greedy in-order packing {fl['greedy_in_order']:.4f}"
           f"  (target packed >= 0.97)")
     rs = resume(lock, out)
-    print(f"\n[3] resume at sample {rs['draws_at_window_start']:,} (window start; row "
-          f"{rs['rows_consumed']:,}); state {rs['state_bytes']} bytes of JSON; walking there "
+    print(f"\n[3] resume at sample {rs['draws_at_window_start']:,} (start of window "
+          f"{rs['window']:,}); state {rs['state_bytes']} bytes of JSON; walking there "
           f"without reading tokens took {rs['walk_to_it_s']:.1f}s (what a replay would cost)")
     for k in ("workers=0", "workers=2"):
         c = rs[k]

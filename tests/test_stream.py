@@ -16,9 +16,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from stream_fixtures import (EOS, make_dataset, make_lock, read_sample,  # noqa: E402
                              standard_mixture)
 
-from train.kernels import mixture_choices, permuted_positions  # noqa: E402
+from train.kernels import permuted_positions  # noqa: E402
 from train.packing import pack_rows  # noqa: E402
-from train.sampling import MixtureSampler, feistel_permute, mix64, uniforms  # noqa: E402
+from train.sampling import MixtureSchedule, feistel_permute, mix64  # noqa: E402
 from train.stream import MixtureStream, StreamError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -97,37 +97,63 @@ def test_compiled_sampler_permutation_equals_numpy_feistel():
         assert np.array_equal(got, want)
 
 
-def test_compiled_mixture_choices_equal_numpy_searchsorted():
-    rng = np.random.default_rng(4)
-    for k in (1, 2, 3, 40):
-        cdf = np.cumsum(rng.random(k))
-        cdf /= cdf[-1]
-        active = np.sort(rng.choice(100, k, replace=False)).astype(np.int64)
-        base, j0 = int(rng.integers(0, 2**63)), int(rng.integers(0, 2**40))
-        u = uniforms(base, j0, 5000)
-        want = active[np.minimum(np.searchsorted(cdf, u, side="right"), k - 1)]
-        assert np.array_equal(mixture_choices(np.uint64(base), j0, 5000, cdf, active), want)
+def schedule_draws(sch, upto):
+    """Every window's draws up to window `upto`, concatenated."""
+    parts = [sch.window(w) for w in range(upto)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
-@pytest.mark.parametrize("block", [8192, 7, 1])
-def test_sampler_is_chunking_independent_and_restorable(block):
-    """`block` is how many draws the sampler generates ahead: never visible in the output."""
-    args = ([0.5, 0.3, 0.2], [40, 7, 25], [True, True, False], [11, 12, 13], 5)
-    s1 = MixtureSampler(*args)
-    d1, t1 = s1.draw(300)
-    s2 = MixtureSampler(*args, block=block)
-    parts = [s2.draw(k) for k in (1, 36, 100, 163)]
-    assert np.array_equal(d1, np.concatenate([p[0] for p in parts]))
-    assert np.array_equal(t1, np.concatenate([p[1] for p in parts]))
-    s3 = MixtureSampler(*args, block=block)
-    s3.draw(137)
-    snap = json.loads(json.dumps(s3.snapshot()))
-    assert snap == (lambda u: (u.draw(137), u.snapshot())[1])(MixtureSampler(*args, block=1))
-    s4 = MixtureSampler(*args, block=block)
-    s4.restore(snap)
-    assert np.array_equal(s4.draw(163)[1], t1[137:])
-    # the non-repeating dataset gave each of its 25 samples once
-    assert sorted(t1[d1 == 2].tolist()) == list(range(25))
+@pytest.mark.parametrize("probs,n,rep,W", [
+    ([0.5, 0.3, 0.2], [40, 7, 25], [True, True, False], 16),
+    ([0.9, 0.1], [1000, 3], [True, True], 5),
+    ([1e-4, 0.7, 0.3 - 1e-4], [50, 9, 11], [True, False, False], 64),
+    (list(np.full(300, 1 / 300)), list(range(1, 301)), [True] * 300, 128)])
+def test_schedule_is_stratified_and_each_epoch_a_permutation(probs, n, rep, W):
+    """Counts are the lock share to within one draw while every dataset is active; a
+    non-repeating dataset gives each sample once and retires, the others renormalise; the
+    positions are feistel_permute (numpy) of the running count, epoch by epoch."""
+    bases = [11 + k for k in range(len(n))]
+    sch = MixtureSchedule(probs, n, rep, bases, 5, W)
+    p, nn, rp = np.asarray(probs), np.asarray(n), np.asarray(rep)
+    upto = sch.n_windows or 400
+    prev = sch.counts(0)
+    assert not prev.any()
+    first_retire = None
+    for w in range(1, upto + 1):
+        c = sch.counts(w)
+        assert (c >= prev).all() and c.sum() - prev.sum() == len(sch.window(w - 1)[0])
+        if first_retire is None and ((c >= nn) & ~rp).any():
+            first_retire = w
+        if first_retire is None:  # every dataset active: stratified to one draw
+            assert np.abs(c - w * W * p / p.sum()).max() < 1.0
+        prev = c
+    d, t = schedule_draws(sch, upto)
+    for k in range(len(n)):  # window by window (a window's draws are in a seeded order)
+        for w in range(0, upto, max(1, upto // 25)):
+            q = np.arange(sch.counts(w)[k], sch.counts(w + 1)[k])
+            keys = mix64(mix64((q // n[k]).astype(np.uint64)) ^ np.uint64(bases[k]))
+            dw, tw = sch.window(w)
+            assert sorted(tw[dw == k]) == sorted(feistel_permute(q % n[k], n[k], keys))
+        if not rep[k]:
+            assert sorted(t[d == k].tolist()) == list(range(n[k]))
+    if sch.n_windows is not None:
+        assert len(sch.window(sch.n_windows)[0]) == 0
+        assert (sch.counts(sch.n_windows + 5) == nn).all()
+    if first_retire is not None and rp.any():  # after every retirement: the repeating ones
+        last = max(w for w in range(upto) if ((sch.counts(w) < nn) & ~rp).any()) + 1
+        c0, c1 = sch.counts(last), sch.counts(last + 50)
+        share = (c1 - c0)[rp] / (c1 - c0).sum()
+        assert np.allclose(share, p[rp] / p[rp].sum(), atol=2 / (50 * W) + 1e-12)
+
+
+def test_schedule_window_is_the_same_computed_alone():
+    """Window w is a pure function of w: computed in any order, or alone, it is identical."""
+    args = ([0.5, 0.3, 0.2], [40, 7, 25], [True, True, False], [1, 2, 3], 9, 16)
+    a = MixtureSchedule(*args)
+    seq = [a.window(w) for w in range(30)]
+    b = MixtureSchedule(*args)
+    for w in (29, 3, 17, 0):
+        assert all(np.array_equal(x, y) for x, y in zip(b.window(w), seq[w]))
 
 
 def check_packed(batch, dirs, L, pad_id):
@@ -368,30 +394,62 @@ def test_loader_state_ignores_prefetch_and_reiteration(lock):
 
 
 def rank_batches(lock, ws, steps, state=None, nw=0, **kw):
+    """Each rank's first `steps` batches (None: to the end) and its state after them."""
     out, states = [], []
     for r in range(ws):
         ld = MixtureStream(lock, 96, rank=r, world_size=ws, **kw).loader(nw)
         if state is not None:
             ld.load_state_dict(state)
         out.append(take(ld, steps))
-        states.append(ld.state_dict())
-    assert all(x == states[0] for x in states)  # every rank reports the same global position
-    return out, states[0]
+        states.append(json.loads(json.dumps(ld.state_dict())))
+    return out, states
 
 
-@pytest.mark.parametrize("mode,ws_from,ws_to,nw_from,nw_to", [
-    ("packed", 2, 1, 0, 0), ("packed", 1, 2, 0, 0), ("packed", 2, 1, 2, 1),
-    ("padded", 2, 1, 0, 0), ("padded", 1, 2, 1, 2), ("concat", 2, 1, 0, 0)])
-def test_resume_on_other_world_size(lock, mode, ws_from, ws_to, nw_from, nw_to):
+@pytest.mark.parametrize("mode,nw_from,nw_to", [("packed", 0, 2), ("padded", 1, 0), ("concat", 2, 1)])
+def test_exact_resume_on_two_ranks(lock, mode, nw_from, nw_to):
+    """Same world size: every rank continues with exactly the batches it would have had."""
     kw = dict(mode=mode, batch_size=2, pack_window=40)
-    ref = take(MixtureStream(lock, 96, **kw).loader(0), 16)  # 1 rank: 16 steps = 32 rows
-    a, st = rank_batches(lock, ws_from, 8 // (2 * ws_from), nw=nw_from, **kw)  # 8 rows
-    assert st["consumed"] == 8 * (96 if mode == "concat" else 1)
-    b, _ = rank_batches(lock, ws_to, 24 // (2 * ws_to), state=st, nw=nw_to, **kw)
-    glob = [x for step in zip(*a) for x in step] + [x for step in zip(*b) for x in step]
-    ms = lambda bs: Counter(map(tuple, torch.cat([x["samples"] for x in bs]).tolist()))  # noqa
-    assert ms(glob) == ms(ref)  # the same multiset of samples over the ranks ...
-    assert_same(glob, ref)  # ... and in fact the same batches in the same global order
+    ref, _ = rank_batches(lock, 2, 9, **kw)
+    first, states = rank_batches(lock, 2, 4, nw=nw_from, **kw)
+    for r in range(2):
+        assert_same(first[r], ref[r][:4])
+        ld = MixtureStream(lock, 96, rank=r, world_size=2, **kw).loader(nw_to)
+        ld.load_state_dict(states[r])
+        assert_same(take(ld, 5), ref[r][4:])
+    ranks_rows = [Counter(map(tuple, torch.cat([b["samples"] for b in bs]).tolist())) for bs in ref]
+    assert not set(ranks_rows[0]) & set(ranks_rows[1]) or mode == "concat"  # disjoint windows
+
+
+def piece_tokens(batches) -> Counter:
+    """Tokens of each (dataset, sample) over the batches, from the pieces' segments."""
+    c = Counter()
+    for b in batches:
+        for (d, i), (_, s, e) in zip(b["samples"].tolist(), b["segments"].tolist()):
+            c[(d, i)] += e - s
+    return c
+
+
+@pytest.mark.parametrize("mode,ws_from,ws_to,nw_from,nw_to,k", [
+    ("packed", 2, 1, 0, 0, 3), ("packed", 1, 2, 0, 0, 5), ("packed", 2, 3, 2, 1, 4),
+    ("padded", 2, 1, 0, 0, 7), ("padded", 1, 2, 1, 2, 6), ("concat", 2, 1, 0, 0, 4),
+    ("concat", 3, 2, 0, 0, 2)])
+def test_world_size_change_repeats_and_loses_nothing(tmp_path, mode, ws_from, ws_to, nw_from, nw_to, k):
+    """A finite mixture, k steps on ws_from ranks, then to the end on ws_to ranks from every
+    old rank's state: every token of every sample is trained exactly once."""
+    lk = standard_mixture(tmp_path, repeat=(False, False, False))
+    kw = dict(mode=mode, batch_size=2, pack_window=40)
+    a, states = rank_batches(lk, ws_from, k, nw=nw_from, **kw)
+    b, _ = rank_batches(lk, ws_to, None, state=states, nw=nw_to, **kw)
+    got = piece_tokens([x for bs in a + b for x in bs])
+    want = Counter()
+    for d, path in enumerate(lock_dirs(lk)):
+        for i in range(json.loads(Path(lk).read_text())["datasets"][d]["nlines"]):
+            toks = read_sample(path, i)[0]
+            want[(d, i)] = len(toks) + (mode == "concat" and int(toks[-1]) != EOS)
+    assert got == want
+    if ws_from > 1:  # one rank's state alone cannot say what the others consumed
+        with pytest.raises(StreamError, match="every old rank"):
+            MixtureStream(lk, 96, world_size=ws_to, **kw).load_state_dict(states[-1])
 
 
 def test_resume_in_a_new_process(lock, tmp_path):
@@ -430,18 +488,19 @@ def test_restore_is_O1(lock, monkeypatch):
     """A state far into the stream is restored by regenerating one window, not by replay."""
     s = MixtureStream(lock, 96, mode="packed", batch_size=2, pack_window=40)
     from train import stream as sm
-    cur = sm._Cursor(s, s._internal(s.state_dict()))
+    from train.lanes import fresh
+    cur = sm._Cursor(s, fresh(0, 1), np.zeros(3, np.int64))
     cur.advance(20000)  # ~ 20000 rows on: hundreds of windows, many epochs
-    far = s._public(cur.state())
+    far = s._public_at(cur)
     assert far["window"] > 300 and far["datasets"][0]["epoch"] > 10
     assert len(json.dumps(far)) < 2000
     calls = []
     orig = sm.MixtureStream._make_window
     monkeypatch.setattr(sm.MixtureStream, "_make_window",
                         lambda self, *a: calls.append(1) or orig(self, *a))
-    fresh = MixtureStream(lock, 96, mode="packed", batch_size=2, pack_window=40)
-    ld = fresh.loader(0)
-    ld.load_state_dict(far)
+    fresh_stream = MixtureStream(lock, 96, mode="packed", batch_size=2, pack_window=40)
+    ld = fresh_stream.loader(0)
+    ld.load_state_dict(json.loads(json.dumps(far)))
     first = take(ld, 1)[0]
     assert len(calls) <= 2
     # and it is the batch the long run would give there
@@ -465,10 +524,10 @@ def test_realised_token_shares_match_the_lock(tmp_path):
             tok[d] += len(read_cache(dirs[d], i))
     share = tok / tok.sum()
     assert np.allclose(share, weights, atol=0.02), share  # stated tolerance: 2 points
-    # the global sample sequence itself over 2M draws: within 0.3 points
-    src = s._new_source()
+    # the global sample sequence itself over ~2M draws: within 0.3 points
     lens = [np.array([len(read_cache(d, i)) for i in range(ds.n)]) for d, ds in zip(dirs, s.datasets)]
-    d, t = src.draw(2_000_000)
+    parts = [s._schedule.window(w) for w in range(2_000_000 // 512)]
+    d, t = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     tok = np.array([lens[k][t[d == k]].sum() for k in range(3)], float)
     assert np.allclose(tok / tok.sum(), weights, atol=0.003), tok / tok.sum()
 
@@ -496,23 +555,29 @@ def test_non_repeating_dataset_each_sample_once_then_stops(lock):
 
 
 @pytest.mark.parametrize("mode, batch", [("padded", 3), ("packed", 2)])
-def test_finite_stream_ends_together_on_all_ranks(tmp_path, mode, batch):
-    """Ranks stop together, every sample once; packed rows missing at the end are padding."""
+def test_finite_stream_ends_on_each_rank_with_every_sample_once(tmp_path, mode, batch):
+    """Each rank packs its own windows and ends when they run out (the trainer keeps ranks in
+    lockstep); over the ranks every sample comes once; rows missing at a rank's end are
+    all padding, and the batches keep their shape."""
     dirs = [make_dataset(tmp_path, f"f{k}", np.full(n, 10 + k), seed=k) for k, n in enumerate((23, 14))]
     lk = make_lock(tmp_path / "lock.json", [{"dir": d, "abs_weight": 0.5, "allow_repeat": False}
                                             for d in dirs])
     per_rank = [list(MixtureStream(lk, 32, mode=mode, batch_size=batch, rank=r, world_size=2,
                                    pack_window=8).loader(0)) for r in range(2)]
-    assert len(per_rank[0]) == len(per_rank[1])
     got = Counter(tuple(x) for bs in per_rank for b in bs for x in b["samples"].tolist())
     assert got == Counter([(0, i) for i in range(23)] + [(1, i) for i in range(14)])
-    if mode == "packed":
-        for bs in per_rank:
-            for b in bs:
+    for bs in per_rank:
+        assert bs, "each rank had windows"
+        for b in bs:
+            if mode == "packed":
                 assert b["input_ids"].shape == (batch, 32)
                 check_packed(b, dirs, 32, 0)
-    last = per_rank[1][-1]  # the last step ran out of rows: rank 1 has only padding
-    assert last["samples"].shape == (0, 2) and (last["labels"] == -100).all()
+            else:
+                assert b["input_ids"].shape[0] == batch
+        last = bs[-1]  # the rank's last step ran out of rows: those rows are untrained padding
+        rows_used = len({int(s) // 32 for s in last["segments"][:, 1].tolist()}) if mode == "packed" \
+            else len(last["samples"])
+        assert (last["labels"][rows_used:] == -100).all()
 
 
 # ------------------------------------------------------------------ validation split

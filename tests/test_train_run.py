@@ -7,6 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from train.stream_state import STATE_VERSION
+
 from test_train_helpers import (TOKENIZER, build_sample_lock, labelled_positions, read_log, run_train,
                                 tiny_config, tiny_model_dir)
 
@@ -72,7 +74,7 @@ def test_outputs_of_a_run(full_run):
     ck = out / "checkpoint-20"
     state = json.loads((ck / "trainer_state.json").read_text())
     assert state["step"] == 20 and state["world_size"] == 1
-    assert json.loads((ck / "stream_state_rank00000.json").read_text())["version"] == 1
+    assert json.loads((ck / "stream_state_rank00000.json").read_text())["version"] == STATE_VERSION
     assert "auto" not in (out / "ds_config.json").read_text()
 
 

@@ -179,7 +179,8 @@ class Checkpointer:
 
     def load(self, engine, ckpt: Path, parts: dict, *, zero_stage: int, load_dir: Path | None = None) -> dict:
         """DeepSpeed's states (from `load_dir`, a universal conversion, when given), then every
-        part's load_state_dict. The stream position is global: any rank's file continues it."""
+        part's load_state_dict. The stream gets every rank's file: on the same world size each rank
+        continues its own position, on another the positions are re-planned (train/stream_state)."""
         state = self.check_resumable(ckpt, zero_stage, allow_universal=load_dir is not None)
         if load_dir is not None:  # universal: per-group optimizer state un-shared (train/universal.py)
             from .universal import load_universal
@@ -191,6 +192,12 @@ class Checkpointer:
             raise TrainError(f"{ckpt}: DeepSpeed could not load this checkpoint")
         for name, part in parts.items():
             per_rank, fmt = PART_FILES[name][1:]
+            if name == "stream":  # every rank's position: on another world size, all are needed
+                files = sorted(ckpt.glob(f"{PART_FILES[name][0]}_rank*.json"))
+                if not files:
+                    raise TrainError(f"{ckpt}: no {PART_FILES[name][0]}_rank*.json")
+                part.load_state_dict([json.loads(x.read_text()) for x in files])
+                continue
             f = self._file(ckpt, name)
             if per_rank and not f.is_file():
                 f = self._file(ckpt, name, rank=0)

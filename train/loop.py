@@ -138,9 +138,13 @@ def train(engine, loader, eval_stream, checkpointer, metrics, cfg, state, parts,
     while state.step < cfg.max_steps:
         t0 = time.perf_counter()
         micro = _take(batches, gas)
-        if len(micro) < gas:  # finite mixture ran out (all ranks see it on the same step)
+        # A finite mixture ends per rank (each packs its own windows): go on while any rank has
+        # data, a rank without running batches with nothing trained (ZeRO steps are collectives).
+        have = all_reduce(torch.tensor([float(len(micro))]), device, op=dist.ReduceOp.MAX).item()
+        if have == 0:
             log.warning("the data ran out after %d steps", state.step)
             return "exhausted"
+        micro += [_dummy_batch() for _ in range(gas - len(micro))]
         # Predicted tokens of the whole step, all ranks, before any backward: the loss divisor.
         local = torch.tensor([sum(int((shift_labels(b) != IGNORE).sum()) for b in micro),
                               sum(b["input_ids"].numel() for b in micro)], dtype=torch.float64)
@@ -152,7 +156,8 @@ def train(engine, loader, eval_stream, checkpointer, metrics, cfg, state, parts,
             per_token, target = loss_sum(engine, _to(batch, device), use_varlen, per_token=True)
             engine.backward(per_token.sum() * scale)
             engine.step()  # optimizer + scheduler step only at the accumulation boundary
-            totals.add(batch, per_token, target)
+            if not batch.get("dummy"):
+                totals.add(batch, per_token, target)
         totals.reduce(device)
 
         state.step += 1
@@ -220,8 +225,9 @@ def _to(batch: dict, device) -> dict:
 
 
 def _dummy_batch() -> dict:
+    """Nothing trained: a rank whose data ran out keeps the collectives of a step in lockstep."""
     return {"input_ids": torch.zeros(1, 2, dtype=torch.long), "labels": torch.full((1, 2), IGNORE),
-            "position_ids": torch.arange(2).unsqueeze(0)}
+            "position_ids": torch.arange(2).unsqueeze(0), "dummy": True}
 
 
 def all_reduce(t: torch.Tensor, device, op=None) -> torch.Tensor:

@@ -4,20 +4,18 @@ seeded mixture sampler.
 Everything here is a pure function of integers (no global RNG, no numpy Generator whose stream
 may change between releases): splitmix64 mixing in wrapping uint64 arithmetic.
 
-* ``uniforms(base, j0, n)`` - the j-th uniform of a stream is ``mix64(base + j*GOLDEN)``, so draw
-  j can be computed without computing draws 0..j-1 (counter-based).
 * ``feistel_permute(x, n, keys)`` - a keyed bijection of [0, n) (balanced Feistel network over
   the smallest even-bit power of two >= n, cycle-walking back into [0, n)). A dataset's order in
   epoch e is ``feistel_permute(arange(n), n, key(seed, dataset, e))``: position p of the epoch
   is evaluated on demand, no permutation array is stored.
-* ``MixtureSampler`` - the global sample sequence of the train split. Its whole state is
-  ``draws`` (the counter) and ``(epoch, pos)`` per dataset. It computes the two functions
-  above draw by draw in compiled code (kernels.mixture_choices / permuted_positions); the
-  numpy versions here are their definition, and the tests hold the kernels to them.
+* ``MixtureSchedule`` - the global sample sequence of the train split, window by window:
+  stratified per-dataset counts that are O(datasets) to compute for any window (so a rank
+  computes only its own windows), positions through the Feistel maps in compiled code
+  (kernels.permuted_positions; ``feistel_permute`` here is its definition).
 * ``HeldOut`` - the validation split: sample i of a dataset is held out iff
   ``hash_uniform(key, i) < percentage / 100``; it maps train positions and validation
   positions to sample ids through per-block counts (8 B per 64 samples), no per-sample array.
-* ``HeldOutSource`` - the validation split's (dataset, sample) sequence, state ``draws`` only.
+* ``HeldOutSchedule`` - the validation split's (dataset, sample) sequence, window by window.
 """
 from __future__ import annotations
 
@@ -25,7 +23,7 @@ import hashlib
 
 import numpy as np
 
-from .kernels import heldout_block_counts, mixture_choices, permuted_positions, select_ids
+from .kernels import heldout_block_counts, permuted_positions, select_ids
 
 U64 = np.uint64
 GOLDEN = U64(0x9E3779B97F4A7C15)
@@ -50,13 +48,6 @@ def mix64(z) -> np.ndarray:
     z *= _M2
     z ^= z >> _S31
     return z
-
-
-def uniforms(base: int, j0: int, n: int) -> np.ndarray:
-    """Uniforms in [0, 1) for counters j0 .. j0+n-1 of the stream `base`."""
-    ctr = np.arange(j0, j0 + n, dtype=U64)
-    z = mix64(ctr * GOLDEN + U64(base))
-    return (z >> U64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 def hash_uniform(base: int, idx: np.ndarray) -> np.ndarray:
@@ -108,114 +99,97 @@ def feistel_permute(x, n, keys) -> np.ndarray:
     return out
 
 
-class MixtureSampler:
-    """The global train sample sequence: draw j picks a dataset with probability proportional to
-    its lock `sample_probability` among the still-active datasets (uniform j of the seeded
-    counter stream); within a dataset, its t-th draw is position t % n of epoch t // n, mapped
-    through that epoch's Feistel permutation. A non-repeating dataset retires after n draws (the
-    others renormalise); a repeating one goes on with epoch + 1.
+class MixtureSchedule:
+    """The global train sample sequence, window by window, stratified: after w windows of
+    (about) `window` draws, dataset d has had exactly
 
-    State: ``draws`` and per dataset ``(epoch, pos)`` - restored in O(1) (one block of draws
-    is generated ahead; it is not part of the state)."""
+        C_d(w) = base_d + min(cap_d, floor(X_d(w) + u_d))
+
+    draws, where X_d grows by window * p_d / (sum of the active p) per window (piecewise
+    linear: a non-repeating dataset retires when it reaches cap_d = n_d - base_d and the others
+    renormalise), and u_d in [0, 1) is a seeded phase. So the realised share of each dataset
+    is its lock share to within one draw, and C(w) - and with it window w - is O(datasets) to
+    compute for *any* w: no walk over earlier windows, whatever rank packs window w.
+
+    Window w holds C_d(w + 1) - C_d(w) draws of each d: its positions C_d(w), C_d(w) + 1, ...
+    (epoch = c // n_d, position c % n_d through that epoch's keyed Feistel permutation), put in
+    a seeded order. `n_windows` is where a finite stream (only non-repeating datasets) ends."""
 
     def __init__(self, probs, n_train, allow_repeat, dataset_bases, seed_base: int,
-                 block: int = 8192):
-        self.probs = np.asarray(probs, dtype=np.float64)
-        self.n = [int(v) for v in n_train]
-        self.repeat = [bool(v) for v in allow_repeat]
-        self.bases = [int(v) for v in dataset_bases]
-        self._n_arr = np.asarray(self.n, np.int64)
-        self._bases_arr = np.asarray(self.bases, dtype=U64)
-        self._rep_arr = np.asarray(self.repeat, bool)
-        self.seed_base = int(seed_base)
-        # Draws are generated `block` at a time (a window of 1024 is mostly numpy call
-        # overhead) into a look-ahead buffer; the public state below only counts what `draw`
-        # handed out, so it is exactly the state an unbuffered sampler would have.
-        self.block = max(1, int(block))
-        self.restore({"draws": 0, "epoch": [0] * len(self.n), "pos": [0] * len(self.n)})
+                 window: int, base=None):
+        self.p = np.asarray(probs, np.float64)
+        self.n = np.asarray(n_train, np.int64)
+        self.rep = np.asarray(allow_repeat, bool)
+        self.bases = np.asarray([int(b) for b in dataset_bases], dtype=U64)
+        self.seed_base, self.W = int(seed_base), int(window)
+        nd = len(self.n)
+        self.base = np.zeros(nd, np.int64) if base is None else np.asarray(base, np.int64)
+        self.base = np.where(self.rep, self.base, np.minimum(self.base, self.n))
+        self.u = hash_uniform(self.seed_base, np.arange(nd))
+        self.cap = np.where(self.rep, np.inf, (self.n - self.base).astype(np.float64))
+        self._plan_segments()
 
-    # -- state ---------------------------------------------------------------------------
-    def snapshot(self) -> dict:
-        return {"draws": self.draws, "epoch": self.epoch.tolist(), "pos": self.pos.tolist()}
-
-    def restore(self, snap: dict) -> None:
-        self.draws = int(snap["draws"])
-        self.epoch = np.array(snap["epoch"], np.int64).reshape(-1)
-        self.pos = np.array(snap["pos"], np.int64).reshape(-1)
-        # the generator's own position (ahead of the public one by the buffered draws)
-        self._g_draws, self._g_epoch, self._g_pos = self.draws, self.epoch.copy(), self.pos.copy()
-        self._buf_d = self._buf_t = np.zeros(0, np.int64)
-        self._buf_at = 0
-
-    def _active(self, pos) -> np.ndarray:
-        """Datasets still drawn from (vectorised: no Python loop over datasets)."""
-        return np.flatnonzero((self._n_arr > 0) & (self.probs > 0)
-                              & (self._rep_arr | (pos < self._n_arr)))
-
-    def active(self) -> list[int]:
-        return self._active(self.pos)
-
-    def exhausted(self) -> bool:
-        return len(self.active()) == 0
-
-    # -- drawing -------------------------------------------------------------------------
-    def draw(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """Next `count` draws (fewer when every dataset is retired): (dataset, train position)."""
-        count = int(count)
-        have = len(self._buf_d) - self._buf_at
-        if have < count:
-            d, t = self._generate(max(self.block, count - have))
-            self._buf_d = np.concatenate([self._buf_d[self._buf_at:], d])
-            self._buf_t = np.concatenate([self._buf_t[self._buf_at:], t])
-            self._buf_at = 0
-        a = self._buf_at
-        b = min(len(self._buf_d), a + count)
-        self._buf_at = b
-        d, t = self._buf_d[a:b], self._buf_t[a:b]
-        self.draws += b - a
-        self._advance(self.epoch, self.pos, np.bincount(d, minlength=len(self.n)))
-        return d, t
-
-    def _advance(self, epoch: np.ndarray, pos: np.ndarray, counts: np.ndarray) -> None:
-        """Move (epoch, pos) of every dataset by its draw count, in place."""
-        c = np.asarray(counts, np.int64)
-        tot = pos + c
-        rep = np.flatnonzero(self._rep_arr & (c > 0))
-        epoch[rep] += tot[rep] // self._n_arr[rep]
-        pos[rep] = tot[rep] % self._n_arr[rep]
-        once = np.flatnonzero(~self._rep_arr & (c > 0))
-        pos[once] = tot[once]
-
-    def _generate(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """The next `count` draws from the generator's position (the buffer's end)."""
-        out_d, out_t = [], []
-        remaining = int(count)
-        epoch, pos = self._g_epoch, self._g_pos
-        while remaining > 0:
-            act = self._active(pos)
-            if len(act) == 0:
+    def _plan_segments(self) -> None:
+        """Segments [b_k, b_k+1) of constant rates, one per retirement (at most one per
+        dataset); each event found in closed form, checked with the one count formula."""
+        nd = len(self.n)
+        b, X = 0, np.zeros(nd)
+        active = (self.n > 0) & (self.p > 0) & (self.rep | (self.cap > 0))
+        starts, xs, rates = [], [], []
+        self.n_windows = None
+        while active.any():
+            rate = np.where(active, self.W * self.p / self.p[active].sum(), 0.0)
+            starts.append(b); xs.append(X); rates.append(rate)
+            fin = np.flatnonzero(active & ~self.rep)
+            if not fin.size:
                 break
-            cdf = np.cumsum(self.probs[act])
-            cdf /= cdf[-1]
-            choice = mixture_choices(U64(self.seed_base), self._g_draws, remaining, cdf, act)
-            cut = remaining
-            for d in act[~self._rep_arr[act]].tolist():  # first draw that uses up a
-                left = self.n[d] - int(pos[d])         # non-repeating dataset ends this chunk
-                hit = np.flatnonzero(choice == d)
-                if hit.size >= left:
-                    cut = min(cut, int(hit[left - 1]) + 1)
-            choice = choice[:cut]
-            counts = np.bincount(choice, minlength=len(self.n))
-            t = permuted_positions(choice, np.asarray(pos, np.int64), np.asarray(epoch, np.int64),
-                                   self._n_arr, self._bases_arr)
-            self._advance(epoch, pos, counts)
-            out_d.append(choice)
-            out_t.append(t)
-            self._g_draws += cut
-            remaining -= cut
-        if not out_d:
+            reached = lambda e: np.floor(X[fin] + (e - b) * rate[fin] + self.u[fin]) >= self.cap[fin]  # noqa
+            e = b + np.maximum(1, np.ceil((self.cap[fin] - self.u[fin] - X[fin]) / rate[fin])).astype(np.int64)
+            while True:  # float rounding: step the closed form onto the formula's answer
+                late = ~reached(e)
+                early = (e - 1 > b) & reached(e - 1)
+                if not late.any() and not early.any():
+                    break
+                e = e + late - early
+            nb = int(e.min())
+            X = X + (nb - b) * rate
+            active[fin[np.floor(X[fin] + self.u[fin]) >= self.cap[fin]]] = False
+            b = nb
+        if not active.any():
+            self.n_windows = b
+        self._starts = np.asarray(starts, np.int64)
+        self._x, self._rate = xs, rates
+
+    def counts(self, w: int) -> np.ndarray:
+        """C(w): per dataset, the draws made in windows 0 .. w-1 (with the base)."""
+        if not len(self._starts):
+            return self.base.copy()
+        k = max(0, int(np.searchsorted(self._starts, w, side="right")) - 1)
+        c = np.floor(self._x[k] + (w - self._starts[k]) * self._rate[k] + self.u)
+        return self.base + np.minimum(self.cap, c).astype(np.int64)
+
+    def positions(self, c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(epoch, pos) per dataset of the cumulative draw counts c."""
+        n = np.maximum(self.n, 1)
+        return np.where(self.rep, c // n, 0), np.where(self.rep, c % n, c)
+
+    def window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        """The draws of window w: (dataset, train position), in the window's seeded order."""
+        if self.n_windows is not None and w >= self.n_windows:
             return np.zeros(0, np.int64), np.zeros(0, np.int64)
-        return np.concatenate(out_d), np.concatenate(out_t)
+        c0 = self.counts(w)
+        q = self.counts(w + 1) - c0
+        nz = np.flatnonzero(q)
+        d = np.repeat(nz, q[nz]).astype(np.int64)
+        epoch, pos = self.positions(c0)
+        t = permuted_positions(d, pos.astype(np.int64), epoch.astype(np.int64), self.n, self.bases)
+        order = np.argsort(mix64(np.arange(len(d), dtype=U64) ^ U64(window_key(self.seed_base, w))),
+                           kind="stable")
+        return d[order], t[order]
+
+
+def window_key(seed_base: int, w: int) -> int:
+    return int(mix64(U64(w) ^ mix64(U64(seed_base))[0])[0])
 
 
 class HeldOut:
@@ -254,27 +228,17 @@ class HeldOut:
                           self.cum_held, self.bases, self.n, self.threshold, self.BLOCK, True)
 
 
-class HeldOutSource:
-    """Every held-out sample once: dataset 0's in id order, then dataset 1's, ...; state
-    `draws` (the position in that sequence)."""
+class HeldOutSchedule:
+    """The validation split as windows: every held-out sample once, dataset 0's in id order,
+    then dataset 1's, ...; window w holds positions [w * window, (w + 1) * window)."""
 
-    def __init__(self, held: HeldOut):
-        self.held = held
+    def __init__(self, held: HeldOut, window: int):
+        self.held, self.W = held, int(window)
         self.cum = np.concatenate([[0], np.cumsum(held.n_held)]).astype(np.int64)
-        self.draws = 0
+        self.n_windows = -(-int(self.cum[-1]) // self.W)
 
-    def snapshot(self) -> dict:
-        return {"draws": self.draws, "epoch": [], "pos": []}
-
-    def restore(self, snap: dict) -> None:
-        self.draws = int(snap["draws"])
-
-    def exhausted(self) -> bool:
-        return self.draws >= self.cum[-1]
-
-    def draw(self, count: int) -> tuple[np.ndarray, np.ndarray]:
-        a, b = self.draws, min(int(self.cum[-1]), self.draws + int(count))
-        self.draws = b
+    def window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = min(w * self.W, int(self.cum[-1])), min((w + 1) * self.W, int(self.cum[-1]))
         p = np.arange(a, b, dtype=np.int64)
         d = np.searchsorted(self.cum, p, side="right") - 1
         return d, self.held.held_ids(d, p - self.cum[d])

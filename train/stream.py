@@ -1,28 +1,32 @@
 """MixtureStream: the deterministic, packed, resumable training stream over a mixture lock.
 
-Layers (each a pure function of the one above, none depends on world size or worker count):
+Layers (each a pure function of the one above):
 
-1. **Global sample sequence** (`sampling.MixtureSampler`): draw j picks a dataset by the lock's
-   `sample_probability` (∝ token share / mean tokens) among active datasets from a counter-based
-   uniform; inside the dataset, its t-th draw is position t % n of epoch t // n of a keyed
-   Feistel permutation of its n train samples (no permutation array is stored; with a
-   validation split, the sorted int64 list of train sample ids, at most the size of `offsets`,
-   maps permutation positions to samples). State: `draws` + `(epoch, pos)` per dataset.
-2. **Windows**: the sample sequence is cut into fixed windows of `pack_window` draws. Window w is
-   turned into pieces (overflow policy for samples longer than seq_len, counted per dataset)
-   and, in packed mode, into rows by best-fit-decreasing inside the window (the bounded
-   look-ahead), rows then put in a seeded order. Padded mode: one piece per row, in order.
-   Concat mode: the window's documents (EOS appended where missing) as one token stream.
-3. **Global row (token) sequence**: windows back to back. Global step s takes the next
-   world_size * batch_size rows; rank r gets rows [r*B, (r+1)*B) of it; the DataLoader worker
-   `s % num_workers` (s counted from where this run started) builds it. Every worker walks the
-   windows itself (cheap: lengths only), but reads tokens only for its own batches.
+1. **Global sample sequence, window by window** (`sampling.MixtureSchedule`): window w holds,
+   for each dataset, the draws between its stratified cumulative counts C_d(w) and C_d(w + 1)
+   (shares follow the lock's `sample_probability`, ∝ token share / mean tokens, to within one
+   draw); a dataset's t-th draw is position t % n of epoch t // n of a keyed Feistel
+   permutation of its n train samples (no permutation array; with a validation split, a keyed
+   hash per sample id decides what is held out). Window w is O(datasets) to find for any w.
+2. **Window → units**: the window's samples become pieces (overflow policy for samples longer
+   than seq_len, counted per dataset) and, in packed mode, rows by best-fit-decreasing inside
+   the window (the bounded look-ahead), rows then put in a seeded order. Padded mode: one piece
+   per row, in order. Concat mode: the window's documents (EOS appended where missing) as one
+   token stream. None of this depends on world size or worker count.
+3. **Lanes** (`train/lanes.py`): rank r of world_size consumes the windows r, r + world_size,
+   r + 2 * world_size, ... back to back, batch_size rows (batch_size * seq_len tokens in concat
+   mode) per batch. A rank never makes another rank's windows, so its cost per batch does not
+   grow with the world size. DataLoader worker `k % num_workers` builds the rank's k-th batch
+   (counted from where this run started): every worker walks the rank's windows (lengths and
+   packing only), reading tokens only for its own batches, so the batches do not depend on the
+   worker count.
 
-State (`state_dict()`): the window index, the sampler state at the window's start (a few
-numbers per dataset) and the offset (rows, or tokens in concat mode) into the window. Restore
-regenerates one window: O(pack_window), independent of how far the stream has run. Since the
-state is a global position, any world size / worker count / batch size continues the same
-global stream. Each batch carries the state *after its global step*; the loader hands out the
+State (`state_dict()`, a rank's): its lane position (the window it is in and the units of it
+consumed, plus a short queue after a world-size change), and per dataset the draws before that
+window. Restore regenerates one window. On the same world size, each rank continues exactly
+(any worker count). On another world size, `load_state_dict` takes the list of *every* old
+rank's state and re-plans: every unit not yet consumed is owed to exactly one new rank, so no
+sample is repeated or lost. Each batch carries the state after it; the loader hands out the
 one of the last batch the caller took, so worker prefetch does not matter.
 
 Batches (dicts of tensors; labels follow the HF convention, see train/packing.py):
@@ -32,49 +36,38 @@ Batches (dicts of tensors; labels follow the HF convention, see train/packing.py
           reused for a later batch only once every tensor of this one is dropped.
   padded  input_ids, labels, attention_mask [B, longest piece in the batch]
   concat  input_ids, labels [B, seq_len]
-  all     n_trained (labels != -100), samples LongTensor [k, 2] of (dataset, sample index)
-When a finite stream (only non-repeating datasets) ends inside a global step, every rank still
-gets that step's batch (missing rows are all padding, labels -100), so ranks stay in lockstep.
-Samples longer than seq_len go through their dataset's overflow policy (lock entry `overflow`,
-else meta.json build.overflow, else "segment"); `stats()["overflow"]` counts them per dataset
-over the windows entered so far. Empty samples are skipped.
+  all     n_trained (labels != -100), samples LongTensor [k, 2] of (dataset, sample index),
+          segments [k, 3] (dataset, flat start, flat end) of each piece
+A finite stream (only non-repeating datasets) ends per rank: the rank's last batch is filled
+with all-padding rows (labels -100), and ranks may end a batch or two apart - a distributed
+loop keeps them in lockstep itself (train/loop.py all-reduces whether any rank still has data
+and runs a batch with nothing trained where one has none). Samples longer than seq_len go
+through their dataset's overflow policy (lock entry `overflow`, else meta.json build.overflow,
+else "segment"); `stats()["overflow"]` counts them per dataset over the windows this rank
+entered. Empty samples are skipped.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from stages.built_dataset import BuiltDataset, DatasetError, open_built
 from stages.constants import DEFAULT_SEED, OVERFLOW_MODES
 from stages.overflow import piece_bounds
 
-from .kernels import warm_up
+from .lanes import LanePos
 from .packing import (BlockPool, Located, PackedPieces, StreamError, TokenStore, best_fit_rows,
                       collate_concat, collate_packed, collate_padded, last_tokens)
-from .sampling import HeldOut, HeldOutSource, MixtureSampler, stable_hash64
+from .sampling import HeldOut, HeldOutSchedule, MixtureSchedule, stable_hash64
+from .stream_state import STATE_VERSION, StreamLoader, adopt, lock_content_sha256, resume_position
 
-STATE_VERSION = 1
 MODES = ("packed", "padded", "concat")
-__all__ = ["MixtureStream", "StreamLoader", "StreamError", "verify_lock"]
-
-
-def lock_content_sha256(lock: dict) -> str:
-    """sha256 of the lock's canonical JSON without its paths (built dirs are content-addressed
-    by `key`, so moving the cache does not change the content)."""
-    c = copy.deepcopy(lock)
-    for ds in c.get("datasets", []):
-        ds.pop("path", None)
-    if isinstance(c.get("tokenizer"), dict):
-        c["tokenizer"].pop("path", None)
-    blob = json.dumps(c, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+__all__ = ["MixtureStream", "StreamLoader", "StreamError", "verify_lock", "STATE_VERSION"]
 
 
 @dataclass
@@ -96,40 +89,40 @@ class _Dataset:
 @dataclass
 class _Window:
     index: int
-    start: dict  # {"src": sampler snapshot, "overflow": [...], "consumed": units before}
     size: int  # rows, or tokens in concat mode
     d: np.ndarray
     i: np.ndarray
     a: np.ndarray
     b: np.ndarray
+    overflow: np.ndarray  # per dataset: samples of this window longer than seq_len
     row_ptr: np.ndarray | None = None  # padded (one piece per row)
     loc: Located | None = None  # each piece's sample in its shard (TokenStore.locate)
     nreal: np.ndarray | None = None  # concat: real length of each document
     starts: np.ndarray | None = None  # concat: token start of each document in the window
-    overflow: list[int] | None = None  # counts including this window
-    next_start: dict | None = None
     packing: tuple | None = None  # packed: best_fit_rows' result and the row order key
     pieces: PackedPieces | None = None  # packed: built when a batch of this window is read
-    public: dict | None = None  # the public state at offset 0 (shared by its batches' states)
+    public: dict | None = None  # the state fields shared by the batches of this window
 
 
 class _Cursor:
-    """A position in the global unit (row / token) sequence."""
+    """A lane's position: the window it is in and the units of it consumed."""
 
-    def __init__(self, stream: "MixtureStream", start: dict):
-        self.s = stream
-        self.src = stream._new_source()
-        self.src.restore(start["src"])
-        self.win = stream._make_window(start["window"], start, self.src)
-        self.off = int(start["offset"])
+    def __init__(self, stream: "MixtureStream", pos: LanePos, overflow_done):
+        self.s, self.pos = stream, pos.copy()
+        self.done = np.asarray(overflow_done, np.int64)  # overflow counts of finished windows
+        self.win = self._open()
+
+    def _open(self) -> _Window | None:
+        w, _ = self.pos.current()
+        nw = self.s._schedule.n_windows
+        return None if nw is not None and w >= nw else self.s._make_window(w)
 
     def _settle(self) -> bool:
-        while self.off >= self.win.size:
-            if self.src.exhausted():
-                return False
-            self.off -= self.win.size
-            self.win = self.s._make_window(self.win.index + 1, self.win.next_start, self.src)
-        return True
+        while self.win is not None and self.pos.offset >= self.win.size:
+            self.done = self.done + self.win.overflow
+            self.pos.finish_item()
+            self.win = self._open()
+        return self.win is not None
 
     def exhausted(self) -> bool:
         return not self._settle()
@@ -137,23 +130,13 @@ class _Cursor:
     def advance(self, k: int, collect: bool = False) -> list:
         segs = []
         while k > 0 and self._settle():
-            m = min(k, self.win.size - self.off)
+            off = self.pos.offset
+            m = min(k, self.win.size - off)
             if collect:
-                segs.append((self.win, self.off, self.off + m))
-            self.off += m
+                segs.append((self.win, off, off + m))
+            self.pos.offset = off + m
             k -= m
         return segs
-
-    def state(self) -> dict:
-        self._settle()
-        w = self.win
-        return {"window": w.index, "src": w.start["src"], "overflow": w.start["overflow"],
-                "consumed": w.start["consumed"], "offset": self.off,
-                "overflow_seen": w.overflow}
-
-
-def _identity(x):
-    return x
 
 
 class MixtureStream(IterableDataset):
@@ -216,7 +199,9 @@ class MixtureStream(IterableDataset):
             raise StreamError("split='validation' needs validation_percentage > 0")
         self._store = None
         self._pool = None  # packed batches' output blocks, per process
-        self._state = self._initial_state()
+        self._set_origin(None)
+        self._state = self._public(LanePos(self.rank, self.world_size, self.rank),
+                                   [0] * len(self.datasets))
         self._feed_start = None  # set on the copies a loader hands to DataLoader workers
 
     # ---------------------------------------------------------------- opening and checks
@@ -261,6 +246,19 @@ class MixtureStream(IterableDataset):
         except DatasetError as err:
             raise StreamError(f"{self.lock_path}: dataset {ds.task!r}: {err}") from None
 
+    def _set_origin(self, origin: list | None) -> None:
+        """The sample sequence starts after `origin` draws per dataset (None: from 0; set when
+        resuming across a changed lock)."""
+        self._origin = origin
+        if self.split == "validation":
+            self._schedule = HeldOutSchedule(self._held, self.pack_window)
+            return
+        self._schedule = MixtureSchedule(
+            [ds.prob for ds in self.datasets], [ds.n_train for ds in self.datasets],
+            [ds.allow_repeat for ds in self.datasets],
+            [stable_hash64("tokenmill-perm", self.seed, ds.uid, ds.task) for ds in self.datasets],
+            stable_hash64("tokenmill-mix", self.seed), self.pack_window, base=origin)
+
     # ---------------------------------------------------------------- per-process data
     def __getstate__(self):
         st = self.__dict__.copy()
@@ -275,54 +273,35 @@ class MixtureStream(IterableDataset):
                 self.vocab_size or self.datasets[0].built.vocab_size)
         return self._store
 
-    def _new_source(self):
-        if self.split == "validation":
-            return HeldOutSource(self._held)
-        return MixtureSampler(
-            [ds.prob for ds in self.datasets], [ds.n_train for ds in self.datasets],
-            [ds.allow_repeat for ds in self.datasets],
-            [stable_hash64("tokenmill-perm", self.seed, ds.uid, ds.task) for ds in self.datasets],
-            stable_hash64("tokenmill-mix", self.seed))
-
     # ---------------------------------------------------------------- windows
-    def _make_window(self, w: int, start: dict, src) -> _Window:
+    def _make_window(self, w: int) -> _Window:
         store = self._tokens()
-        L = self.seq_len
-        d, t = src.draw(self.pack_window)
+        L, nd = self.seq_len, len(self.datasets)
+        d, t = self._schedule.window(w)
         # train positions -> sample ids, where a validation split holds some
         i = self._held.train_ids(d, t) if self.split == "train" and self._held is not None else t
         loc = store.locate(d, i)  # empty samples dropped
         d, i, n = loc.d, loc.i, loc.n
-        over = start["overflow"]
+        over = np.zeros(nd, np.int64)
         if self.mode == "concat":
             last = last_tokens(loc)
             vl = n + (last != self.eos_id)
             ends = np.cumsum(vl)
-            win = _Window(w, start, int(ends[-1]) if len(ends) else 0, d, i,
-                          np.zeros(len(d), np.int64), vl, nreal=n, starts=ends - vl, loc=loc)
-        else:
-            a, b = np.zeros(len(d), np.int64), n
-            if len(n) and n.max() > L:
-                nd = len(self.datasets)
-                over = (np.asarray(over, np.int64)
-                        + np.bincount(d[n > L], minlength=nd)).tolist()
-                item, a, b = piece_bounds(n, L, self._policies[d])
-                loc = loc.take(item)
-                d, i = loc.d, loc.i
-            if self.mode == "packed":
-                key = (stable_hash64("tokenmill-rows", self.seed, w) if self.split == "train"
-                       else None)  # rows in a seeded order (train), in opening order (eval)
-                order, rows, nrows = best_fit_rows(b - a, L)
-                win = _Window(w, start, nrows, d, i, a, b, loc=loc,
-                              packing=(order, rows, nrows, key))
-            else:
-                win = _Window(w, start, len(d), d, i, a, b, loc=loc,
-                              row_ptr=np.arange(len(d) + 1, dtype=np.int64))
-        win.overflow = list(over)
-        win.next_start = {"src": src.snapshot(), "overflow": win.overflow,
-                          "consumed": start["consumed"] + win.size}
-        return win
-
+            return _Window(w, int(ends[-1]) if len(ends) else 0, d, i,
+                           np.zeros(len(d), np.int64), vl, over, nreal=n, starts=ends - vl, loc=loc)
+        a, b = np.zeros(len(d), np.int64), n
+        if len(n) and n.max() > L:
+            over = np.bincount(d[n > L], minlength=nd).astype(np.int64)
+            item, a, b = piece_bounds(n, L, self._policies[d])
+            loc = loc.take(item)
+            d, i = loc.d, loc.i
+        if self.mode == "packed":
+            key = (stable_hash64("tokenmill-rows", self.seed, w) if self.split == "train"
+                   else None)  # rows in a seeded order (train), in opening order (eval)
+            order, rows, nrows = best_fit_rows(b - a, L)
+            return _Window(w, nrows, d, i, a, b, over, loc=loc, packing=(order, rows, nrows, key))
+        return _Window(w, len(d), d, i, a, b, over, loc=loc,
+                       row_ptr=np.arange(len(d) + 1, dtype=np.int64))
     # ---------------------------------------------------------------- batches
     def _collate(self, segs: list) -> dict:
         B, L = self.batch_size, self.seq_len
@@ -364,20 +343,17 @@ class MixtureStream(IterableDataset):
         return collate_concat(loc, a, b, cat(N), cat(T), B, L, self.pad_id, self.eos_id)
 
     def _iter_batches(self, wid: int, nw: int, start: dict):
-        cur = _Cursor(self, self._internal(start))
+        pos, done = resume_position(self, start)
+        cur = _Cursor(self, pos, done)
         per = self.batch_size * (self.seq_len if self.mode == "concat" else 1)
-        ws, r = self.world_size, self.rank
         step = 0
         while not cur.exhausted():
             if step % nw == wid:
-                cur.advance(r * per)
-                segs = cur.advance(per, collect=True)
-                cur.advance((ws - r - 1) * per)
-                batch = self._collate(segs)
+                batch = self._collate(cur.advance(per, collect=True))
                 batch["_state"] = self._public_at(cur)
                 yield batch
             else:
-                cur.advance(ws * per)
+                cur.advance(per)
             step += 1
 
     def __iter__(self):
@@ -392,16 +368,19 @@ class MixtureStream(IterableDataset):
                 self._state = st
             yield batch
 
-    def loader(self, num_workers: int = 0, **dataloader_kwargs) -> "StreamLoader":
+    def loader(self, num_workers: int = 0, **dataloader_kwargs) -> StreamLoader:
         return StreamLoader(self, num_workers, **dataloader_kwargs)
 
     def eval_batches(self):
-        """The validation split, each held-out sample once (this rank's share), in a fixed order."""
+        """The validation split, each held-out sample once over the ranks (this rank's
+        windows), in a fixed order; ranks may get a different number of batches."""
         if self.validation_percentage <= 0:
             return iter(())
         v = copy.copy(self)
         v.split, v._feed_start = "validation", None
-        v._state = v._initial_state()
+        v._set_origin(None)
+        v._state = v._public(LanePos(v.rank, v.world_size, v.rank), [0] * len(v.datasets))
+
         def batches():
             for b in v._iter_batches(0, 1, v._state):
                 del b["_state"]
@@ -409,126 +388,51 @@ class MixtureStream(IterableDataset):
         return batches()
 
     # ---------------------------------------------------------------- state
-    def _initial_state(self) -> dict:
-        src = (self._new_source().snapshot() if self.split == "train"
-               else {"draws": 0, "epoch": [], "pos": []})
-        return self._public({"window": 0, "src": src,
-                             "overflow": [0] * len(self.datasets), "consumed": 0, "offset": 0,
-                             "overflow_seen": [0] * len(self.datasets)})
-
-    def _public(self, st: dict) -> dict:
-        src = st["src"]
+    def _public(self, pos: LanePos, overflow_done, win: _Window | None = None) -> dict:
+        """A rank's state: its lane position, and per dataset the draws before the lane's
+        window (for a changed-lock resume and for reading) and its overflow counts."""
+        w, _ = pos.current()
         ds = []
-        for k, d in enumerate(self.datasets):
-            ds.append({"task_name": d.task, "key": d.key,
-                       "epoch": src["epoch"][k] if src["epoch"] else 0,
-                       "pos": src["pos"][k] if src["pos"] else 0,
-                       "overflow": st["overflow"][k]})
+        if self.split == "train":
+            c = self._schedule.counts(w)
+            epoch, p = self._schedule.positions(c)
+            seen = np.asarray(overflow_done) + (win.overflow if win is not None else 0)
+            for k, d in enumerate(self.datasets):
+                ds.append({"task_name": d.task, "key": d.key, "draws": int(c[k]),
+                           "epoch": int(epoch[k]), "pos": int(p[k]),
+                           "overflow": int(overflow_done[k]), "overflow_seen": int(seen[k])})
         return {"version": STATE_VERSION, "lock_sha256": self.lock_sha256, "seed": self.seed,
                 "seq_len": self.seq_len, "mode": self.mode, "split": self.split,
                 "pack_window": self.pack_window,
                 "validation_percentage": self.validation_percentage,
-                "window": st["window"], "draws": src["draws"], "offset": st["offset"],
-                "consumed": st["consumed"] + st["offset"], "datasets": ds,
-                "overflow_seen": list(st.get("overflow_seen") or st["overflow"])}
+                "rank": self.rank, "world_size": self.world_size, "window": w,
+                "lane": pos.to_json(), "origin": self._origin, "datasets": ds}
 
     def _public_at(self, cur: _Cursor) -> dict:
-        """`_public(cur.state())`, the per-window part built once (states are read-only)."""
+        """`_public` at the cursor, the per-window part built once (states are read-only)."""
         cur._settle()
+        if cur.win is None:  # the lane ran out (a finite stream)
+            return self._public(cur.pos, cur.done)
         w = cur.win
         if w.public is None:
-            st = cur.state()
-            st["offset"] = 0
-            w.public = self._public(st)
+            w.public = self._public(cur.pos, cur.done, w)
         st = dict(w.public)
-        st["offset"] = cur.off
-        st["consumed"] = w.start["consumed"] + cur.off
+        st["lane"] = cur.pos.to_json()
         return st
-
-    def _internal(self, pub: dict) -> dict:
-        by = {(x["task_name"], x["key"]): x for x in pub["datasets"]}
-        ep, pos, over = [], [], []
-        for d in self.datasets:
-            x = by.get((d.task, d.key), {"epoch": 0, "pos": 0, "overflow": 0})
-            e, p = int(x["epoch"]), int(x["pos"])
-            if d.n_train and p > d.n_train:  # only after an allowed lock change
-                e, p = (e + p // d.n_train, p % d.n_train) if d.allow_repeat else (e, d.n_train)
-            ep.append(e); pos.append(p); over.append(int(x["overflow"]))
-        src = ({"draws": int(pub["draws"]), "epoch": ep, "pos": pos} if self.split == "train"
-               else {"draws": int(pub["draws"]), "epoch": [], "pos": []})
-        off = int(pub["offset"])
-        return {"window": int(pub["window"]), "src": src, "overflow": over,
-                "consumed": int(pub["consumed"]) - off, "offset": off}
 
     def state_dict(self) -> dict:
         """Position after the last batch this object's own iteration yielded (num_workers=0
         use); with `loader()`, use the loader's state_dict."""
         return copy.deepcopy(self._state)
 
-    def load_state_dict(self, state: dict) -> None:
-        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
-            raise StreamError(f"unsupported stream state (version {state.get('version')!r})")
-        if state.get("split", "train") != self.split:
-            raise StreamError(f"state is for split {state.get('split')!r}, "
-                              f"stream is {self.split!r}")
-        diffs = [f for f, mine in (("lock_sha256", self.lock_sha256), ("seed", self.seed),
-                                   ("seq_len", self.seq_len), ("mode", self.mode),
-                                   ("pack_window", self.pack_window),
-                                   ("validation_percentage", self.validation_percentage))
-                 if state.get(f) != mine]
-        st = copy.deepcopy(state)
-        if diffs:
-            if not self.allow_lock_change:
-                raise StreamError(
-                    "stream state does not match this stream (" + ", ".join(
-                        f"{f}: state {state.get(f)!r} != {getattr(self, f)!r}" for f in diffs)
-                    + "); pass allow_lock_change=True to continue from the per-dataset "
-                    "positions (restarts the current packing window: up to pack_window samples"
-                    " may repeat)")
-            warnings.warn(f"resuming across a changed stream definition ({', '.join(diffs)}): "
-                          "continuing from the start of the saved window", stacklevel=2)
-            st["consumed"] -= st["offset"]
-            st["offset"] = 0
-        self._state = self._public(self._internal(st))
+    def load_state_dict(self, state) -> None:
+        """Continue from `state`: this rank's own state (same world size), or the list of
+        every rank's state (any world size: see train/stream_state.resume_position)."""
+        self._state = adopt(self, state)
 
     def stats(self) -> dict:
-        return {"overflow": {d.task: c for d, c in
-                             zip(self.datasets, self._state["overflow_seen"])}}
-
-
-class StreamLoader:
-    """Iterable of collated batches with an exact, prefetch-proof state_dict()."""
-
-    def __init__(self, stream: MixtureStream, num_workers: int = 0, **kw):
-        self.stream, self.num_workers, self.kw = stream, int(num_workers), kw
-        self._state = stream.state_dict()
-
-    def __iter__(self):
-        feed = copy.copy(self.stream)  # (a copy drops _store: __getstate__)
-        feed._feed_start = copy.deepcopy(self._state)
-        if self.num_workers == 0:  # opened once in this process, shared by the copies
-            feed._store = self.stream._tokens()
-        # else: each worker memory-maps the shards itself
-        if self.num_workers == 0:
-            it = feed._iter_batches(0, 1, feed._feed_start)
-        else:
-            warm_up()  # once per process; forked workers inherit the loaded kernels
-            it = iter(DataLoader(feed, batch_size=None, num_workers=self.num_workers,
-                                 collate_fn=_identity, **self.kw))
-        for batch in it:
-            self._state = batch.pop("_state")
-            yield batch
-
-    def state_dict(self) -> dict:
-        return copy.deepcopy(self._state)
-
-    def load_state_dict(self, state: dict) -> None:
-        self.stream.load_state_dict(state)
-        self._state = self.stream.state_dict()
-
-    def stats(self) -> dict:
-        return {"overflow": {d.task: c for d, c in
-                             zip(self.stream.datasets, self._state["overflow_seen"])}}
+        return {"overflow": {d.task: x["overflow_seen"] for d, x in
+                             zip(self.datasets, self._state["datasets"])}}
 
 
 def verify_lock(lock_path, level: str = "full") -> None:

@@ -11,8 +11,8 @@ config has {"checkpoint": {"load_universal": true}}.
 
 Our checkpoints carry no Megatron `universal_checkpoint_info` client state; the conversion of a
 ZeRO-1/2 checkpoint refuses without it, so we pass `--inject_missing_state` (the version stamp
-only: no tensor/pipeline parallelism here). ZeRO-3 needs nothing. The data stream's state is a
-global position (train/stream.py), so the saved stream file continues at any world size.
+only: no tensor/pipeline parallelism here). ZeRO-3 needs nothing. The data stream's state is
+one file per rank; every rank reads all of them and re-plans its windows (train/stream_state.py).
 No torch import at module level: the world-size check runs before any model is built.
 """
 from __future__ import annotations

@@ -1,0 +1,151 @@
+"""The training stream's state: what a rank's state holds, how a resume adopts it (the same
+world size, another one, a changed lock), and the loader that reports it exactly.
+
+A rank's state (JSON, a few hundred bytes plus ~100 B per dataset):
+  version, lock_sha256, seed, seq_len, mode, split, pack_window, validation_percentage
+      the stream's definition: a resume with any of them different is refused unless
+      allow_lock_change (then it continues from the per-dataset draws, see `adopt`)
+  rank, world_size, window    who wrote it; the window its lane is in
+  lane                        train/lanes.LanePos: the exact position
+  origin                      per-dataset draws the sample sequence started after (None: 0)
+  datasets                    per dataset: task_name, key, draws / epoch / pos before `window`,
+                              overflow (finished windows) and overflow_seen (with this one)
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import warnings
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from .kernels import warm_up
+from .lanes import LanePos, replan
+from .store import StreamError
+
+STATE_VERSION = 2
+_DEFINITION = ("lock_sha256", "seed", "seq_len", "mode", "pack_window", "validation_percentage")
+
+
+def lock_content_sha256(lock: dict) -> str:
+    """sha256 of the lock's canonical JSON without its paths (built dirs are content-addressed
+    by `key`, so moving the cache does not change the content)."""
+    c = copy.deepcopy(lock)
+    for ds in c.get("datasets", []):
+        ds.pop("path", None)
+    if isinstance(c.get("tokenizer"), dict):
+        c["tokenizer"].pop("path", None)
+    blob = json.dumps(c, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def resume_position(stream, pub: dict) -> tuple[LanePos, np.ndarray]:
+    """(lane position, overflow counts of finished windows) of an adopted state."""
+    done = [int(x["overflow"]) for x in pub["datasets"]] or [0] * len(stream.datasets)
+    return LanePos.from_json(pub["lane"]), np.asarray(done, np.int64)
+
+
+def adopt(stream, state) -> dict:
+    """The state `stream` (rank r of world size N) continues from, given one rank's state or
+    the list of every rank's states of a run.
+
+    * Same world size: rank r's own state, exactly (any worker count).
+    * Another world size: needs every old rank's state; `lanes.replan` deals what they had
+      not consumed to the new ranks, so no sample is repeated or lost.
+    * A changed lock (allow_lock_change): the sample sequence restarts after the per-dataset
+      draws of the state whose window is earliest; windows other ranks had already begun
+      after it (up to about the old world size of them) are drawn again."""
+    states = state if isinstance(state, list) else [state]
+    if not states:
+        raise StreamError("no stream state given")
+    for st in states:
+        if not isinstance(st, dict) or st.get("version") != STATE_VERSION:
+            v = st.get("version") if isinstance(st, dict) else None
+            raise StreamError(f"unsupported stream state (version {v!r}, this tokenmill reads "
+                              f"{STATE_VERSION}): it was written by an older tokenmill; resume "
+                              "with that version, or start the data stream afresh")
+        if st.get("split", "train") != stream.split:
+            raise StreamError(f"state is for split {st.get('split')!r}, stream is {stream.split!r}")
+    first = states[0]
+    if any(any(st.get(f) != first.get(f) for f in _DEFINITION + ("world_size", "origin"))
+           for st in states):
+        raise StreamError("the stream states given are not of one run (definitions differ)")
+    diffs = [f for f in _DEFINITION if first.get(f) != getattr(stream, f)]
+    if diffs:
+        if not stream.allow_lock_change:
+            raise StreamError(
+                "stream state does not match this stream (" + ", ".join(
+                    f"{f}: state {first.get(f)!r} != {getattr(stream, f)!r}" for f in diffs)
+                + "); pass allow_lock_change=True to continue from the per-dataset "
+                "positions (a few windows already begun by other ranks may repeat)")
+        early = min(states, key=lambda st: int(st["window"]))
+        by = {(x["task_name"], x["key"]): int(x["draws"]) for x in early["datasets"]}
+        warnings.warn(f"resuming across a changed stream definition ({', '.join(diffs)}): "
+                      f"continuing from the per-dataset draws at window {early['window']}",
+                      stacklevel=3)
+        stream._set_origin([by.get((d.task, d.key), 0) for d in stream.datasets])
+        return stream._public(LanePos(stream.rank, stream.world_size, stream.rank),
+                              [0] * len(stream.datasets))
+    if first.get("origin") != stream._origin:
+        stream._set_origin(first.get("origin"))
+    ws, r = stream.world_size, stream.rank
+    old_ws = int(first["world_size"])
+    if old_ws == ws:
+        mine = [st for st in states if int(st["rank"]) == r]
+        if not mine:
+            raise StreamError(f"no stream state for rank {r} among the states given "
+                              f"(ranks {sorted(int(st['rank']) for st in states)})")
+        return copy.deepcopy(mine[0])
+    ranks = sorted(int(st["rank"]) for st in states)
+    if ranks != list(range(old_ws)):
+        raise StreamError(
+            f"the stream state is from {old_ws} ranks and this run has {ws}: a world-size change "
+            f"needs every old rank's state (got ranks {ranks}); pass the list of all {old_ws} "
+            "(the trainer reads every stream_state_rank*.json of the checkpoint)")
+    by_rank = sorted(states, key=lambda st: int(st["rank"]))
+    new = replan([LanePos.from_json(st["lane"]) for st in by_rank], ws,
+                 stream._schedule.n_windows)
+    done = [0] * len(stream.datasets)
+    if r == 0 and first["datasets"]:  # the old ranks' counts go on in rank 0's
+        done = np.sum([[int(x["overflow"]) for x in st["datasets"]] for st in states], 0).tolist()
+    return stream._public(new[r], done)
+
+
+def _identity(x):
+    return x
+
+
+class StreamLoader:
+    """Iterable of collated batches with an exact, prefetch-proof state_dict()."""
+
+    def __init__(self, stream, num_workers: int = 0, **kw):
+        self.stream, self.num_workers, self.kw = stream, int(num_workers), kw
+        self._state = stream.state_dict()
+
+    def __iter__(self):
+        feed = copy.copy(self.stream)  # (a copy drops _store: __getstate__)
+        feed._feed_start = copy.deepcopy(self._state)
+        if self.num_workers == 0:  # opened once in this process, shared by the copies
+            feed._store = self.stream._tokens()
+            it = feed._iter_batches(0, 1, feed._feed_start)
+        else:  # each worker memory-maps the shards itself
+            warm_up()  # once per process; forked workers inherit the loaded kernels
+            it = iter(DataLoader(feed, batch_size=None, num_workers=self.num_workers,
+                                 collate_fn=_identity, **self.kw))
+        for batch in it:
+            self._state = batch.pop("_state")
+            yield batch
+
+    def state_dict(self) -> dict:
+        return copy.deepcopy(self._state)
+
+    def load_state_dict(self, state) -> None:
+        """This rank's state, or the list of every rank's (see `adopt`)."""
+        self.stream.load_state_dict(state)
+        self._state = self.stream.state_dict()
+
+    def stats(self) -> dict:
+        return {"overflow": {d.task: x["overflow_seen"] for d, x in
+                             zip(self.stream.datasets, self._state["datasets"])}}
