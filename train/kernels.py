@@ -23,7 +23,11 @@ Shards are passed to ``fill_packed`` as the addresses of their token arrays (`to
 a list of arrays cannot cross into compiled code without a typed container that is itself
 compiled at every process start. The arrays must outlive the table (a window keeps both).
 Compiled code is cached next to this file (or in numba's user cache dir when that is not
-writable): the first run on a machine compiles for about 10 s, later processes load it.
+writable; NUMBA_CACHE_DIR overrides both). The first process on a machine compiles every kernel
+for the argument types the stream passes (~15 s on one core, and every rank of a first
+multi-rank run at once); later processes load them (~0.3 s), also those of another venv whose
+editable install points at this file, with the same numba and Python (numba keys its cache on
+both, and on the CPU). `python -m train.kernels` does that compilation at install time.
 """
 from __future__ import annotations
 
@@ -412,9 +416,10 @@ _WARM = False
 
 
 def warm_up() -> None:
-    """Run every kernel once on tiny inputs, so this process has numba's machinery loaded
-    (about 0.5 s the first time). DataLoader workers forked afterwards inherit it instead of
-    each paying it on their first batch."""
+    """Run every kernel once on tiny inputs of the argument types the stream passes (each type
+    is a separate compiled specialisation), so this process has them loaded (about 0.3 s from
+    the cache, a full compile on a cold one). DataLoader workers forked afterwards inherit them
+    instead of each paying it on their first batch."""
     global _WARM
     if _WARM:
         return
@@ -423,11 +428,14 @@ def warm_up() -> None:
     packed_layout(order, rows, nrows, np.uint64(1), True, z, z, z, one, z, z, z - 1, z - 1)
     permuted_positions(z, z, z, np.array([3], np.int64), np.zeros(1, np.uint64))
     mixture_choices(np.uint64(1), 0, 1, np.ones(1), z)
-    off = np.array([0, 1], np.int64)
-    gather_samples(z, z, np.array([off.ctypes.data]), np.array([off.ctypes.data]),
-                   np.array([np.zeros(2, np.int32).ctypes.data]), np.zeros(0, np.int64),
-                   np.zeros(0, np.int32))
+    heldout_block_counts(1, np.uint64(1), 0.5, 64)
     select_ids(z, z, np.array([0, 1], np.int64), z, np.zeros(1, np.uint64), one, 1.0, 64, True)
+    off, spans = np.array([0, 1], np.int64), np.zeros(2, np.int32)
+    table = np.array([[off.ctypes.data] * 2, [off.ctypes.data] * 2, [spans.ctypes.data] * 2])
+    for k in (1, 2):  # TokenStore.locate's addr[:, uniq] rows: contiguous for 1 shard, else strided
+        a = table[:, np.arange(k)]
+        gather_samples(np.zeros(k, np.int64), np.zeros(k, np.int64), a[0], a[1], a[2],
+                       np.zeros(0, np.int64), np.zeros(0, np.int32))
     for dt in (np.uint16, np.uint32):
         tok = np.zeros(1, dt)
         addr, proto, _ = token_table([tok])
@@ -436,3 +444,27 @@ def warm_up() -> None:
                     np.zeros(0, np.int32), np.zeros(0, np.int32), np.array([0, 1], np.int64),
                     0, 1, 2, 0, out, np.zeros(3, np.int32), 1, 0)
     _WARM = True
+
+
+def kernels() -> dict:
+    """{name: numba dispatcher} of every compiled function of this module."""
+    return {n: f for n, f in globals().items() if hasattr(f, "stats") and hasattr(f, "py_func")}
+
+
+def main() -> int:
+    """`python -m train.kernels`: compile (or load) every kernel into numba's cache now, e.g.
+    right after `pip install`, so the first training run - every rank of it - only loads them."""
+    import time
+    t = time.perf_counter()
+    warm_up()
+    took, ks = time.perf_counter() - t, kernels().values()
+    missed = sum(sum(k.stats.cache_misses.values()) for k in ks)
+    hit = sum(sum(k.stats.cache_hits.values()) for k in ks)
+    print(f"train.kernels: {len(ks)} kernels ready in {took:.1f} s ({missed} specialisations "
+          f"compiled, {hit} loaded) - cache: {gather_samples.stats.cache_path}")
+    return 0
+
+
+if __name__ == "__main__":  # run as train.kernels, the module the stream imports
+    from train.kernels import main as _main
+    raise SystemExit(_main())
