@@ -7,6 +7,8 @@ which keeps the param groups' own weight decay: the trainer's decay / no-decay g
 - its parameters equal the fp32 weights zero_to_fp32 consolidates from the 2-rank checkpoint-3;
 - one more step on 1 rank over the same global batch (both ranks' rows) equals the 2-rank step 4
   (zero_to_fp32 of checkpoint-4): the Adam moments, step count and lr schedule came through.
+End to end through `python -m train`, a 2-rank run resumes on 1 rank (ZeRO-3) and on 4 ranks
+(ZeRO-3 and ZeRO-2) and trains the rows and losses of the uninterrupted run.
 This file is also the worker script (`python tests/test_train_universal.py save|load ...`).
 """
 from __future__ import annotations
@@ -246,4 +248,41 @@ def test_train_resumes_two_rank_zero3_on_one_rank(tmp_path):
     # the optimizer state (moments, step, per-group weight decay) came through train.universal.load_universal
     # (DeepSpeed's own universal load gives every param group group 0's settings: step 6 off by 3e-4)
     for s in (5, 6):
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-6), table
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["zero3", "zero2"])
+def test_train_resumes_two_rank_run_on_four_ranks(tmp_path, stage):
+    """`python -m train` end to end, the other direction: a 2-rank run (4 rows per rank) saved at
+    step 3 resumes on 4 ranks with 2 rows per rank - the same 8 rows per global step. Steps 4-6
+    train the same rows as the uninterrupted 2-rank run (per-step trained tokens and per-dataset
+    sample counts equal: the 4 new ranks together continue where the 2 old ranks' streams
+    stopped) and their losses match it to 1e-6 (weights and optimizer state through the universal
+    checkpoint, re-sharded 4 ways)."""
+    sys.path.insert(0, str(HERE))
+    from test_train_helpers import build_sample_lock, read_log, run_train, tiny_config
+    lock, cfg = build_sample_lock(tmp_path / "data"), tiny_config(tmp_path)
+    common = ["--deepspeed", stage, "--mixture", str(lock), "--model_config", str(cfg), "--max_steps", "6",
+              "--max_seq_length", "64", "--learning_rate", "3e-3", "--min_lr", "3e-4", "--warmup_steps", "2",
+              "--logging_steps", "1", "--report_to", "none"]
+    two, four = tmp_path / "two", tmp_path / "four"
+    run_train([*common, "--output_dir", str(two), "--per_device_train_batch_size", "4", "--save_steps", "3"],
+              nproc=2, launcher="torchrun")
+    p = run_train([*common, "--output_dir", str(four), "--per_device_train_batch_size", "2", "--save_steps", "100",
+                   "--resume_from_checkpoint", str(two / "checkpoint-3")], nproc=4, launcher="torchrun")
+    assert (two / "checkpoint-3-universal" / MARKER).is_file(), p.stderr[-2000:]
+    ref, _ = read_log(two)
+    got, _ = read_log(four)
+    assert sorted(got) == [4, 5, 6]
+    table = [(s, ref[s]["loss"], got[s]["loss"], ref[s]["trained_tokens_step"], got[s]["trained_tokens_step"])
+             for s in (4, 5, 6)]
+    for s in (4, 5, 6):  # the stream: the same rows per global step, none repeated or lost
+        assert got[s]["trained_tokens_step"] == ref[s]["trained_tokens_step"], table
+        if "datasets" in ref[s]:
+            assert ({n: d["samples"] for n, d in got[s]["datasets"].items()}
+                    == {n: d["samples"] for n, d in ref[s]["datasets"].items()}), s
+        assert got[s]["lr"] == pytest.approx(ref[s]["lr"], rel=1e-9), table
+    assert got[6]["trained_tokens"] == ref[6]["trained_tokens"]
+    for s in (4, 5, 6):  # step 4: the loaded weights; 5, 6: the optimizer state came through
         assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-6), table
