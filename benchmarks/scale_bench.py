@@ -9,7 +9,7 @@ seq_len 256, batch 8, pack_window 1024): construct CPU, first batch CPU, steady 
 memory from /proc/self/smaps_rollup (private = Pss_Anon + Pss_Shmem, i.e. PSS minus file pages
 shared through the page cache; PSS), open files and memory maps; for 2 DataLoader workers the
 same memory figures of each worker. Sweeps: samples 10^6, 10^7 (10^8 with --big: ~5 GB of
-disk), shards 10^2/10^3/10^4, datasets 10/100/1000, world size 1/8/64/512; then prints the
+disk), shards 10^2/10^3/10^4 (10^5 with --shards-1e5), datasets 10/100/1000, world size 1/8/64/512; then prints the
 fitted per-sample / per-shard / per-dataset / per-rank costs (least squares slopes).
 """
 from __future__ import annotations
@@ -158,6 +158,7 @@ def main() -> None:
     ap.add_argument("--only", type=int, help="measure one sample count only (100 shards, 10 datasets,"
                     " world 1, then 2 workers)")
     ap.add_argument("--batches", type=int, default=40)
+    ap.add_argument("--shards-1e5", action="store_true", help="also 10^5 shards (~1 GB disk, minutes)")
     ap.add_argument("--sections", default="samples,shards,datasets,world",
                     help="comma-separated subset of samples,shards,datasets,world")
     ap.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)
@@ -185,7 +186,7 @@ def main() -> None:
     if xs:
         r = run(synth(out, xs[-1], 100, 10), workers=2, batches=a.batches)
         print(line(f"{xs[-1]:.0e} samples, 2 workers", r), flush=True)
-    for h in (100, 1000, 10000) * ("shards" in sec):
+    for h in ((100, 1000, 10000) + ((100000,) if a.shards_1e5 else ())) * ("shards" in sec):
         if h == 100:
             print("== shards (10^6 samples, 10 datasets, world 1)")
         r = run(synth(out, 10**6, h, 10), batches=a.batches)

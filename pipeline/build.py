@@ -47,6 +47,7 @@ class DatasetPlan:
     encoder_note: str = ""  # which encoder built it, and why (pipeline/encoders.py)
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # target tokens per shard (part of the key)
     transform_sha256: str | None = None
+    ray_nodes: dict = field(default_factory=dict)  # Ray node id -> units it ran (the whole build)
 
 
 class EmptyMixtureError(BuildError):
@@ -188,7 +189,11 @@ def _run_units(plans, executor, workers, ray_address, progress, cache_dir) -> No
     if executor == "ray":  # every node must see the sources and the cache (checked up front)
         shared = sorted({s["path"] for p in plans if p.status == "build" for s in p.sources}
                         | {str(cache_dir.resolve())})
-        run(tasks, ray_address, progress, shared, on_result=keep_nothing)
+        nodes: dict = {}
+        run(tasks, ray_address, progress, shared, on_result=keep_nothing, units_per_node=nodes)
+        for p in plans:
+            if p.status == "build":
+                p.ray_nodes = nodes
     else:
         run(tasks, workers, progress, on_result=keep_nothing)
 

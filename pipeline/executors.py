@@ -146,7 +146,10 @@ def _paths_visible(paths: list[str]) -> tuple[str, list[str]]:
     return socket.gethostname(), [p for p in paths if not os.path.exists(p)]
 
 
-def run_ray(tasks, address: str | None, progress, shared_paths: list[str], on_result=None) -> dict:
+def run_ray(tasks, address: str | None, progress, shared_paths: list[str], on_result=None,
+            units_per_node=None) -> dict:
+    """run_local's contract on a Ray cluster; `units_per_node` (a dict), when given, gets the number of
+    units each Ray node ran."""
     try:
         import ray
     except ImportError:
@@ -163,9 +166,21 @@ def run_ray(tasks, address: str | None, progress, shared_paths: list[str], on_re
         if missing:
             raise BuildError(f"Ray node {host} cannot see {', '.join(missing[:3])}: with --executor ray the "
                              "sources and the cache must be on a path every node shares (NFS, Lustre, …)")
-    remote = ray.remote(num_cpus=1)(process_unit)
+    remote = ray.remote(num_cpus=1)(_unit_on_node)
     results: dict = {}
+
+    def wait(handle):
+        summary, node = ray.get(handle)
+        if units_per_node is not None:
+            units_per_node[node] = units_per_node.get(node, 0) + 1
+        return summary
     window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    _windowed(tasks, window, lambda plan, unit: remote.remote(plan.job, unit), ray.get,
+    _windowed(tasks, window, lambda plan, unit: remote.remote(plan.job, unit), wait,
               functools.partial(_deliver, results, on_result, progress))
     return results
+
+
+def _unit_on_node(job, unit) -> tuple[dict, str]:
+    """process_unit in a Ray task, and the node it ran on (the build reports the spread)."""
+    import ray
+    return process_unit(job, unit), ray.get_runtime_context().get_node_id()

@@ -35,6 +35,11 @@ def print_summary(lock_path, plans, warnings) -> None:
         if p.status == "build" and p.encoder_note:
             console.print(f"encoder for {escape(safe(p.spec.dataset_name))}: {escape(p.encoder_note)}",
                           highlight=False)
+    ray_nodes = next((p.ray_nodes for p in plans if p.ray_nodes), None)
+    if ray_nodes:  # the spread over the cluster (a build stuck on one node shows here)
+        console.print(f"ray: {sum(ray_nodes.values())} units ran on {len(ray_nodes)} node(s) ("
+                      + ", ".join(f"{n[:8]}: {c}" for n, c in sorted(ray_nodes.items())) + ")",
+                      highlight=False)
     for p in plans:  # why records were set aside, and where they are listed
         skipped = p.meta["skipped"]
         if skipped:
