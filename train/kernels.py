@@ -3,8 +3,8 @@
 Loops that are per item or per token by nature and cost far more as Python steps or numpy
 passes than the read they serve:
 
-* ``mixture_choices`` / ``permuted_positions`` - the sampler: which dataset each draw picks,
-  and the keyed Feistel permutation of its epoch, one draw at a time.
+* ``permuted_positions`` - the sampler: the keyed Feistel permutation of a dataset's epoch,
+  one draw at a time.
 * ``gather_samples`` - where a window's samples are: first token, length and loss spans,
   read through the memory-mapped index of their shards.
 * ``bfd_rows`` - best-fit decreasing: the rows of a window; ``packed_layout`` - those rows in
@@ -14,8 +14,8 @@ passes than the read they serve:
 * ``fill_packed`` - one pass that writes a packed batch: input_ids (read from the shard
   memmaps), labels (from the loss spans), position_ids and cu_seqlens, row by row.
 
-Each has a plain numpy / Python counterpart in the tests (feistel_permute, uniforms +
-searchsorted, a naive best-fit, tokens and spans read back from the shards) that it must
+Each has a plain numpy / Python counterpart in the tests (feistel_permute, hash_uniform,
+a naive best-fit, tokens and spans read back from the shards) that it must
 match exactly. There are no bounds checks in compiled code: TokenStore refuses a shard
 whose index points outside its arrays when it first maps it, before anything is read.
 
@@ -310,20 +310,6 @@ def _mix64(z):
 
 
 @njit(cache=True, nogil=True)
-def mixture_choices(base, j0, count, cdf, active):
-    """Dataset of draws j0 .. j0+count-1: `active[k]` for the first k with cdf[k] > u_j (the
-    last if none), u_j the j-th uniform of the counter stream `base` - exactly
-    sampling.uniforms and np.searchsorted(cdf, u, side="right")."""
-    out = np.empty(count, np.int64)
-    last = len(active) - 1
-    for j in range(count):
-        z = _mix64(np.uint64(j0 + j) * _GOLDEN + base)
-        u = np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
-        out[j] = active[min(np.searchsorted(cdf, u, side="right"), last)]
-    return out
-
-
-@njit(cache=True, nogil=True)
 def permuted_positions(choice, pos, epoch, n, bases):
     """Sample (train position) of each draw of a chunk: the draws of dataset d are its
     positions pos[d], pos[d] + 1, ...; position q is q % n of epoch epoch[d] + q // n, mapped
@@ -427,7 +413,6 @@ def warm_up() -> None:
     order, rows, nrows = bfd_rows(one, np.zeros(0, np.int64), 1)
     packed_layout(order, rows, nrows, np.uint64(1), True, z, z, z, one, z, z, z - 1, z - 1)
     permuted_positions(z, z, z, np.array([3], np.int64), np.zeros(1, np.uint64))
-    mixture_choices(np.uint64(1), 0, 1, np.ones(1), z)
     heldout_block_counts(1, np.uint64(1), 0.5, 64)
     select_ids(z, z, np.array([0, 1], np.int64), z, np.zeros(1, np.uint64), one, 1.0, 64, True)
     off, spans = np.array([0, 1], np.int64), np.zeros(2, np.int32)
