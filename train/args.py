@@ -63,8 +63,8 @@ class _Help(argparse.HelpFormatter):
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train",
-        description="Train a causal LM on a tokenmill mixture lock with DeepSpeed "
-                    "(plain python, `deepspeed --module train`, or `torchrun -m train`).",
+        description="Train a causal LM on a tokenmill mixture lock with DeepSpeed, or plain PyTorch in "
+                    "one process (--engine) (plain python, `deepspeed --module train`, or `torchrun -m train`).",
         argument_default=argparse.SUPPRESS if suppress_defaults else None, formatter_class=_Help)
     d = (lambda v: argparse.SUPPRESS) if suppress_defaults else (lambda v: v)
     flag = dict(action="store_true", default=d(False))
@@ -134,6 +134,13 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g = p.add_argument_group("optimisation")
     g.add_argument("--deepspeed", default=d("zero2"),
                    help="DeepSpeed JSON, or a shipped one: zero2, zero3, zero3_offload")
+    g.add_argument("--engine", choices=["auto", "deepspeed", "torch"], default=d("auto"),
+                   help="what runs backward/step. auto: plain PyTorch (AdamW, the same schedule, clipping "
+                        "and accumulation as DeepSpeed; no DeepSpeed import) when the run is one process and "
+                        "the DeepSpeed config is ZeRO-0/1/2 without offload and without fp16 (ZeRO "
+                        "partitions nothing in one process); DeepSpeed for several ranks, ZeRO-3, offload "
+                        "or fp16 (they save memory or need its loss scaling). A resumed run keeps its "
+                        "checkpoint's engine; each engine reads only its own checkpoints")
     g.add_argument("--per_device_train_batch_size", type=int, help="default 1")
     g.add_argument("--per_device_eval_batch_size", type=int, help="default: the train batch size")
     g.add_argument("--gradient_accumulation_steps", type=int, help="default 1")

@@ -170,3 +170,56 @@ def _find_auto(obj, path=""):
     if isinstance(obj, list):
         return [p for i, v in enumerate(obj) for p in _find_auto(v, f"{path}[{i}]")]
     return [path] if obj == "auto" else []
+
+
+# ---------------------------------------------------------------- which engine runs the steps
+# Keys of a resolved DeepSpeed config the plain-torch engine (train/torch_engine.py) honours, or
+# that mean nothing in one process (communication, logging). Any other key keeps DeepSpeed under
+# --engine auto: it may ask for something only DeepSpeed does (e.g. "optimizer", "compile").
+TORCH_ENGINE_KEYS = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                     "gradient_clipping", "fp16", "bf16", "zero_optimization", "steps_per_print",
+                     "wall_clock_breakdown", "zero_allow_untested_optimizer", "communication_data_type",
+                     "prescale_gradients", "gradient_predivide_factor", "sparse_gradients", "checkpoint",
+                     "zero_force_ds_cpu_optimizer", "tensorboard", "flops_profiler", "comms_logger"}
+
+
+def deepspeed_needed(ds_config: dict, world_size: int) -> str | None:
+    """Why this run needs DeepSpeed (a short phrase), or None when DeepSpeed would buy nothing:
+    one process, ZeRO stage 0/1/2 (which only partition states across ranks), no offload (which
+    saves memory), no fp16 (DeepSpeed's loss scaling) and nothing else only DeepSpeed does."""
+    zero = ds_config.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0))
+    if world_size > 1:
+        return f"{world_size} ranks"
+    if stage >= 3:
+        return "ZeRO-3 (partitioned parameters save memory)"
+    offload = [k for k in ("offload_optimizer", "offload_param")
+               if (zero.get(k) or {}).get("device", "none") not in ("none", None)]
+    if offload:
+        return f"ZeRO {offload[0]} (saves memory)"
+    if (ds_config.get("fp16") or {}).get("enabled") is True:
+        return "fp16 (DeepSpeed's loss scaling)"
+    other = sorted(set(ds_config) - TORCH_ENGINE_KEYS)
+    if other:
+        return f"the DeepSpeed config's {', '.join(repr(k) for k in other)}"
+    return None
+
+
+def choose_engine(flag: str, ds_config: dict, world_size: int, resume_engine: str | None = None) -> tuple[str, str]:
+    """("torch" | "deepspeed", why) for --engine auto|torch|deepspeed. Under auto a resumed run
+    keeps the engine of its checkpoint (each engine reads only its own); an explicit --engine
+    that cannot read the checkpoint is refused in train/trainer.py."""
+    need = deepspeed_needed(ds_config, world_size)
+    if flag == "deepspeed":
+        return "deepspeed", "--engine deepspeed"
+    if flag == "torch":
+        if need:
+            raise TrainError(f"--engine torch: this run needs DeepSpeed ({need}); use --engine auto or deepspeed")
+        return "torch", "--engine torch"
+    if resume_engine == "deepspeed":
+        return "deepspeed", "resuming a DeepSpeed checkpoint"
+    if resume_engine == "torch" and world_size == 1:
+        return "torch", "resuming a torch-engine checkpoint"
+    if need:
+        return "deepspeed", need
+    return "torch", "one process, ZeRO-0/1/2 without offload: DeepSpeed buys nothing (--engine deepspeed to use it)"

@@ -23,11 +23,12 @@ from .args import TrainError, UsageError
 from .checkpoint import Checkpointer, RNGState
 from .data import check_tokenizer, check_validation_split, make_streams, read_lock_once, resolve_lock, \
     steps_for_epochs
-from .ds_config import load_ds_config, resolve_ds_config
+from .ds_config import choose_engine, load_ds_config, resolve_ds_config
 from .loop import evaluate, train
 from .metrics import Metrics
 from .model import build_model, load_config, load_tokenizer
 from .schedule import build_scheduler, check_schedule, warmup_steps_for
+from .torch_engine import is_torch_checkpoint
 
 log = logging.getLogger("train")
 
@@ -110,17 +111,26 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def init_engine(model, ds_config: dict, cfg, warmup: int):
-    import deepspeed
-    groups = param_groups(model, cfg.weight_decay)
-    optimizer = None
-    if "optimizer" not in ds_config:  # a torch optimizer needs no JIT-compiled op
-        optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+def init_engine(model, ds_config: dict, cfg, warmup: int, engine: str = "deepspeed"):
+    """DeepSpeed's engine, or train/torch_engine.py's (the same AdamW, param groups, schedule,
+    clipping and accumulation) when `engine` is "torch"."""
+    def make_optimizer(groups):
+        return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
 
     def scheduler(opt):
         return build_scheduler(opt, learning_rate=cfg.learning_rate, min_lr=cfg.min_lr,
                                max_steps=cfg.max_steps, warmup=warmup, kind=cfg.lr_scheduler_type)
+    if engine == "torch":
+        from .torch_engine import TorchEngine
+        eng = TorchEngine(model, make_optimizer, scheduler, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                          gradient_clipping=cfg.max_grad_norm, bf16=bool(cfg.bf16))
+        return eng.init(param_groups(eng.module, cfg.weight_decay))
+    import deepspeed
+    groups = param_groups(model, cfg.weight_decay)
+    optimizer = None
+    if "optimizer" not in ds_config:  # a torch optimizer needs no JIT-compiled op
+        optimizer = make_optimizer(groups)
     try:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                           lr_scheduler=scheduler, config=ds_config)
@@ -147,6 +157,8 @@ class Plan:
     zero_stage: int
     lock_path: Path | None  # None: built once ranks can talk
     universal: bool = False
+    engine: str = "deepspeed"  # or "torch" (train/torch_engine.py); see ds_config.choose_engine
+    engine_why: str = ""
 
 
 def check_output_dir(cfg, out: Path) -> None:
@@ -201,8 +213,7 @@ def prepare(cfg, world_size: int, build) -> Plan:
         check_tokenizer(lock, tok_dir, tokenizer, cfg.allow_tokenizer_mismatch)
 
     config = load_config(cfg, fallback_dir=str(resume) if resume else None, vocab_size=len(tokenizer))
-    from deepspeed.accelerator import get_accelerator
-    acc = get_accelerator()
+    acc = _accelerator(cfg, world_size)
     if cfg.fp16 and not acc.is_fp16_supported():
         log.warning("fp16 is not supported on this %s device: training in %s (the seed scripts' --fp16 is "
                     "for GPUs)", acc.device_name(), "bf16" if cfg.bf16 else "fp32")
@@ -214,8 +225,18 @@ def prepare(cfg, world_size: int, build) -> Plan:
             raise TrainError(f"{name} (from --{name} or the DeepSpeed config) is not supported on this "
                              f"{acc.device_name()} device; use {'--bf16 or ' if name == 'fp16' else ''}fp32")
     zero_stage = int(ds_config["zero_optimization"].get("stage", 0))
+    resume_engine = None if resume is None else "torch" if is_torch_checkpoint(resume) else "deepspeed"
+    engine, engine_why = choose_engine(cfg.engine, ds_config, world_size, resume_engine)
+    if resume_engine is not None and engine != resume_engine:
+        how = ("--engine auto or torch, in one process with a ZeRO-0/1/2 config" if resume_engine == "torch"
+               else "--engine auto or deepspeed")
+        raise TrainError(f"{resume} was saved by the {_ENGINE_NAMES[resume_engine]} engine and this run would use "
+                         f"{_ENGINE_NAMES[engine]} ({engine_why}); each reads only its own checkpoints: resume "
+                         f"with {how}, or start a new run from the weights")
     universal = False
-    if resume is not None:
+    if resume is not None and engine == "torch":
+        probe.check_resumable(resume, zero_stage)
+    elif resume is not None:
         from .universal import UniversalError, is_universal, load_universal_config, needs_universal, \
             resume_world_size_note
         try:
@@ -230,14 +251,47 @@ def prepare(cfg, world_size: int, build) -> Plan:
             ds_config = load_universal_config(ds_config)
     for note in cfg.notes:
         log.info("note: %s", note)
-    return Plan(cfg, out, resume, tok_dir, tokenizer, config, ds_config, zero_stage, lock_path, universal)
+    return Plan(cfg, out, resume, tok_dir, tokenizer, config, ds_config, zero_stage, lock_path, universal,
+                engine, engine_why)
+
+
+_ENGINE_NAMES = {"torch": "plain-PyTorch (--engine torch)", "deepspeed": "DeepSpeed (--engine deepspeed)"}
+
+
+class _TorchAccelerator:
+    """DeepSpeed 0.19.8's cpu/cuda accelerator answers on dtype support, without importing
+    DeepSpeed (~1-2 s): a one-process run may never need it (--engine auto)."""
+
+    def device_name(self) -> str:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def is_fp16_supported(self) -> bool:
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_capability()[0] >= 7
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+        except Exception:
+            return False
+
+    def is_bf16_supported(self) -> bool:
+        return torch.cuda.is_bf16_supported() if torch.cuda.is_available() else True
+
+
+def _accelerator(cfg, world_size: int):
+    if world_size == 1 and cfg.engine != "deepspeed" and os.environ.get("DS_ACCELERATOR", "cpu") in ("cpu", "cuda"):
+        return _TorchAccelerator()
+    from deepspeed.accelerator import get_accelerator
+    return get_accelerator()
 
 
 def run(cfg, build=None) -> str:
     setup_logging(int(os.environ.get("RANK", 0)))
     plan = prepare(cfg, int(os.environ.get("WORLD_SIZE", 1)), build)
     cfg = plan.cfg
-    rank, world_size, _ = setup_distributed(cfg.ddp_timeout)
+    if plan.engine == "torch":  # one process: no process group, no DeepSpeed import
+        rank, world_size = 0, 1
+    else:
+        rank, world_size, _ = setup_distributed(cfg.ddp_timeout)
     seed_everything(cfg.seed)
     out, zero_stage = plan.out, plan.zero_stage
     out.mkdir(parents=True, exist_ok=True)
@@ -277,12 +331,12 @@ def run(cfg, build=None) -> str:
         model = build_model(cfg, plan.config, plan.tokenizer, zero_stage=zero_stage,
                             dtype=dtype if cfg.model_name_or_path else torch.float32)
         use_varlen = getattr(plan.config, "_attn_implementation", None) == "flash_attention_2"
-        engine = init_engine(model, plan.ds_config, cfg, warmup)
+        engine = init_engine(model, plan.ds_config, cfg, warmup, plan.engine)
         checkpointer = Checkpointer(out, rank=rank, world_size=world_size, save_total_limit=cfg.save_total_limit,
                                     tokenizer=plan.tokenizer, tokenizer_dir=plan.tok_dir,
                                     model_dir=cfg.model_name_or_path)
         if rank == 0:
-            _write_run_files(out, cfg, plan.ds_config, lock_path, warmup, seq_len)
+            _write_run_files(out, cfg, plan.ds_config, lock_path, warmup, seq_len, plan.engine)
         loader = train_stream.loader(num_workers=cfg.num_workers)
         state = TrainState()
         parts = {"trainer": state, "stream": loader, "rng": RNGState()}
@@ -298,12 +352,14 @@ def run(cfg, build=None) -> str:
             if state.saved.get("max_steps") not in (None, cfg.max_steps):
                 log.warning("--max_steps changed from %s to %d: the lr schedule changes shape",
                             state.saved["max_steps"], cfg.max_steps)
-        state.extra = {"max_steps": cfg.max_steps, "seq_len": seq_len}
+        state.extra = {"max_steps": cfg.max_steps, "seq_len": seq_len, "engine": plan.engine}
 
-        log.info("training %d steps: %d ranks × %d micro-batches × %d rows × %d tokens, ZeRO-%d, %s",
+        log.info("training %d steps: %d ranks × %d micro-batches × %d rows × %d tokens, %s, %s",
                  cfg.max_steps, world_size, cfg.gradient_accumulation_steps,
-                 cfg.per_device_train_batch_size, seq_len, zero_stage,
+                 cfg.per_device_train_batch_size, seq_len,
+                 f"DeepSpeed ZeRO-{zero_stage}" if plan.engine == "deepspeed" else "plain-PyTorch engine",
                  "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32")
+        log.info("engine: %s (%s)", plan.engine, plan.engine_why)
         metrics = Metrics(cfg, rank, state.step)
         try:
             why = train(engine, loader, eval_stream, checkpointer, metrics, cfg, state, parts,
@@ -314,6 +370,8 @@ def run(cfg, build=None) -> str:
                 checkpointer.save_final(engine, out, is_lora=cfg.use_lora, zero_stage=zero_stage)
         finally:
             metrics.close()
+        if rank == 0:
+            draw_curves(out)
     finally:
         if hf_ds is not None:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -339,10 +397,27 @@ def _model_tokenizer_dir(cfg, resume: Path | None) -> str | None:
     return None
 
 
-def _write_run_files(out: Path, cfg, ds_config: dict, lock_path: Path, warmup: int, seq_len: int) -> None:
+def draw_curves(out: Path) -> Path | None:
+    """OUTPUT_DIR/training_curves.png (train/plot.py) at the end of a run; a plotting problem is
+    one line, never the run's failure."""
+    try:
+        from .plot import plot_run
+        path = plot_run(out)
+    except ImportError as e:
+        log.info("no training-curves plot (%s); pip install matplotlib, then python -m train.plot %s", e, out)
+        return None
+    except Exception as e:  # PlotError, a matplotlib fault: the run itself is done and saved
+        log.warning("no training-curves plot: %s", " ".join(str(e).split()) or type(e).__name__)
+        return None
+    log.info("training curves: %s", path)
+    return path
+
+
+def _write_run_files(out: Path, cfg, ds_config: dict, lock_path: Path, warmup: int, seq_len: int,
+                     engine: str = "deepspeed") -> None:
     """What this run was: resolved flags, resolved DeepSpeed config, and the lock itself."""
     flags = {k: v for k, v in sorted(cfg.as_dict().items()) if k not in ("explicit", "local_rank", "notes")}
-    flags.update(resolved_warmup_steps=warmup, resolved_seq_len=seq_len)
+    flags.update(resolved_warmup_steps=warmup, resolved_seq_len=seq_len, resolved_engine=engine)
     (out / "train_args.json").write_text(json.dumps(flags, indent=2, default=str) + "\n")
     (out / "ds_config.json").write_text(json.dumps(ds_config, indent=2) + "\n")
     if lock_path.resolve() != (out / "mixture.lock.json").resolve():
