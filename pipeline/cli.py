@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 
 def _count(text: str) -> int:
@@ -134,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     from .executors import handle_sigterm_as_interrupt
     handle_sigterm_as_interrupt()
     try:
-        return _run(args)
+        with warnings.catch_warnings():  # restored after: main() called in-process (tests)
+            warnings.showwarning = _show_warning  # forked build workers inherit it
+            return _run(args)
     except BrokenPipeError:  # `… | head` closed the pipe: not an error (Python docs' recipe)
         import os
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -149,6 +152,21 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: keep the traceback
         print(f"error: {message}", file=sys.stderr)
         return 1
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """tokenmill's own warnings (a category defined in stages/ or pipeline/, e.g. the legacy
+    FM9G index notice) are notices for the user: one `warning: ...` line, as the build summary
+    prints its warnings. Any other keeps Python's format (file:line and the source line: a
+    library's warning is for a developer)."""
+    if category.__module__.split(".")[0] in ("stages", "pipeline"):
+        text = f"warning: {message}\n"
+    else:
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+    try:
+        (file or sys.stderr).write(text)
+    except OSError:  # stderr gone: as Python's own showwarning, drop the notice
+        pass
 
 
 def user_fault(e: BaseException, cmd: str) -> str | None:

@@ -24,6 +24,11 @@ INDEX_H5 = "index.h5"
 META_FILE = "meta.json"
 
 
+class LegacyIndexWarning(UserWarning):
+    """A legacy (end offsets only) FM9G index was read with its leading 0 restored: a notice,
+    no record is lost. `pipeline` prints it as one `warning:` line (pipeline/cli.py)."""
+
+
 def is_fm9g_index_dir(path: str | os.PathLike) -> bool:
     """True for a dir with data.jsonl, meta.json and an index (text or HDF5)."""
     p = Path(path)
@@ -55,7 +60,7 @@ def read_fm9g_offsets(path: str | os.PathLike) -> np.ndarray:
         if offsets.size and offsets[-1] == size:
             warnings.warn(f"{d}: legacy FM9G index (end offsets only, as written by "
                           "convert_json2index.py); reading it with a leading 0 so line 0 is kept",
-                          stacklevel=2)
+                          LegacyIndexWarning, stacklevel=2)
         offsets = np.concatenate([np.zeros(1, np.int64), offsets])
     if offsets[-1] != size:
         raise ValueError(f"{d}: index ends at byte {offsets[-1]} but {DATA_FILE} has {size} bytes; "
@@ -126,4 +131,4 @@ def write_fm9g_index(jsonl_path: str | os.PathLike, out_dir: str | os.PathLike,
     return offsets
 
 
-__all__ = ["is_fm9g_index_dir", "read_fm9g_offsets", "iter_fm9g_records", "write_fm9g_index"]
+__all__ = ["LegacyIndexWarning", "is_fm9g_index_dir", "read_fm9g_offsets", "iter_fm9g_records", "write_fm9g_index"]
