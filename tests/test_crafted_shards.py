@@ -38,6 +38,9 @@ RUNNER = """
 import contextlib, io, json, sys
 from pipeline.cli import main
 from train.stream import MixtureStream, StreamError
+import train.store
+if sys.argv[2:] == ["large"]:  # treat every shard as too large for the whole check when mapped
+    train.store.TOKEN_CHECK_ON_MAP = -1
 for job in json.loads(open(sys.argv[1]).read()):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -141,6 +144,29 @@ def outcomes(tmp_path_factory):
     return {x["id"]: x for x in map(json.loads, r.stdout.splitlines())}
 
 
+@pytest.fixture(scope="module")
+def outcomes_large(tmp_path_factory):
+    """The stream on the same crafted shards, each taken as a large shard: only its layout and
+    index end points are checked when mapped, the rest as the first window reads it."""
+    jobs = []
+    for k, (case, meta) in enumerate(IDS):
+        if meta:
+            d, lock = crafted(tmp_path_factory.mktemp(f"large{k}"), CASES[case][0], meta)
+            jobs.append({"id": k, "dir": str(d), "lock": str(lock)})
+    plan = tmp_path_factory.mktemp("plan") / "jobs.json"
+    plan.write_text(json.dumps(jobs))
+    r = run("-c", RUNNER, str(plan), "large")
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])  # e.g. -11: a segfault
+    return {x["id"]: x for x in map(json.loads, r.stdout.splitlines())}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "token id >= vocab"])  # (the batch
+def test_large_shards_are_bounds_checked_as_they_are_read(outcomes_large, case):  # check: below)
+    res = outcomes_large[IDS.index((case, True))]
+    for level, (rc, msg) in res["stream"].items():
+        assert rc == 1 and "shard-00000.h5" in msg, (level, rc, msg)
+
+
 @pytest.mark.parametrize("case, consistent_meta", IDS,
                          ids=[f"{c}-{'meta-rewritten' if m else 'meta-as-built'}" for c, m in IDS])
 def test_verify_and_stream_refuse_a_crafted_shard(outcomes, case, consistent_meta):
@@ -200,3 +226,17 @@ def test_a_lock_pointing_at_another_datasets_dir_is_refused(tmp_path):
     assert any("another dataset's dir" in f for f in faults), faults
     r = run("-c", STREAM, str(lock), "cheap")
     assert r.returncode == 1 and "another dataset's dir" in r.stdout, r.stdout
+
+
+def test_a_bad_token_in_a_shard_too_large_for_the_map_check_stops_the_batch(tmp_path, monkeypatch):
+    """Shards above TOKEN_CHECK_ON_MAP are not scanned when mapped (that would cost O(tokens) at
+    every start); the batch holding an out-of-vocabulary id is refused, naming shard and sample."""
+    import train.store
+    from train.stream import MixtureStream, StreamError
+    d, lock = crafted(tmp_path, set_item("tokens", 3, 1500), consistent_meta=True)
+    monkeypatch.setattr(train.store, "TOKEN_CHECK_ON_MAP", 0)
+    with pytest.raises(StreamError) as e:
+        for _ in MixtureStream(lock, 32, batch_size=1, verify="cheap").loader():
+            pass
+    msg = str(e.value)
+    assert "token id 1500 >= vocab size 1000" in msg and "shard-00000.h5" in msg and "sample 0" in msg, msg

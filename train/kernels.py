@@ -61,11 +61,14 @@ def _pointer(typingctx, address, proto):
 
 
 @njit(cache=True, nogil=True)
-def gather_samples(slot, j, off_addr, lso_addr, span_addr, p64, p32):
+def gather_samples(slot, j, off_addr, lso_addr, span_addr, ntok, nspan, p64, p32):
     """Sample j[t] of shard slot[t] for each item t, read through the shards' mapped index
     (addresses per slot of offsets (int64), loss_span_offsets (int64; 0: no spans) and
     loss_spans (int32 pairs)): its first token, length and loss spans [q0, q1) in the
-    returned lo/hi (-1, -1: no spans). The indices were bounds-checked when mapped."""
+    returned lo/hi (-1, -1: no spans). Every index read is checked against its array first
+    (ntok / nspan: tokens and loss spans per slot; offsets and loss_span_offsets have
+    n_samples + 1 entries, checked when mapped): the last two results are the first bad item
+    (-1: none) and what is wrong (1 offsets, 2 loss_span_offsets, 3 a loss span)."""
     n = len(slot)
     start = np.empty(n, np.int64)
     length = np.empty(n, np.int64)
@@ -76,10 +79,14 @@ def gather_samples(slot, j, off_addr, lso_addr, span_addr, p64, p32):
     for t in range(n):
         s = slot[t]
         o = carray(_pointer(off_addr[s] + j[t] * 8, p64), (2,))
+        if o[0] < 0 or o[1] < o[0] or o[1] > ntok[s]:
+            return start, length, q0, q1, np.empty(0, np.int32), np.empty(0, np.int32), t, 1
         start[t] = o[0]
         length[t] = o[1] - o[0]
         if lso_addr[s] != 0:
             q = carray(_pointer(lso_addr[s] + j[t] * 8, p64), (2,))
+            if q[0] < 0 or q[1] < q[0] or q[1] > nspan[s]:
+                return start, length, q0, q1, np.empty(0, np.int32), np.empty(0, np.int32), t, 2
             s0[t] = q[0]
             q0[t] = total
             total += q[1] - q[0]
@@ -91,9 +98,12 @@ def gather_samples(slot, j, off_addr, lso_addr, span_addr, p64, p32):
         if q0[t] >= 0 and m > 0:
             sp = carray(_pointer(span_addr[slot[t]] + s0[t] * 8, p32), (2 * m,))
             for k in range(m):
-                lo[q0[t] + k] = sp[2 * k]
-                hi[q0[t] + k] = sp[2 * k + 1]
-    return start, length, q0, q1, lo, hi
+                a, b = sp[2 * k], sp[2 * k + 1]
+                if a < 0 or b < a or b > length[t]:
+                    return start, length, q0, q1, lo, hi, t, 3
+                lo[q0[t] + k] = a
+                hi[q0[t] + k] = b
+    return start, length, q0, q1, lo, hi, -1, 0
 
 
 @njit(cache=True, nogil=True)
@@ -420,6 +430,7 @@ def warm_up() -> None:
     for k in (1, 2):  # TokenStore.locate's addr[:, uniq] rows: contiguous for 1 shard, else strided
         a = table[:, np.arange(k)]
         gather_samples(np.zeros(k, np.int64), np.zeros(k, np.int64), a[0], a[1], a[2],
+                       np.ones(k, np.int64), np.ones(k, np.int64),
                        np.zeros(0, np.int64), np.zeros(0, np.int32))
     for dt in (np.uint16, np.uint32):
         tok = np.zeros(1, dt)

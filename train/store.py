@@ -1,8 +1,10 @@
 """Shard access for the training stream: `TokenStore` memory-maps the shards of a lock on first
 use (a bounded number at once, one map per shard file, byte offsets from meta.json) and finds
 a window's samples in them (`Located`); nothing per sample is copied into private memory. A
-shard is checked (dtypes, bounds) when first mapped, before compiled code reads it; running
-out of descriptors or maps is a StreamError naming the limit and the fix.
+shard's layout (dtypes, sizes, index end points) is checked when first mapped, its whole
+structure too when it is small; every index entry compiled code follows is bounds-checked
+as it is read (so opening a terabyte of shards costs O(shards), not O(samples)); running out
+of descriptors or maps is a StreamError naming the limit and the fix.
 """
 from __future__ import annotations
 
@@ -96,13 +98,24 @@ class MappedShard:
 
         self.tokens, self.offsets = view("tokens"), view("offsets")
         self.lso, self.spans = view("loss_span_offsets"), view("loss_spans")
-        if check:  # bounds before any compiled read; token ids too when that is cheap
-            arr = {"tokens": self.tokens, "offsets": self.offsets}
-            if self.spans is not None:
-                arr.update(loss_spans=self.spans, loss_span_offsets=self.lso)
-            bad = check_arrays(arr, vocab_size, tokens=nt <= TOKEN_CHECK_ON_MAP)
-            if bad:
-                raise StreamError(f"{path}: {bad[0]}")
+        if check:
+            bad = self._ends_fault()
+            if not bad and nt <= TOKEN_CHECK_ON_MAP:  # small: the whole structure, token ids
+                arr = {"tokens": self.tokens, "offsets": self.offsets}
+                if self.spans is not None:
+                    arr.update(loss_spans=self.spans, loss_span_offsets=self.lso)
+                bad = check_arrays(arr, vocab_size)
+                bad = bad[0] if bad else None
+            if bad:  # (larger shards: each index read is checked in gather_samples, token ids
+                raise StreamError(f"{path}: {bad}")  # batch by batch - O(1) here, not O(samples))
+
+    def _ends_fault(self) -> str | None:
+        if self.offsets[0] != 0 or self.offsets[-1] != len(self.tokens):
+            return f"offsets are not a non-decreasing index from 0 to the {len(self.tokens)} tokens"
+        if self.spans is not None and (self.lso[0] != 0 or self.lso[-1] != len(self.spans)):
+            return (f"loss_span_offsets are not a non-decreasing index from 0 to the "
+                    f"{len(self.spans)} loss spans")
+        return None
 
 
 def _os_error(path: str, e: OSError) -> StreamError:
@@ -183,6 +196,8 @@ class TokenStore:
         ns = len(self.paths)
         self._addr = np.zeros((4, ns), np.int64)  # offsets, loss_span_offsets, loss_spans, tokens
         self._wide = np.zeros(ns, bool)  # tokens stored as uint32
+        self._ntok = np.zeros(ns, np.int64)  # tokens and loss spans per shard (index bounds)
+        self._nspan = np.zeros(ns, np.int64)
         self._is_mapped = np.zeros(ns, bool)
         self._last_use = np.zeros(ns, np.int64)
         self._tick = 0
@@ -207,6 +222,8 @@ class TokenStore:
                                 m.spans.ctypes.data if m.spans is not None else 0,
                                 m.tokens.ctypes.data)
             self._wide[g] = m.tokens.dtype == np.uint32
+            self._ntok[g] = len(m.tokens)
+            self._nspan[g] = len(m.spans) if m.spans is not None else 0
         self._last_use[uniq] = self._tick
         over = len(self._maps) - self.max_mapped
         if over > 0:
@@ -218,6 +235,11 @@ class TokenStore:
                     self._is_mapped[g] = False
                     self._addr[:, g] = 0
 
+    def path_of(self, d: int, i: int) -> str:
+        """The shard file holding sample i of dataset d."""
+        g = int(np.searchsorted(self.first, self.ds_base[d] + i, side="right") - 1)
+        return self.paths[g]
+
     def locate(self, d, i, drop_empty: bool = True) -> Located:
         """Samples (dataset d, index i), in order; empty ones dropped."""
         d, i = np.asarray(d, np.int64), np.asarray(i, np.int64)
@@ -228,7 +250,13 @@ class TokenStore:
         slot = slot.reshape(-1).astype(np.int64)
         self._ensure(uniq)
         a = self._addr[:, uniq]
-        start, n, q0, q1, lo, hi = gather_samples(slot, j, a[0], a[1], a[2], _P64, _P32)
+        start, n, q0, q1, lo, hi, bad, why = gather_samples(
+            slot, j, a[0], a[1], a[2], self._ntok[uniq], self._nspan[uniq], _P64, _P32)
+        if bad >= 0:
+            what = {1: "offsets", 2: "loss_span_offsets", 3: "loss_spans"}[int(why)]
+            raise StreamError(f"{self.paths[int(uniq[slot[bad]])]}: sample {int(j[bad])}: its "
+                              f"{what} entry points outside its array or sample (a corrupt shard: "
+                              "`python -m pipeline verify` checks every shard)")
         tokens = [self._maps[g].tokens for g in uniq.tolist()]
         wide = self._wide[uniq]
         loc = Located(d, i, slot, start, n, q0, q1, tokens, lo, hi,

@@ -304,6 +304,28 @@ class MixtureStream(IterableDataset):
                        row_ptr=np.arange(len(d) + 1, dtype=np.int64))
     # ---------------------------------------------------------------- batches
     def _collate(self, segs: list) -> dict:
+        """The batch of these (window, u0, u1) units; token ids checked against the vocabulary
+        (a shard too large for the check when first mapped is checked here, batch by batch)."""
+        batch = self._assemble(segs)
+        ids = batch["input_ids"]
+        vocab = self._tokens().vocab_size
+        if ids.numel() and int(ids.max()) >= vocab:
+            raise StreamError(self._bad_token(batch, vocab))
+        return batch
+
+    def _bad_token(self, batch: dict, vocab: int) -> str:
+        flat = batch["input_ids"].reshape(-1)
+        p = int(np.flatnonzero(flat.numpy() >= vocab)[0])
+        seg = batch["segments"].numpy()
+        k = np.flatnonzero((seg[:, 1] <= p) & (p < seg[:, 2]))
+        if not len(k):
+            return f"{self.lock_path}: token id {int(flat[p])} >= vocab size {vocab} in a batch"
+        d, i = batch["samples"][int(k[0])].tolist()
+        path = self._tokens().path_of(d, i)
+        return (f"{path}: token id {int(flat[p])} >= vocab size {vocab} in sample {i} of dataset "
+                f"{self.datasets[d].task!r} (`python -m pipeline verify` checks every shard)")
+
+    def _assemble(self, segs: list) -> dict:
         B, L = self.batch_size, self.seq_len
         if self.mode == "packed":
             for win, _, _ in segs:
