@@ -2,7 +2,7 @@
 of about the target size, merge the units' statistics streaming, write meta.json last.
 
 Units are kept one by one until then (crash-safe resume); the shard grouping is a pure
-function of the units' token counts, their source files and the target size, so the dir is
+function of the units' token counts and the target size, so the dir is
 byte-identical for any worker count or executor. Memory: one unit summary at a time plus
 O(distinct lengths) for the statistics — independent of the number of samples or units.
 """
@@ -30,12 +30,13 @@ def _summaries(work: Path, units):
 
 
 def shard_groups(summaries, shard_tokens: int):
-    """Consecutive unit summaries grouped into shards: a shard takes units of one source file
-    while it stays within `shard_tokens` (a unit larger than the target is a shard alone).
-    One file per shard keeps each shard's `source` attribute and `source_record` exact."""
+    """Consecutive unit summaries grouped into shards: a shard takes consecutive units, of
+    any source files, while it stays within `shard_tokens` (a unit larger than the target is
+    a shard alone). Provenance stays exact across files: a shard lists its files' sample runs
+    (stages/shard.py), so 10^5 small files make few shards, not 10^5."""
     group, tokens = [], 0
     for s in summaries:
-        if group and (s["source"] != group[0]["source"] or tokens + s["n_tokens"] > shard_tokens):
+        if group and tokens + s["n_tokens"] > shard_tokens:
             yield group
             group, tokens = [], 0
         group.append(s)
@@ -88,7 +89,7 @@ def join_units(work: Path, units, shard_tokens: int, totals: _Totals) -> list[di
                 os.replace(inputs[0], name)  # the bytes concat_shards would write for one input
             else:
                 tmp = name.with_suffix(".h5.tmp")
-                concat_shards(inputs, tmp, group[0]["source"])
+                concat_shards(inputs, tmp)
                 os.replace(tmp, name)
                 for p in inputs:
                     p.unlink()

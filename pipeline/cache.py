@@ -33,7 +33,8 @@ from stages.shard import FORMAT_VERSION
 
 # 2: .txt sources lose a leading BOM, directory sources skip hidden entries, truncated
 # containers are faults (issue 16) — the same inputs may give other shards than under 1.
-KEY_VERSION = 2  # bump when the pipeline's output for the same inputs changes
+# 3: shards span source files (format 2: source_files + source_file_offsets; issue 13).
+KEY_VERSION = 3  # bump when the pipeline's output for the same inputs changes
 _FINGERPRINTS = ".fingerprints.json"
 _NOT_WRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM)
 

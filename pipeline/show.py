@@ -2,7 +2,8 @@
 ⟦brackets⟧ otherwise), each trained span preceded by the role and message it trains
 (`[assistant#3]`: message 3 of the record, counted from 0 after the format is adapted).
 
-The roles are not stored in the shards: the sample's source record (its provenance) is read
+The roles are not stored in the shards: the sample's source record (its provenance, from
+stages.built_dataset `BuiltDataset.provenance`: file, record and piece, whichever shard format) is read
 again and re-rendered with what meta.json names — format, transform, template, tokenizer,
 loss mode, max_length and overflow — and the result must give exactly the stored ids and
 spans. When it does not (the source, transform, template or tokenizer changed since the
@@ -15,30 +16,27 @@ import os
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
 import orjson
 
 from mixtures.manifest import DEFAULT_SEED
+from stages.built_dataset import Provenance, open_built
 from stages.errors import BuildError, RecordError
 from stages.formats import base_format
 from stages.jinja_env import available_templates
 from stages.overflow import stored_piece_starts
 from stages.render import Encoded, Explained
-from stages.shard import read_shard
 
 from .verify import built_dirs
 
 
-def locate_shard(d: Path, meta: dict, index: int):
-    """Global sample index → (shard path, shard arrays, index within shard)."""
-    if not 0 <= index < meta["n_samples"]:
-        raise BuildError(f"{d.name}: index {index} out of range (0 … {meta['n_samples'] - 1})")
-    for sh in meta["shards"]:
-        if index < sh["n_samples"]:
-            return d / sh["file"], read_shard(d / sh["file"]), index
-        index -= sh["n_samples"]
-    raise BuildError(f"{d.name}: index {index} is past the samples its shards list (meta.json disagrees)")
+def locate_sample(d: Path, index: int):
+    """Global sample index → (meta.json, shard arrays, index within shard, provenance)."""
+    ds = open_built(d)
+    if not 0 <= index < ds.n_samples:
+        raise BuildError(f"{d.name}: index {index} out of range (0 … {ds.n_samples - 1})")
+    j, i = ds.locate(index)
+    return ds.meta, ds.shard_arrays(j), i, ds.provenance(index)
 
 
 class _NoLabels(Exception):
@@ -137,18 +135,17 @@ def _trusted_transform(transform: dict, named: str | None):
         raise _NoLabels(f"the transform {path} changed since the build (sha256 differs)")
 
 
-def explain_sample(meta: dict, shard: Path, arrays, i: int, tok, *, seed: int,
+def explain_sample(meta: dict, prov: Provenance, arrays, i: int, tok, *, seed: int,
                    template: str | None = None, named_transform: str | None = None) -> tuple[list[str], str]:
-    """Labels of the trained spans of sample i of a shard (see module doc), and a line on
-    which piece of its record it is ("" when the record gave one sample). Raises _NoLabels."""
+    """Labels of the trained spans of sample i of a shard (see module doc) whose provenance
+    is `prov`, and a line on which piece of its record it is ("" when the record gave one
+    sample). Raises _NoLabels."""
     from mixtures.transforms import TransformError
     from stages.render import Renderer
 
     from .worker import DatasetJob, canonicalize
 
-    with h5py.File(shard, "r") as f:
-        source = str(f.attrs["source"])
-    rec = int(arrays.source_record[i])
+    source, rec, k = prov.file, prov.record, prov.piece
     if tok.sha256 != meta["tokenizer"]["sha256"]:
         raise _NoLabels(f"the tokenizer {tok.path} changed since the build")
     tmpl = _template(meta, tok, template)
@@ -169,10 +166,6 @@ def explain_sample(meta: dict, shard: Path, arrays, i: int, tok, *, seed: int,
     explained = Renderer(tok, tmpl, meta["build"].get("loss", "assistant")).explain(canonical)
     if isinstance(explained, RecordError):
         raise _NoLabels(f"its record now fails: {explained.located(source, rec)}")
-    # which of the record's samples this is: they are stored one after another
-    k = 0
-    while i - k - 1 >= 0 and int(arrays.source_record[i - k - 1]) == rec:
-        k += 1
     full = explained.encoded
     start = _piece(full, k, meta["build"]["max_length"], meta["build"]["overflow"])
     ids = np.asarray(arrays.sample(i), dtype=np.int64)
@@ -200,25 +193,21 @@ def show(path: str, index: int = 0, dataset: str | None = None, color: bool | No
     file it was built with; `transform`: the transform script it was built with, named by the
     user (never imported from meta.json alone; its sha256 must match)."""
     dirs = built_dirs(path)
-    metas = {d: orjson.loads((d / "meta.json").read_bytes()) for d in dirs}
     if dataset:
-        dirs = [d for d in dirs if metas[d]["dataset_name"] == dataset]
+        dirs = [d for d in dirs if orjson.loads((d / "meta.json").read_bytes()).get("dataset_name") == dataset]
         if not dirs:
             raise BuildError(f"no dataset named {dataset!r} in {path}")
     d = dirs[0]
-    meta = metas[d]
-    shard, arrays, i = locate_shard(d, meta, index)
+    meta, arrays, i, prov = locate_sample(d, index)
     ids = np.asarray(arrays.sample(i), dtype=np.int64)
     spans = arrays.spans(i)
     from stages.tokenizer import load_tokenizer
     tok = load_tokenizer(meta["tokenizer"]["path"], trust_remote_code=trust_remote_code)
     color = sys.stdout.isatty() if color is None else color
     n_trained = len(ids) if spans is None else int((spans[:, 1] - spans[:, 0]).sum())
-    with h5py.File(shard, "r") as f:
-        source = str(f.attrs.get("source", "")) or "its source file"  # a shard holds one source file
     print(f"{meta['dataset_name']} sample {index}: {len(ids)} tokens, {n_trained} trained "
           f"({len(spans) if spans is not None else 1} span(s)), source record "
-          f"{int(arrays.source_record[i])} of {source}")
+          f"{prov.record} of {prov.file or 'its source file'}")
     labels = None
     if base_format(meta["build"]["format"]) == "text" or spans is None:
         print("a document: every token trains")
@@ -228,7 +217,7 @@ def show(path: str, index: int = 0, dataset: str | None = None, color: bool | No
             seed = orjson.loads(Path(path).read_bytes()).get("seed", DEFAULT_SEED) if Path(path).is_file() \
                 else DEFAULT_SEED
         try:
-            labels, where = explain_sample(meta, shard, arrays, i, tok, seed=seed, template=template,
+            labels, where = explain_sample(meta, prov, arrays, i, tok, seed=seed, template=template,
                                            named_transform=transform)
             if where:
                 print(f"this sample is {where}")

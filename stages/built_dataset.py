@@ -9,6 +9,9 @@ contiguous datasets, so readers can memory-map without h5py) and checks a dir at
   counts add up, array dtypes/shapes recorded in meta.json are the exact ones (no h5py open).
 * ``full``: also the sha256 of every shard and the structure of every array, read from the file.
 
+`provenance(i)` is the one answer to "which source file and record is sample i" (both shard
+formats: a shard may span many source files).
+
 Every refusal is a `DatasetError` whose message starts with the dir or shard it is about.
 A shard from outside is untrusted input: nothing reaches compiled code unchecked
 (`check_arrays` is the one structural check, used by `check("full")` and by the stream).
@@ -27,13 +30,17 @@ import orjson
 
 from .errors import BuildError
 from .fsutil import atomic_write_bytes
-from .shard import FORMAT_VERSION, file_sha256, token_dtype
+from .shard import (READABLE_FORMATS, Provenance, file_sha256, provenance_faults,
+                    shard_provenance, token_dtype)
 
-SCHEMA_VERSION = 1
-ARRAYS = ("tokens", "offsets", "source_record", "loss_spans", "loss_span_offsets")
+SCHEMA_VERSION = 2  # 2: shard entries' `arrays` may hold source_file_offsets (format 2 shards)
+READABLE_SCHEMAS = (1, 2)
+# the numeric datasets of a shard (its `source_files` names are strings, read with h5py)
+ARRAYS = ("tokens", "offsets", "source_record", "loss_spans", "loss_span_offsets",
+          "source_file_offsets")
 # exact dtypes of the index arrays (tokens: token_dtype(vocab_size))
 INDEX_DTYPES = {"offsets": "int64", "source_record": "int64", "loss_spans": "int32",
-                "loss_span_offsets": "int64"}
+                "loss_span_offsets": "int64", "source_file_offsets": "int64"}
 TOKEN_CHECK_ON_MAP = 1 << 24  # shards up to this many tokens get the vocab check on first map
 
 _ARRAY = {"type": "object", "required": ["offset", "dtype", "shape"],
@@ -44,7 +51,7 @@ META_SCHEMA = {
     "type": "object",
     "required": ["schema_version", "key", "n_samples", "n_tokens", "tokenizer", "shards"],
     "properties": {
-        "schema_version": {"const": SCHEMA_VERSION},
+        "schema_version": {"enum": list(READABLE_SCHEMAS)},
         "key": {"type": "string", "minLength": 1},
         "dataset_name": {"type": "string"},
         "n_samples": {"type": "integer", "minimum": 0},
@@ -228,6 +235,15 @@ class BuiltDataset:
         from .shard import read_shard
         return read_shard(self.shard_paths[j], mmap=mmap)
 
+    def provenance(self, sample: int) -> Provenance:
+        """Source file, record and piece of sample number `sample` of the dir (any shard
+        format); reads O(files of its shard) values, not the shard's arrays."""
+        j, i = self.locate(sample)
+        try:
+            return shard_provenance(self.shard_paths[j], i)
+        except ValueError as e:
+            raise DatasetError(str(e)) from None
+
     def sample_lengths(self) -> np.ndarray:
         """Token count of every sample, in order (reads each shard's offsets)."""
         parts = [np.diff(np.asarray(self.shard_arrays(j).offsets, np.int64))
@@ -319,21 +335,31 @@ class BuiltDataset:
         s, p = self.shards[j], self.shard_paths[j]
         desc = {"arrays": shard_layout(p)}
         with h5py.File(p, "r") as h:
-            for name in ("tokens", "offsets", "source_record"):
+            version = int(h.attrs.get("format_version", -1))
+            if version not in READABLE_FORMATS:
+                return [f"format_version {h.attrs.get('format_version')} unsupported "
+                        f"(want one of {list(READABLE_FORMATS)})"]
+            need = ("tokens", "offsets", "source_record") + (
+                ("source_files", "source_file_offsets") if version >= 2 else ())
+            for name in need:
                 if name not in h:
                     return [f"dataset '{name}' missing"]
-            if int(h.attrs.get("format_version", -1)) != FORMAT_VERSION:
-                return [f"format_version {h.attrs.get('format_version')} unsupported "
-                        f"(want {FORMAT_VERSION})"]
+            if version == 1 and "source" not in h.attrs:
+                return ["attribute 'source' missing (format 1)"]
             out = expected_layout_faults(desc["arrays"], int(s["n_samples"]), int(s["n_tokens"]),
                                          self.vocab_size, p.stat().st_size)
             if h["tokens"].chunks is not None or h["tokens"].compression is not None:
                 out.append("tokens is chunked or compressed (must be contiguous)")
             if s.get("arrays") is not None and s["arrays"] != desc["arrays"]:
                 out.append("arrays in meta.json differ from the file's datasets")
+            if version >= 2 and (h["source_files"].ndim != 1 or h["source_files"].dtype.kind != "S"):
+                out.append(f"source_files must be 1-D byte strings, not {h['source_files'].dtype} "
+                           f"{list(h['source_files'].shape)}")
             if out:
                 return out
             arr = {k: h[k][...] for k in ARRAYS if k in h}
+            if version >= 2:
+                arr["source_files"] = h["source_files"][...]
         return check_arrays(arr, self.vocab_size, tokens=True, sorted_spans=True)
 
 
@@ -358,6 +384,9 @@ def expected_layout_faults(arrays: dict, n: int, n_tokens: int, vocab_size: int,
     if wider_tokens and arrays.get("tokens", {}).get("dtype") == "uint32":
         want["tokens"] = "uint32"
     shapes = {"tokens": [n_tokens], "offsets": [n + 1], "source_record": [n]}
+    sfo = arrays.get("source_file_offsets")
+    if sfo is not None and (len(sfo["shape"]) != 1 or sfo["shape"][0] < 1):
+        out.append(f"source_file_offsets shape {list(sfo['shape'])} (want [files + 1])")
     for name in ("tokens", "offsets"):
         if name not in arrays:
             out.append(f"dataset '{name}' missing")
@@ -401,6 +430,10 @@ def check_arrays(arr: dict, vocab_size: int, *, tokens: bool = True,
         return [f"offsets are not a non-decreasing index from 0 to the {len(toks)} tokens"]
     if "source_record" in arr and len(arr["source_record"]) != n:
         out.append(f"source_record has {len(arr['source_record'])} entries for {n} samples")
+    elif "source_record" in arr and n and int(np.min(arr["source_record"])) < 0:
+        out.append(f"source_record has a negative record number {int(np.min(arr['source_record']))}")
+    if "source_file_offsets" in arr:
+        out += provenance_faults(np.asarray(arr["source_file_offsets"]), arr.get("source_files"), n)
     if tokens and len(toks):
         top = max(int(toks[j:j + (1 << 24)].max()) for j in range(0, len(toks), 1 << 24))
         if top >= vocab_size:

@@ -59,13 +59,14 @@ def test_describe_shard_gives_byte_offsets_a_plain_memmap_reads(tmp_path):
 def test_concat_shards_joins_units_and_one_unit_is_byte_identical(tmp_path, spans):
     rng = np.random.default_rng(1)
     units = [arrays(rng, L, spans) for L in ([4, 1, 9], [2], [], [6, 6])]
+    unit_files = ["a.jsonl", "a.jsonl", "b.jsonl", "c.jsonl"]  # a continues; b gave no sample
     paths = []
-    for k, u in enumerate(units):
+    for k, (u, src) in enumerate(zip(units, unit_files)):
         paths.append(tmp_path / f"u{k}.h5")
-        write_shard(paths[-1], u, "src.jsonl")
-    concat_shards(paths[:1], tmp_path / "one.h5", "src.jsonl")
+        write_shard(paths[-1], u, src)
+    concat_shards(paths[:1], tmp_path / "one.h5")
     assert (tmp_path / "one.h5").read_bytes() == paths[0].read_bytes()
-    concat_shards(paths, tmp_path / "all.h5", "src.jsonl")
+    concat_shards(paths, tmp_path / "all.h5")
     got = read_shard(tmp_path / "all.h5", mmap=False)
     want_samples = [(u.sample(i), u.spans(i)) for u in units for i in range(u.n_samples)]
     assert got.n_samples == len(want_samples)
@@ -74,9 +75,17 @@ def test_concat_shards_joins_units_and_one_unit_is_byte_identical(tmp_path, span
         if spans:
             assert np.array_equal(got.spans(i), s)
     assert got.loss_spans is None if not spans else got.loss_spans.dtype == np.int32
+    # provenance: one run per file in order, the empty unit's file an empty run
+    assert got.source_files == ["a.jsonl", "b.jsonl", "c.jsonl"]
+    assert got.source_file_offsets.tolist() == [0, 4, 4, 6]
+    per_sample = [src for u, src in zip(units, unit_files) for _ in range(u.n_samples)]
+    assert [got.source_files[int(np.searchsorted(got.source_file_offsets, i, "right")) - 1]
+            for i in range(got.n_samples)] == per_sample
+    assert got.source_record.tolist() == [r for u in units for r in u.source_record.tolist()]
     with h5py.File(tmp_path / "all.h5") as f:
         assert f["offsets"].dtype == np.int64 and f["tokens"].chunks is None
-        assert dict(f.attrs) == {"format_version": 1, "source": "src.jsonl", "n_samples": len(want_samples),
+        assert f["source_file_offsets"].dtype == np.int64 and f["source_files"].dtype.kind == "S"
+        assert dict(f.attrs) == {"format_version": 2, "n_samples": len(want_samples),
                                  "n_tokens": sum(len(u.tokens) for u in units)}
 
 
