@@ -50,6 +50,6 @@ def test_two_node_cluster_build_equals_local(tmp_path, sample_tokenizer):
         cluster.shutdown()
     # the units really ran on both nodes (each has 1 CPU, 6 units: neither can take them all)
     assert len(on_ray[0].ray_nodes) == 2 and sum(on_ray[0].ray_nodes.values()) == 6, on_ray[0].ray_nodes
-    assert len(on_ray[0].meta["shards"]) == len(local[0].meta["shards"]) == 6  # one file per shard
+    assert len(on_ray[0].meta["shards"]) == len(local[0].meta["shards"]) == 1  # six files, one shard
     assert digests(tmp_path / "ray") == digests(tmp_path / "local")
     assert on_ray[0].entry.final.name == local[0].entry.final.name
