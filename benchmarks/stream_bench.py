@@ -207,10 +207,10 @@ def fill(lock: Path, n_batches: int) -> dict:
 
 def resume(lock: Path, out: Path, target: int = 1_000_000) -> dict:
     import numpy as np
-    from train import stream as sm
-    from train.lanes import fresh
+    from train.lanes import LaneCursor, fresh
     s = MixtureStream(lock, SEQ, mode="packed", batch_size=8)
-    cur = sm._Cursor(s, fresh(0, 1), np.zeros(len(s.datasets), np.int64))
+    cur = LaneCursor(fresh(0, 1), np.zeros(len(s.datasets), np.int64), s._make_window,
+                     s._schedule.n_windows)
     t0 = time.perf_counter()
     while int(s._schedule.counts(cur.pos.current()[0] + 1).sum()) < target:  # lengths only
         cur.pos.offset = cur.win.size

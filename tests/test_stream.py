@@ -488,8 +488,8 @@ def test_restore_is_O1(lock, monkeypatch):
     """A state far into the stream is restored by regenerating one window, not by replay."""
     s = MixtureStream(lock, 96, mode="packed", batch_size=2, pack_window=40)
     from train import stream as sm
-    from train.lanes import fresh
-    cur = sm._Cursor(s, fresh(0, 1), np.zeros(3, np.int64))
+    from train.lanes import LaneCursor, fresh
+    cur = LaneCursor(fresh(0, 1), np.zeros(3, np.int64), s._make_window, s._schedule.n_windows)
     cur.advance(20000)  # ~ 20000 rows on: hundreds of windows, many epochs
     far = s._public_at(cur)
     assert far["window"] > 300 and far["datasets"][0]["epoch"] > 10

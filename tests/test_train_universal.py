@@ -8,7 +8,8 @@ which keeps the param groups' own weight decay: the trainer's decay / no-decay g
 - one more step on 1 rank over the same global batch (both ranks' rows) equals the 2-rank step 4
   (zero_to_fp32 of checkpoint-4): the Adam moments, step count and lr schedule came through.
 End to end through `python -m train`, a 2-rank run resumes on 1 rank (ZeRO-3) and on 4 ranks
-(ZeRO-3 and ZeRO-2) and trains the rows and losses of the uninterrupted run.
+(ZeRO-3 and ZeRO-2), each new rank's stream continuing from every old rank's saved position,
+and the universal checkpoint resumed on the old 2 ranks gives the uninterrupted run's losses.
 This file is also the worker script (`python tests/test_train_universal.py save|load ...`).
 """
 from __future__ import annotations
@@ -215,14 +216,69 @@ def test_failed_conversion_is_one_line_naming_the_alternatives(tmp_path):
     assert "ZeRO-2" in refusal(ck, 2, 2)
 
 
+def _stream_steps(lock, seq_len: int, rows: int, world: int, steps: int, states: list) -> list:
+    """Per optimizer step (gas 1): trained tokens over the ranks and samples per task, as the
+    stream gives them on `world` ranks resumed from every old rank's state - what the resumed
+    run must train (tests/test_stream.py: this repeats and loses nothing)."""
+    from collections import Counter
+    from train.stream import MixtureStream
+    out = [[0, Counter()] for _ in range(steps)]
+    for r in range(world):
+        ld = MixtureStream(lock, seq_len, rank=r, world_size=world, batch_size=rows).loader()
+        ld.load_state_dict(states)
+        for k, b in zip(range(steps), ld):
+            out[k][0] += int((b["labels"] != -100).sum())
+            for d, _ in b["samples"].tolist():
+                out[k][1][ld.stream.datasets[d].task] += 1
+    return out
+
+
+def _check_resumed_elsewhere(two: Path, other: Path, lock, seq_len: int, rows: int, world: int) -> None:
+    """The run resumed on `world` ranks trained, step by step, what the stream re-planned from
+    every old rank's saved position gives, and kept the lr schedule."""
+    from test_train_helpers import read_log
+    ref, _ = read_log(two)
+    got, _ = read_log(other)
+    assert sorted(got) == [4, 5, 6]
+    states = [json.loads(f.read_text()) for f in sorted((two / "checkpoint-3").glob("stream_state_rank*.json"))]
+    assert [st["rank"] for st in states] == [0, 1]
+    want = _stream_steps(lock, seq_len, rows, world, 3, states)
+    for s in (4, 5, 6):
+        tokens, per_task = want[s - 4]
+        assert got[s]["trained_tokens_step"] == tokens, (s, got[s], want)
+        if "datasets" in got[s]:
+            assert {n: d["samples"] for n, d in got[s]["datasets"].items() if d["samples"]} == dict(per_task), s
+        assert got[s]["lr"] == pytest.approx(ref[s]["lr"], rel=1e-9)
+    assert got[6]["trained_tokens"] == ref[3]["trained_tokens"] + sum(w[0] for w in want)
+
+
+def _check_universal_on_same_world(two: Path, common: list, rows: int) -> None:
+    """The converted checkpoint-3-universal resumed on the 2 ranks that saved it: the same rows
+    as the uninterrupted run (each rank's own stream position), so its losses must match it -
+    weights and optimizer state (moments, step, per-group weight decay) came through
+    train.universal.load_universal (DeepSpeed's own universal load gives every param group
+    group 0's settings: step 6 off by 3e-4)."""
+    from test_train_helpers import read_log, run_train
+    again = two.parent / "again"
+    run_train([*common, "--output_dir", str(again), "--per_device_train_batch_size", str(rows),
+               "--save_steps", "100", "--resume_from_checkpoint", str(two / "checkpoint-3-universal")],
+              nproc=2, launcher="torchrun")
+    ref, _ = read_log(two)
+    got, _ = read_log(again)
+    table = [(s, ref[s]["loss"], got[s]["loss"]) for s in (4, 5, 6)]
+    for s in (4, 5, 6):
+        assert got[s]["trained_tokens_step"] == ref[s]["trained_tokens_step"], s
+        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-6), table
+
+
 @pytest.mark.slow
 def test_train_resumes_two_rank_zero3_on_one_rank(tmp_path):
     """`python -m train` end to end: a 2-rank ZeRO-3 run (2 rows per rank) saved at step 3 resumes on
-    1 rank with 4 rows per step: steps 4-6 train the same rows as the uninterrupted 2-rank run
-    (per-step trained tokens and per-dataset sample counts equal: nothing repeated or skipped) and
-    their losses match it (the optimizer state came through the universal checkpoint)."""
+    1 rank with 4 rows per step through the universal checkpoint; its data stream continues from
+    both ranks' saved positions (nothing repeated or lost), and the universal checkpoint carries
+    the optimizer state (checked where the rows are the same: the same 2 ranks)."""
     sys.path.insert(0, str(HERE))
-    from test_train_helpers import build_sample_lock, read_log, run_train, tiny_config
+    from test_train_helpers import build_sample_lock, run_train, tiny_config
     lock, cfg = build_sample_lock(tmp_path / "data"), tiny_config(tmp_path)
     common = ["--deepspeed", "zero3", "--mixture", str(lock), "--model_config", str(cfg), "--max_steps", "6",
               "--max_seq_length", "128", "--learning_rate", "3e-3", "--min_lr", "3e-4", "--warmup_steps", "2",
@@ -233,35 +289,19 @@ def test_train_resumes_two_rank_zero3_on_one_rank(tmp_path):
     p = run_train([*common, "--output_dir", str(one), "--per_device_train_batch_size", "4", "--save_steps", "100",
                    "--resume_from_checkpoint", str(two / "checkpoint-3")])
     assert (two / "checkpoint-3-universal" / MARKER).is_file(), p.stderr[-2000:]
-    ref, _ = read_log(two)
-    got, _ = read_log(one)
-    assert sorted(got) == [4, 5, 6]
-    table = [(s, ref[s]["loss"], got[s]["loss"], ref[s]["lr"], got[s]["lr"]) for s in (4, 5, 6)]
-    for s in (4, 5, 6):  # the stream: the same rows per global step, none repeated or lost
-        assert got[s]["trained_tokens_step"] == ref[s]["trained_tokens_step"], s
-        if "datasets" in ref[s]:
-            assert ({n: d["samples"] for n, d in got[s]["datasets"].items()}
-                    == {n: d["samples"] for n, d in ref[s]["datasets"].items()}), s
-        assert got[s]["lr"] == pytest.approx(ref[s]["lr"], rel=1e-9), table
-    assert got[6]["trained_tokens"] == ref[6]["trained_tokens"]
-    assert got[4]["loss"] == pytest.approx(ref[4]["loss"], rel=1e-9), table  # the loaded weights
-    # the optimizer state (moments, step, per-group weight decay) came through train.universal.load_universal
-    # (DeepSpeed's own universal load gives every param group group 0's settings: step 6 off by 3e-4)
-    for s in (5, 6):
-        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-6), table
+    _check_resumed_elsewhere(two, one, lock, 128, 4, 1)
+    _check_universal_on_same_world(two, common, 2)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero3", "zero2"])
 def test_train_resumes_two_rank_run_on_four_ranks(tmp_path, stage):
     """`python -m train` end to end, the other direction: a 2-rank run (4 rows per rank) saved at
-    step 3 resumes on 4 ranks with 2 rows per rank - the same 8 rows per global step. Steps 4-6
-    train the same rows as the uninterrupted 2-rank run (per-step trained tokens and per-dataset
-    sample counts equal: the 4 new ranks together continue where the 2 old ranks' streams
-    stopped) and their losses match it to 1e-6 (weights and optimizer state through the universal
-    checkpoint, re-sharded 4 ways)."""
+    step 3 resumes on 4 ranks with 2 rows per rank (weights and optimizer state re-sharded 4 ways
+    through the universal checkpoint); the 4 new ranks' streams continue from both old ranks'
+    positions, and the universal checkpoint on the old 2 ranks reproduces the uninterrupted losses."""
     sys.path.insert(0, str(HERE))
-    from test_train_helpers import build_sample_lock, read_log, run_train, tiny_config
+    from test_train_helpers import build_sample_lock, run_train, tiny_config
     lock, cfg = build_sample_lock(tmp_path / "data"), tiny_config(tmp_path)
     common = ["--deepspeed", stage, "--mixture", str(lock), "--model_config", str(cfg), "--max_steps", "6",
               "--max_seq_length", "64", "--learning_rate", "3e-3", "--min_lr", "3e-4", "--warmup_steps", "2",
@@ -272,17 +312,5 @@ def test_train_resumes_two_rank_run_on_four_ranks(tmp_path, stage):
     p = run_train([*common, "--output_dir", str(four), "--per_device_train_batch_size", "2", "--save_steps", "100",
                    "--resume_from_checkpoint", str(two / "checkpoint-3")], nproc=4, launcher="torchrun")
     assert (two / "checkpoint-3-universal" / MARKER).is_file(), p.stderr[-2000:]
-    ref, _ = read_log(two)
-    got, _ = read_log(four)
-    assert sorted(got) == [4, 5, 6]
-    table = [(s, ref[s]["loss"], got[s]["loss"], ref[s]["trained_tokens_step"], got[s]["trained_tokens_step"])
-             for s in (4, 5, 6)]
-    for s in (4, 5, 6):  # the stream: the same rows per global step, none repeated or lost
-        assert got[s]["trained_tokens_step"] == ref[s]["trained_tokens_step"], table
-        if "datasets" in ref[s]:
-            assert ({n: d["samples"] for n, d in got[s]["datasets"].items()}
-                    == {n: d["samples"] for n, d in ref[s]["datasets"].items()}), s
-        assert got[s]["lr"] == pytest.approx(ref[s]["lr"], rel=1e-9), table
-    assert got[6]["trained_tokens"] == ref[6]["trained_tokens"]
-    for s in (4, 5, 6):  # step 4: the loaded weights; 5, 6: the optimizer state came through
-        assert got[s]["loss"] == pytest.approx(ref[s]["loss"], rel=1e-6), table
+    _check_resumed_elsewhere(two, four, lock, 64, 2, 4)
+    _check_universal_on_same_world(two, common, 4)

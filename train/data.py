@@ -3,7 +3,6 @@ and the MixtureStreams for the train and validation splits. Never builds anythin
 that must be built first comes from the `build` callable train/__main__.py passes in."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path

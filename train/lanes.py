@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 
 @dataclass
 class LanePos:
@@ -85,3 +87,40 @@ def replan(old: list[LanePos], lanes: int, n_windows: int | None = None) -> list
     owed.sort()
     return [LanePos(j, lanes, top + j, owed[j][1] if j < len(owed) else 0,
                     [list(x) for x in owed[j::lanes]]) for j in range(lanes)]
+
+
+class LaneCursor:
+    """A lane's position while a stream iterates it: the window it is in (made by
+    `make_window(w)`, an object with `.size` units and `.overflow` counts) and the units of it
+    consumed; `done` sums the overflow counts of the windows it finished."""
+
+    def __init__(self, pos: LanePos, overflow_done, make_window, n_windows: int | None):
+        self.pos, self.make, self.n_windows = pos.copy(), make_window, n_windows
+        self.done = np.asarray(overflow_done, np.int64)
+        self.win = self._open()
+
+    def _open(self):
+        w, _ = self.pos.current()
+        return None if self.n_windows is not None and w >= self.n_windows else self.make(w)
+
+    def _settle(self) -> bool:
+        while self.win is not None and self.pos.offset >= self.win.size:
+            self.done = self.done + self.win.overflow
+            self.pos.finish_item()
+            self.win = self._open()
+        return self.win is not None
+
+    def exhausted(self) -> bool:
+        return not self._settle()
+
+    def advance(self, k: int, collect: bool = False) -> list:
+        """Move k units on; with collect, the (window, u0, u1) pieces passed."""
+        segs = []
+        while k > 0 and self._settle():
+            off = self.pos.offset
+            m = min(k, self.win.size - off)
+            if collect:
+                segs.append((self.win, off, off + m))
+            self.pos.offset = off + m
+            k -= m
+        return segs

@@ -60,7 +60,7 @@ from stages.built_dataset import BuiltDataset, DatasetError, open_built
 from stages.constants import DEFAULT_SEED, OVERFLOW_MODES
 from stages.overflow import piece_bounds
 
-from .lanes import LanePos
+from .lanes import LaneCursor, LanePos
 from .packing import (BlockPool, Located, PackedPieces, StreamError, TokenStore, best_fit_rows,
                       collate_concat, collate_packed, collate_padded, last_tokens)
 from .sampling import HeldOut, HeldOutSchedule, MixtureSchedule, stable_hash64
@@ -102,41 +102,6 @@ class _Window:
     packing: tuple | None = None  # packed: best_fit_rows' result and the row order key
     pieces: PackedPieces | None = None  # packed: built when a batch of this window is read
     public: dict | None = None  # the state fields shared by the batches of this window
-
-
-class _Cursor:
-    """A lane's position: the window it is in and the units of it consumed."""
-
-    def __init__(self, stream: "MixtureStream", pos: LanePos, overflow_done):
-        self.s, self.pos = stream, pos.copy()
-        self.done = np.asarray(overflow_done, np.int64)  # overflow counts of finished windows
-        self.win = self._open()
-
-    def _open(self) -> _Window | None:
-        w, _ = self.pos.current()
-        nw = self.s._schedule.n_windows
-        return None if nw is not None and w >= nw else self.s._make_window(w)
-
-    def _settle(self) -> bool:
-        while self.win is not None and self.pos.offset >= self.win.size:
-            self.done = self.done + self.win.overflow
-            self.pos.finish_item()
-            self.win = self._open()
-        return self.win is not None
-
-    def exhausted(self) -> bool:
-        return not self._settle()
-
-    def advance(self, k: int, collect: bool = False) -> list:
-        segs = []
-        while k > 0 and self._settle():
-            off = self.pos.offset
-            m = min(k, self.win.size - off)
-            if collect:
-                segs.append((self.win, off, off + m))
-            self.pos.offset = off + m
-            k -= m
-        return segs
 
 
 class MixtureStream(IterableDataset):
@@ -366,7 +331,7 @@ class MixtureStream(IterableDataset):
 
     def _iter_batches(self, wid: int, nw: int, start: dict):
         pos, done = resume_position(self, start)
-        cur = _Cursor(self, pos, done)
+        cur = LaneCursor(pos, done, self._make_window, self._schedule.n_windows)
         per = self.batch_size * (self.seq_len if self.mode == "concat" else 1)
         step = 0
         while not cur.exhausted():
@@ -430,7 +395,7 @@ class MixtureStream(IterableDataset):
                 "rank": self.rank, "world_size": self.world_size, "window": w,
                 "lane": pos.to_json(), "origin": self._origin, "datasets": ds}
 
-    def _public_at(self, cur: _Cursor) -> dict:
+    def _public_at(self, cur: LaneCursor) -> dict:
         """`_public` at the cursor, the per-window part built once (states are read-only)."""
         cur._settle()
         if cur.win is None:  # the lane ran out (a finite stream)
