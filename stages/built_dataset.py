@@ -41,7 +41,6 @@ ARRAYS = ("tokens", "offsets", "source_record", "loss_spans", "loss_span_offsets
 # exact dtypes of the index arrays (tokens: token_dtype(vocab_size))
 INDEX_DTYPES = {"offsets": "int64", "source_record": "int64", "loss_spans": "int32",
                 "loss_span_offsets": "int64", "source_file_offsets": "int64"}
-TOKEN_CHECK_ON_MAP = 1 << 24  # shards up to this many tokens get the vocab check on first map
 
 _ARRAY = {"type": "object", "required": ["offset", "dtype", "shape"],
           "properties": {"offset": {"type": ["integer", "null"], "minimum": 0},

@@ -40,7 +40,7 @@ from pipeline.cli import main
 from train.stream import MixtureStream, StreamError
 import train.store
 if sys.argv[2:] == ["large"]:  # treat every shard as too large for the whole check when mapped
-    train.store.TOKEN_CHECK_ON_MAP = -1
+    train.store.FULL_CHECK_ON_MAP = -1
 for job in json.loads(open(sys.argv[1]).read()):
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -229,12 +229,12 @@ def test_a_lock_pointing_at_another_datasets_dir_is_refused(tmp_path):
 
 
 def test_a_bad_token_in_a_shard_too_large_for_the_map_check_stops_the_batch(tmp_path, monkeypatch):
-    """Shards above TOKEN_CHECK_ON_MAP are not scanned when mapped (that would cost O(tokens) at
+    """Shards above FULL_CHECK_ON_MAP are not scanned when mapped (that would cost O(tokens) at
     every start); the batch holding an out-of-vocabulary id is refused, naming shard and sample."""
     import train.store
     from train.stream import MixtureStream, StreamError
     d, lock = crafted(tmp_path, set_item("tokens", 3, 1500), consistent_meta=True)
-    monkeypatch.setattr(train.store, "TOKEN_CHECK_ON_MAP", 0)
+    monkeypatch.setattr(train.store, "FULL_CHECK_ON_MAP", 0)
     with pytest.raises(StreamError) as e:
         for _ in MixtureStream(lock, 32, batch_size=1, verify="cheap").loader():
             pass

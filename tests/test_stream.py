@@ -590,7 +590,7 @@ def test_validation_split_is_stable_and_disjoint(lock):
     ev3 = [tuple(x) for b in MixtureStream(lock, 128, world_size=2, rank=1, **kw).eval_batches()
            for x in b["samples"].tolist()]
     assert len(ev) == len(set(ev)) and 20 < len(ev) < 110
-    assert sorted(ev2 + ev3) == sorted(ev)  # ranks split it, each once
+    assert sorted(ev2 + ev3) == sorted(ev) and ev2 and ev3  # ranks split it, each once, both get some
     train = {tuple(x) for b in take(s.loader(), 200) for x in b["samples"].tolist()}
     assert not train & set(ev)
     assert len(train) > 400

@@ -15,10 +15,16 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stages.built_dataset import (TOKEN_CHECK_ON_MAP, check_arrays, expected_layout_faults,
+from stages.built_dataset import (check_arrays, expected_layout_faults,
                                   shard_layout)
 
 from .kernels import gather_samples
+
+
+# Shards up to this many tokens get the whole structure and token-id check when first mapped
+# (early, exact messages); larger ones only O(1) here, so a first batch that maps a hundred
+# 1 GiB shards does not scan them - their indexes are checked as read, token ids per batch.
+FULL_CHECK_ON_MAP = 1 << 18
 
 
 class StreamError(ValueError):
@@ -100,7 +106,7 @@ class MappedShard:
         self.lso, self.spans = view("loss_span_offsets"), view("loss_spans")
         if check:
             bad = self._ends_fault()
-            if not bad and nt <= TOKEN_CHECK_ON_MAP:  # small: the whole structure, token ids
+            if not bad and nt <= FULL_CHECK_ON_MAP:  # small: the whole structure, token ids
                 arr = {"tokens": self.tokens, "offsets": self.offsets}
                 if self.spans is not None:
                     arr.update(loss_spans=self.spans, loss_span_offsets=self.lso)

@@ -365,6 +365,9 @@ class MixtureStream(IterableDataset):
             return iter(())
         v = copy.copy(self)
         v.split, v._feed_start = "validation", None
+        # windows small enough that every rank gets some of a small split (it is not resumed)
+        held = int(self._held.n_held.sum())
+        v.pack_window = max(1, min(self.pack_window, -(-held // self.world_size)))
         v._set_origin(None)
         v._state = v._public(LanePos(v.rank, v.world_size, v.rank), [0] * len(v.datasets))
 
