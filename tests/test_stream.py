@@ -608,8 +608,21 @@ def test_state_refuses_a_changed_lock(lock, tmp_path):
     other.write_text(json.dumps(data))
     with pytest.raises(StreamError, match="lock_sha256"):
         MixtureStream(other, 96, pack_window=40).load_state_dict(st)
-    with pytest.warns(UserWarning):
-        MixtureStream(other, 96, pack_window=40, allow_lock_change=True).load_state_dict(st)
+    changed = MixtureStream(other, 96, pack_window=40, allow_lock_change=True)
+    with pytest.warns(UserWarning, match="per-dataset draws"):
+        changed.load_state_dict(st)
+    # it goes on from each dataset's saved draws (the new weights from there on) ...
+    saved = [x["draws"] for x in st["datasets"]]
+    assert changed._schedule.counts(0).tolist() == saved
+    ld2 = changed.loader(0)
+    take(ld2, 2)
+    st2 = json.loads(json.dumps(ld2.state_dict()))
+    assert st2["origin"] == saved
+    # ... and a state saved after that resumes exactly under the new lock (origin kept)
+    want = take(ld2, 3)
+    again = MixtureStream(other, 96, pack_window=40).loader(0)
+    again.load_state_dict(st2)
+    assert_same(take(again, 3), want)
     with pytest.raises(StreamError, match="seed"):
         MixtureStream(lock, 96, seed=7, pack_window=40).load_state_dict(st)
     # moving the built dirs does not change the content hash
