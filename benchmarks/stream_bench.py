@@ -217,7 +217,7 @@ def resume(lock: Path, out: Path, target: int = 1_000_000) -> dict:
         cur._settle()
     cur.advance(cur.win.size // 2)  # stop inside the window that holds sample 10^6
     t_walk = time.perf_counter() - t0
-    state = s._public_at(cur)
+    state = s.public_state(s._position(cur))
     expect = s._collate(cur.advance(8, collect=True))["input_ids"]
     (out / "state_1e6.json").write_text(json.dumps(state))
     res = {"state_bytes": len(json.dumps(state)),

@@ -491,7 +491,7 @@ def test_restore_is_O1(lock, monkeypatch):
     from train.lanes import LaneCursor, fresh
     cur = LaneCursor(fresh(0, 1), np.zeros(3, np.int64), s._make_window, s._schedule.n_windows)
     cur.advance(20000)  # ~ 20000 rows on: hundreds of windows, many epochs
-    far = s._public_at(cur)
+    far = s.public_state(s._position(cur))
     assert far["window"] > 300 and far["datasets"][0]["epoch"] > 10
     assert len(json.dumps(far)) < 2000
     calls = []

@@ -101,7 +101,6 @@ class _Window:
     starts: np.ndarray | None = None  # concat: token start of each document in the window
     packing: tuple | None = None  # packed: best_fit_rows' result and the row order key
     pieces: PackedPieces | None = None  # packed: built when a batch of this window is read
-    public: dict | None = None  # the state fields shared by the batches of this window
 
 
 class MixtureStream(IterableDataset):
@@ -167,6 +166,7 @@ class MixtureStream(IterableDataset):
         self._set_origin(None)
         self._state = self._public(LanePos(self.rank, self.world_size, self.rank),
                                    [0] * len(self.datasets))
+        self._last = None  # the position after the last batch yielded (see state_dict)
         self._feed_start = None  # set on the copies a loader hands to DataLoader workers
 
     # ---------------------------------------------------------------- opening and checks
@@ -337,7 +337,7 @@ class MixtureStream(IterableDataset):
         while not cur.exhausted():
             if step % nw == wid:
                 batch = self._collate(cur.advance(per, collect=True))
-                batch["_state"] = self._public_at(cur)
+                batch["_state"] = self._position(cur)
                 yield batch
             else:
                 cur.advance(per)
@@ -352,7 +352,7 @@ class MixtureStream(IterableDataset):
         for batch in self._iter_batches(wid, nw, self._state):
             st = batch.pop("_state")
             if info is None:
-                self._state = st
+                self._last = st
             yield batch
 
     def loader(self, num_workers: int = 0, **dataloader_kwargs) -> StreamLoader:
@@ -378,7 +378,7 @@ class MixtureStream(IterableDataset):
         return batches()
 
     # ---------------------------------------------------------------- state
-    def _public(self, pos: LanePos, overflow_done, win: _Window | None = None) -> dict:
+    def _public(self, pos: LanePos, overflow_done, seen=None) -> dict:
         """A rank's state: its lane position, and per dataset the draws before the lane's
         window (for a changed-lock resume and for reading) and its overflow counts."""
         w, _ = pos.current()
@@ -386,7 +386,7 @@ class MixtureStream(IterableDataset):
         if self.split == "train":
             c = self._schedule.counts(w)
             epoch, p = self._schedule.positions(c)
-            seen = np.asarray(overflow_done) + (win.overflow if win is not None else 0)
+            seen = overflow_done if seen is None else seen
             for k, d in enumerate(self.datasets):
                 ds.append({"task_name": d.task, "key": d.key, "draws": int(c[k]),
                            "epoch": int(epoch[k]), "pos": int(p[k]),
@@ -398,31 +398,31 @@ class MixtureStream(IterableDataset):
                 "rank": self.rank, "world_size": self.world_size, "window": w,
                 "lane": pos.to_json(), "origin": self._origin, "datasets": ds}
 
-    def _public_at(self, cur: LaneCursor) -> dict:
-        """`_public` at the cursor, the per-window part built once (states are read-only)."""
+    def _position(self, cur: LaneCursor) -> tuple:
+        """What a batch carries: the cursor's position, compact (the public state, O(datasets)
+        in Python, is built from it only when state_dict() is asked for)."""
         cur._settle()
-        if cur.win is None:  # the lane ran out (a finite stream)
-            return self._public(cur.pos, cur.done)
-        w = cur.win
-        if w.public is None:
-            w.public = self._public(cur.pos, cur.done, w)
-        st = dict(w.public)
-        st["lane"] = cur.pos.to_json()
-        return st
+        seen = cur.done + cur.win.overflow if cur.win is not None else cur.done
+        return cur.pos.copy(), cur.done, seen
+
+    def public_state(self, position: tuple) -> dict:
+        return self._public(*position)
 
     def state_dict(self) -> dict:
         """Position after the last batch this object's own iteration yielded (num_workers=0
         use); with `loader()`, use the loader's state_dict."""
+        if self._last is not None:
+            self._state, self._last = self.public_state(self._last), None
         return copy.deepcopy(self._state)
 
     def load_state_dict(self, state) -> None:
         """Continue from `state`: this rank's own state (same world size), or the list of
         every rank's state (any world size: see train/stream_state.resume_position)."""
-        self._state = adopt(self, state)
+        self._state, self._last = adopt(self, state), None
 
     def stats(self) -> dict:
         return {"overflow": {d.task: x["overflow_seen"] for d, x in
-                             zip(self.datasets, self._state["datasets"])}}
+                             zip(self.datasets, self.state_dict()["datasets"])}}
 
 
 def verify_lock(lock_path, level: str = "full") -> None:

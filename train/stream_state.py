@@ -122,7 +122,7 @@ class StreamLoader:
 
     def __init__(self, stream, num_workers: int = 0, **kw):
         self.stream, self.num_workers, self.kw = stream, int(num_workers), kw
-        self._state = stream.state_dict()
+        self._state, self._last = stream.state_dict(), None
 
     def __iter__(self):
         feed = copy.copy(self.stream)  # (a copy drops _store: __getstate__)
@@ -135,17 +135,19 @@ class StreamLoader:
             it = iter(DataLoader(feed, batch_size=None, num_workers=self.num_workers,
                                  collate_fn=_identity, **self.kw))
         for batch in it:
-            self._state = batch.pop("_state")
+            self._last = batch.pop("_state")  # compact; made public when asked for
             yield batch
 
     def state_dict(self) -> dict:
+        if self._last is not None:
+            self._state, self._last = self.stream.public_state(self._last), None
         return copy.deepcopy(self._state)
 
     def load_state_dict(self, state) -> None:
         """This rank's state, or the list of every rank's (see `adopt`)."""
         self.stream.load_state_dict(state)
-        self._state = self.stream.state_dict()
+        self._state, self._last = self.stream.state_dict(), None
 
     def stats(self) -> dict:
         return {"overflow": {d.task: x["overflow_seen"] for d, x in
-                             zip(self.stream.datasets, self._state["datasets"])}}
+                             zip(self.stream.datasets, self.state_dict()["datasets"])}}
