@@ -184,3 +184,16 @@ def test_bf16_keeps_fp32_masters_and_round_trips(tmp_path):
     for a, b in zip(eng.optimizer.param_groups[0]["params"], other.optimizer.param_groups[0]["params"]):
         assert torch.equal(a, b)
     assert other.load_checkpoint(str(tmp_path), tag="checkpoint-9") == (None, None)
+
+
+def test_a_torch_engine_checkpoint_on_two_ranks_is_refused_in_one_line(setup, runs):
+    """Another world size needs DeepSpeed, which cannot read the torch engine's states: every rank
+    stops before any model is built, with one line naming how to resume."""
+    lock, cfg, root = setup
+    ckpt = runs["torch"] / "checkpoint-3"
+    p = run_train(args(lock, cfg, root / "two_ranks", 6, "--resume_from_checkpoint", str(ckpt)), nproc=2,
+                  launcher="torchrun", check=False)
+    assert p.returncode != 0
+    err = [ln for ln in p.stderr.splitlines() if ln.startswith("[rank 0] error:")]
+    assert len(err) == 1, p.stderr[-3000:]
+    assert str(ckpt) in err[0] and "2 ranks" in err[0] and "--engine auto or torch, in one process" in err[0]

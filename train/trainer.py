@@ -232,7 +232,7 @@ def prepare(cfg, world_size: int, build) -> Plan:
                else "--engine auto or deepspeed")
         raise TrainError(f"{resume} was saved by the {_ENGINE_NAMES[resume_engine]} engine and this run would use "
                          f"{_ENGINE_NAMES[engine]} ({engine_why}); each reads only its own checkpoints: resume "
-                         f"with {how}, or start a new run from the weights")
+                         f"with {how}")
     universal = False
     if resume is not None and engine == "torch":
         probe.check_resumable(resume, zero_stage)
