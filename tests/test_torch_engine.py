@@ -197,3 +197,18 @@ def test_a_torch_engine_checkpoint_on_two_ranks_is_refused_in_one_line(setup, ru
     err = [ln for ln in p.stderr.splitlines() if ln.startswith("[rank 0] error:")]
     assert len(err) == 1, p.stderr[-3000:]
     assert str(ckpt) in err[0] and "2 ranks" in err[0] and "--engine auto or torch, in one process" in err[0]
+
+
+def test_bf16_matches_deepspeed_with_one_micro_batch(setup):
+    """bf16 parameters, fp32 buffers and masters on both sides: with one micro-batch per step the
+    engines agree to float rounding (with accumulation they sum in fp32 vs bf16; see torch_engine)."""
+    lock, cfg, root = setup
+    logs = {}
+    for engine in ("deepspeed", "torch"):
+        out = root / f"bf16_{engine}"
+        run_train(args(lock, cfg, out, 3, "--engine", engine, "--bf16", "--gradient_accumulation_steps", "1",
+                       "--save_strategy", "no"))
+        logs[engine] = read_log(out)[0]
+    for s in (1, 2, 3):
+        for k in ("loss", "grad_norm"):
+            assert logs["torch"][s][k] == pytest.approx(logs["deepspeed"][s][k], rel=1e-5), (s, k)

@@ -17,9 +17,11 @@ DeepSpeed engine, with DeepSpeed's semantics, so the loop and the checkpointer n
   scheduler, counters), readable with torch.load(weights_only=True). DeepSpeed cannot read it
   and this engine cannot read DeepSpeed's: train/trainer.py refuses such a resume up front.
 
-bf16 keeps fp32 master weights in the optimizer (as DeepSpeed's bf16 optimizer does) and
-accumulates gradients in fp32; fp16 (loss scaling) and ZeRO-3 / offload stay with DeepSpeed
-(the rule is `choose_engine` in train/ds_config.py).
+bf16 casts the parameters (not the buffers) and keeps fp32 master weights in the optimizer, as
+DeepSpeed's bf16 does: with one micro-batch per step losses and norms equal DeepSpeed's ZeRO-2 to
+1e-7. Gradients of several micro-batches are summed in fp32 here, in bf16 by DeepSpeed (its default
+grad_accum_dtype), so with accumulation the two drift apart by ~1e-5. fp16 (loss scaling) and
+ZeRO-3 / offload stay with DeepSpeed (the rule is `choose_engine` in train/ds_config.py).
 """
 from __future__ import annotations
 
@@ -62,8 +64,10 @@ class TorchEngine:
         self.device = device or default_device()
         self.bf16 = bf16
         self.module = model.to(self.device)
-        if bf16:
-            self.module = self.module.to(torch.bfloat16)  # DeepSpeed's bf16 casts the module too
+        if bf16:  # as DeepSpeed's bf16: parameters only; buffers (rotary inv_freq) stay fp32
+            for p in self.module.parameters():
+                if p.is_floating_point() and p.dtype != torch.bfloat16:
+                    p.data = p.data.to(torch.bfloat16)
         self.gas = int(gradient_accumulation_steps)
         self.clip = float(gradient_clipping or 0.0)
         self.micro_steps = self.global_steps = 0
