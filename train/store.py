@@ -72,7 +72,7 @@ class MappedShard:
     """One shard file mapped once (one mmap, no h5py handle): its tokens, offsets and, when
     present, loss spans as read-only views of the page cache, shared by every process."""
 
-    __slots__ = ("tokens", "offsets", "lso", "spans")
+    __slots__ = ("tokens", "offsets", "lso", "spans", "scanned")
 
     def __init__(self, path: str, entry: dict, vocab_size: int, check: bool):
         try:
@@ -104,9 +104,11 @@ class MappedShard:
 
         self.tokens, self.offsets = view("tokens"), view("offsets")
         self.lso, self.spans = view("loss_span_offsets"), view("loss_spans")
+        self.scanned = False  # whole structure and token ids checked here
         if check:
             bad = self._ends_fault()
-            if not bad and nt <= FULL_CHECK_ON_MAP:  # small: the whole structure, token ids
+            if not bad and nt <= FULL_CHECK_ON_MAP:
+                self.scanned = True  # small: the whole structure, token ids
                 arr = {"tokens": self.tokens, "offsets": self.offsets}
                 if self.spans is not None:
                     arr.update(loss_spans=self.spans, loss_span_offsets=self.lso)
@@ -150,10 +152,12 @@ class Located:
     lo: np.ndarray
     hi: np.ndarray
     addr: np.ndarray | None = None  # address of each tokens array, when all share one dtype
+    ids_checked: bool = True  # every shard's token ids were checked when it was mapped
 
     def take(self, idx) -> "Located":
         return Located(self.d[idx], self.i[idx], self.slot[idx], self.start[idx], self.n[idx],
-                       self.q0[idx], self.q1[idx], self.tokens, self.lo, self.hi, self.addr)
+                       self.q0[idx], self.q1[idx], self.tokens, self.lo, self.hi, self.addr,
+                       self.ids_checked)
 
     @staticmethod
     def join(parts: list["Located"]) -> "Located":
@@ -175,7 +179,8 @@ class Located:
         return Located(cat([p.d for p in parts]), cat([p.i for p in parts]), cat(slot),
                        cat([p.start for p in parts]), cat([p.n for p in parts]), cat(q0),
                        cat(q1), toks, np.concatenate(lo).astype(np.int32),
-                       np.concatenate(hi).astype(np.int32))
+                       np.concatenate(hi).astype(np.int32),
+                       ids_checked=all(p.ids_checked for p in parts))
 
 
 class TokenStore:
@@ -202,6 +207,7 @@ class TokenStore:
         ns = len(self.paths)
         self._addr = np.zeros((4, ns), np.int64)  # offsets, loss_span_offsets, loss_spans, tokens
         self._wide = np.zeros(ns, bool)  # tokens stored as uint32
+        self._scanned = np.zeros(ns, bool)  # token ids checked when first mapped (sticky)
         self._ntok = np.zeros(ns, np.int64)  # tokens and loss spans per shard (index bounds)
         self._nspan = np.zeros(ns, np.int64)
         self._is_mapped = np.zeros(ns, bool)
@@ -221,6 +227,7 @@ class TokenStore:
             m = MappedShard(self.paths[g], self.entries[g], self.vocab_size,
                             self.check and g not in self._checked)
             self._checked.add(g)
+            self._scanned[g] |= m.scanned or not self.check
             self._maps[g] = m
             self._is_mapped[g] = True
             self._addr[:, g] = (m.offsets.ctypes.data,
@@ -266,7 +273,8 @@ class TokenStore:
         tokens = [self._maps[g].tokens for g in uniq.tolist()]
         wide = self._wide[uniq]
         loc = Located(d, i, slot, start, n, q0, q1, tokens, lo, hi,
-                      a[3].copy() if len(uniq) and (wide.all() or not wide.any()) else None)
+                      a[3].copy() if len(uniq) and (wide.all() or not wide.any()) else None,
+                      bool(self._scanned[uniq].all()))
         if drop_empty and len(d) and not (loc.n > 0).all():
             loc = loc.take(np.flatnonzero(loc.n > 0))
         return loc
