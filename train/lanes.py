@@ -101,7 +101,9 @@ class LaneCursor:
 
     def _open(self):
         w, _ = self.pos.current()
-        return None if self.n_windows is not None and w >= self.n_windows else self.make(w)
+        win = None if self.n_windows is not None and w >= self.n_windows else self.make(w)
+        self.seen = self.done + win.overflow if win is not None else self.done  # with this one
+        return win
 
     def _settle(self) -> bool:
         while self.win is not None and self.pos.offset >= self.win.size:

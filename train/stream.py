@@ -272,7 +272,8 @@ class MixtureStream(IterableDataset):
         """The batch of these (window, u0, u1) units; token ids checked against the vocabulary
         (a shard too large for the check when first mapped is checked here, batch by batch)."""
         batch = self._assemble(segs)
-        if not all(w.loc.ids_checked for w, _, _ in segs):
+        if not segs[0][0].loc.ids_checked or (len(segs) > 1 and not all(
+                w.loc.ids_checked for w, _, _ in segs)):
             ids, vocab = batch["input_ids"], self._tokens().vocab_size
             if ids.numel() and int(ids.max()) >= vocab:
                 raise StreamError(self._bad_token(batch, vocab))
@@ -402,8 +403,8 @@ class MixtureStream(IterableDataset):
         """What a batch carries: the cursor's position, compact (the public state, O(datasets)
         in Python, is built from it only when state_dict() is asked for)."""
         cur._settle()
-        seen = cur.done + cur.win.overflow if cur.win is not None else cur.done
-        return cur.pos.copy(), cur.done, seen
+        p = cur.pos  # (its queue list is never mutated in place: sharing it is safe)
+        return LanePos(p.lane, p.lanes, p.next, p.offset, p.queue), cur.done, cur.seen
 
     def public_state(self, position: tuple) -> dict:
         return self._public(*position)
