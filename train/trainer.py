@@ -87,6 +87,8 @@ def setup_logging(rank: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not sys.stderr.isatty():  # no progress bars in logs (transformers' "Writing model shards", ...)
         os.environ.setdefault("TQDM_DISABLE", "1")
+        from transformers.utils import logging as hf_logging  # tqdm read the variable at import
+        hf_logging.disable_progress_bar()
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns that it guessed
     # warnings: one line each, once, without the source line
