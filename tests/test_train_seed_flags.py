@@ -152,7 +152,9 @@ def test_verify_data_full_refuses_an_edited_shard(setup, tmp_path):
     shutil.copytree(entry["path"], copy)
     shard = sorted(copy.glob("*.h5"))[0]
     data = bytearray(shard.read_bytes())
-    data[-9] ^= 0xFF  # a byte of token data: sizes and meta.json stay valid, the sha256 does not
+    meta = json.loads((copy / "meta.json").read_text())
+    at = next(s for s in meta["shards"] if s["file"] == shard.name)["arrays"]["tokens"]["offset"]
+    data[at + 1] ^= 0x01  # a byte of token data: sizes and meta.json stay valid, the sha256 does not
     shard.write_bytes(bytes(data))
     entry["path"] = str(copy)
     edited = tmp_path / "mixture.lock.json"

@@ -209,7 +209,10 @@ class MixtureStream(IterableDataset):
         try:
             ds.built.check(level, self.lock["datasets"][ds.index], self.lock.get("tokenizer"))
         except DatasetError as err:
-            raise StreamError(f"{self.lock_path}: dataset {ds.task!r}: {err}") from None
+            faults = str(err).splitlines()  # one line: the first fault, and how to see the rest
+            more = (f" (and {len(faults) - 1} more: `python -m pipeline verify {ds.path}` lists "
+                    "them)") if len(faults) > 1 else ""
+            raise StreamError(f"{self.lock_path}: dataset {ds.task!r}: {faults[0]}{more}") from None
 
     def _set_origin(self, origin: list | None) -> None:
         """The sample sequence starts after `origin` draws per dataset (None: from 0; set when
