@@ -212,7 +212,7 @@ def resume(lock: Path, out: Path, target: int = 1_000_000) -> dict:
     cur = LaneCursor(fresh(0, 1), np.zeros(len(s.datasets), np.int64), s._make_window,
                      s._schedule.n_windows)
     t0 = time.perf_counter()
-    while int(s._schedule.counts(cur.pos.current()[0] + 1).sum()) < target:  # lengths only
+    while int(s._schedule.counts(cur.pos.current() + 1).sum()) < target:  # lengths only
         cur.pos.offset = cur.win.size
         cur._settle()
     cur.advance(cur.win.size // 2)  # stop inside the window that holds sample 10^6

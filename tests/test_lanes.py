@@ -10,7 +10,7 @@ from train.lanes import LanePos, fresh, replan
 def consume(pos: LanePos, k: int, sizes, log: list) -> LanePos:
     """Take k units along the lane (as stream._Cursor does), logging (window, unit)."""
     while k > 0:
-        w, _ = pos.current()
+        w = pos.current()
         if w >= len(sizes):
             break
         if pos.offset >= sizes[w]:
@@ -48,7 +48,7 @@ def test_fresh_lanes_partition_the_windows():
     seen = []
     for p in lanes:
         for _ in range(25):
-            seen.append(p.current()[0])
+            seen.append(p.current())
             p.finish_item()
     assert sorted(seen) == list(range(100))
 

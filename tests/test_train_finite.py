@@ -38,3 +38,7 @@ def test_finite_mixture_trains_every_sample_once_on_two_ranks(tmp_path):
     # every token of every sample trained once, except each document's first (nothing predicts it)
     assert log[last]["trained_tokens"] == built.meta["n_tokens"] - built.meta["n_samples"]
     assert sum(log[s]["datasets"]["pt"]["samples"] for s in log) == 2500
+    # tokens count the real batches only (a rank that ran out adds nothing), as the stream gives them
+    from train.stream import MixtureStream
+    batches = sum(1 for r in range(2) for _ in MixtureStream(lock, 128, rank=r, world_size=2, batch_size=16).loader())
+    assert log[last]["tokens"] == batches * 16 * 128

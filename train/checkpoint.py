@@ -179,8 +179,8 @@ class Checkpointer:
 
     def load(self, engine, ckpt: Path, parts: dict, *, zero_stage: int, load_dir: Path | None = None) -> dict:
         """DeepSpeed's states (from `load_dir`, a universal conversion, when given), then every
-        part's load_state_dict. The stream gets every rank's file: on the same world size each rank
-        continues its own position, on another the positions are re-planned (train/stream_state)."""
+        part's load_state_dict. On the same world size each rank's stream continues from its own file;
+        on another, every rank reads all of them and re-plans (train/stream_state)."""
         state = self.check_resumable(ckpt, zero_stage, allow_universal=load_dir is not None)
         if load_dir is not None:  # universal: per-group optimizer state un-shared (train/universal.py)
             from .universal import load_universal
@@ -192,8 +192,10 @@ class Checkpointer:
             raise TrainError(f"{ckpt}: DeepSpeed could not load this checkpoint")
         for name, part in parts.items():
             per_rank, fmt = PART_FILES[name][1:]
-            if name == "stream":  # every rank's position: on another world size, all are needed
-                files = sorted(ckpt.glob(f"{PART_FILES[name][0]}_rank*.json"))
+            if name == "stream":  # another world size re-plans from every rank's position
+                own = self._file(ckpt, name)
+                files = ([own] if state["world_size"] == self.world_size and own.is_file()
+                         else sorted(ckpt.glob(f"{PART_FILES[name][0]}_rank*.json")))
                 if not files:
                     raise TrainError(f"{ckpt}: no {PART_FILES[name][0]}_rank*.json")
                 part.load_state_dict([json.loads(x.read_text()) for x in files])

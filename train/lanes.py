@@ -29,9 +29,9 @@ class LanePos:
     offset: int = 0  # units of the current item already consumed (absolute, in its window)
     queue: list = field(default_factory=list)  # [[window, start offset], ...]; [0] is current
 
-    def current(self) -> tuple[int, bool]:
-        """(window, from_queue) of the item the lane is in."""
-        return (int(self.queue[0][0]), True) if self.queue else (self.next, False)
+    def current(self) -> int:
+        """The window of the item the lane is in."""
+        return int(self.queue[0][0]) if self.queue else self.next
 
     def finish_item(self) -> None:
         """Move to the next item (the current one is used up)."""
@@ -76,7 +76,7 @@ def replan(old: list[LanePos], lanes: int, n_windows: int | None = None) -> list
     top = max(after)
     owed = []
     for p, t in zip(old, after):
-        w, _ = p.current()
+        w = p.current()
         owed.append((w, p.offset))
         owed += [(int(a), int(b)) for a, b in p.queue[1:]]
         while t < top:
@@ -100,7 +100,7 @@ class LaneCursor:
         self.win = self._open()
 
     def _open(self):
-        w, _ = self.pos.current()
+        w = self.pos.current()
         win = None if self.n_windows is not None and w >= self.n_windows else self.make(w)
         self.seen = self.done + win.overflow if win is not None else self.done  # with this one
         return win

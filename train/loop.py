@@ -138,17 +138,17 @@ def train(engine, loader, eval_stream, checkpointer, metrics, cfg, state, parts,
     while state.step < cfg.max_steps:
         t0 = time.perf_counter()
         micro = _take(batches, gas)
-        # A finite mixture ends per rank (each packs its own windows): go on while any rank has
-        # data, a rank without running batches with nothing trained (ZeRO steps are collectives).
-        have = all_reduce(torch.tensor([float(len(micro))]), device, op=dist.ReduceOp.MAX).item()
-        if have == 0:
+        # One all-reduce: predicted tokens of the whole step (the loss divisor, before any
+        # backward), tokens, and real micro-batches. A finite mixture ends per rank (each packs
+        # its own windows): the step runs while any rank has data, a rank without running
+        # batches with nothing trained (ZeRO steps are collectives).
+        local = torch.tensor([sum(int((shift_labels(b) != IGNORE).sum()) for b in micro),
+                              sum(b["input_ids"].numel() for b in micro), len(micro)], dtype=torch.float64)
+        n_pred, n_tok, n_micro = all_reduce(local, device).tolist()
+        if n_micro == 0:
             log.warning("the data ran out after %d steps", state.step)
             return "exhausted"
         micro += [_dummy_batch() for _ in range(gas - len(micro))]
-        # Predicted tokens of the whole step, all ranks, before any backward: the loss divisor.
-        local = torch.tensor([sum(int((shift_labels(b) != IGNORE).sum()) for b in micro),
-                              sum(b["input_ids"].numel() for b in micro)], dtype=torch.float64)
-        n_pred, n_tok = all_reduce(local, device).tolist()
         lr = engine.get_lr()[0]  # the lr this step uses (DeepSpeed advances it in step())
         scale = gas * world_size / max(n_pred, 1.0)
         totals = StepTotals(len(names), task_of)

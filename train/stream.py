@@ -385,7 +385,7 @@ class MixtureStream(IterableDataset):
     def _public(self, pos: LanePos, overflow_done, seen=None) -> dict:
         """A rank's state: its lane position, and per dataset the draws before the lane's
         window (for a changed-lock resume and for reading) and its overflow counts."""
-        w, _ = pos.current()
+        w = pos.current()
         ds = []
         if self.split == "train":
             c = self._schedule.counts(w)
