@@ -51,6 +51,15 @@ DEFAULT_MAX_LENGTH = 4096
 FORMATTINGS = ("alpaca", "sharegpt")  # LLaMA-Factory's `formatting` values
 
 
+def default_overflow(base_format: str) -> str:
+    """The overflow policy of a dataset whose manifest gives none: `segment` for plain text
+    (a long document is split into max_length pieces, all kept), `truncate` for every chat
+    format (an over-long SFT record keeps its prompt and the head of its response, as
+    LLaMA-Factory's cutoff_len and HF truncation do; a tail piece without its prompt would
+    train on a response to nothing)."""
+    return "segment" if base_format == "text" else "truncate"
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     dataset_name: str
@@ -61,7 +70,7 @@ class DatasetSpec:
     language: str | None = None
     transforms: str | None = None  # absolute path of the transform script
     allow_repeat: bool = True
-    overflow: str = "segment"
+    overflow: str | None = None  # None: by format (`default_overflow`), decided once it is known
     incontext_weight: tuple[float, ...] = (1.0,)  # num_sample is drawn with these weights
     declared_nlines: float | None = None
     declared_ave_tokens_per_line: float | None = None
@@ -336,7 +345,7 @@ def _dataset_spec(entry: dict, manifest: Path, at: list, shard_tokens: int,
     if ave == -1:  # FM9G: "-1 means max_length", i.e. no declaration to check against
         ave = None
 
-    overflow = entry.get("overflow", "segment")
+    overflow = entry.get("overflow")  # None: by format, see default_overflow
     if "oversize_rule" in entry:
         if "overflow" in entry:
             problems.append((where("oversize_rule"), "give only one of overflow, oversize_rule"))

@@ -1,0 +1,82 @@
+"""Defaults users expect (issue 24): chat records are truncated and text documents segmented
+when the manifest gives no `overflow`; a manifest value still wins."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import orjson
+
+from pipeline.build import build_mixture
+from stages.shard import read_shard
+
+from conftest import SAMPLE
+
+TOK = SAMPLE / "tokenizer"
+MAX = 64
+
+
+def _words(n: int, seed: int) -> str:
+    return " ".join(f"w{(seed * 31 + k * 7) % 997}" for k in range(n))
+
+
+def _samples(plan) -> list[tuple[int, list[int]]]:
+    meta = plan.meta
+    out = []
+    for s in meta["shards"]:
+        arr = read_shard(plan.entry.final / s["file"], mmap=False)
+        out += [(int(arr.source_record[i]), np.asarray(arr.sample(i)).tolist()) for i in range(arr.n_samples)]
+    return out
+
+
+def _build(tmp_path, extra: dict | None = None):
+    texts = [_words(n, i) for i, n in enumerate([10, 200, 90])]
+    (tmp_path / "docs.jsonl").write_bytes(b"".join(orjson.dumps({"text": t}) + b"\n" for t in texts))
+    chats = [{"instruction": _words(n, i + 7), "input": "", "output": _words(m, i + 9)}
+             for i, (n, m) in enumerate([(5, 5), (4, 200), (3, 3), (120, 3)])]
+    (tmp_path / "sft.jsonl").write_bytes(b"".join(orjson.dumps(c) + b"\n" for c in chats))
+    entries = [{"dataset_name": "docs", "task_name": "pt", "abs_weight": 1.0, "path": "docs.jsonl"},
+               {"dataset_name": "sft", "task_name": "sft", "abs_weight": 1.0, "path": "sft.jsonl",
+                **(extra or {})}]
+    (tmp_path / "mix.json").write_text(json.dumps({"tokenizer": str(TOK), "template": "tokenizer",
+                                                   "max_length": MAX, "seed": 1, "datasets": entries}))
+    _, plans, _ = build_mixture(str(tmp_path / "mix.json"), out=str(tmp_path / "out"), workers=1)
+    return texts, chats, {p.spec.dataset_name: p for p in plans}
+
+
+def test_chat_truncates_and_text_segments_by_default(tmp_path):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+    texts, chats, plans = _build(tmp_path)
+    docs, sft = plans["docs"], plans["sft"]
+    assert docs.meta["build"]["overflow"] == "segment" and sft.meta["build"]["overflow"] == "truncate"
+    # text: every token of every document is kept, split into pieces of at most MAX
+    tk = Tokenizer.from_file(str(TOK / "tokenizer.json"))
+    bos, eos = docs.meta["tokenizer"]["bos_id"], docs.meta["tokenizer"]["eos_id"]
+    by_record: dict[int, list[int]] = {}
+    for rec, ids in _samples(docs):
+        assert len(ids) <= MAX
+        by_record.setdefault(rec, []).extend(ids)
+    for rec, text in enumerate(texts):
+        ids = tk.encode(text, add_special_tokens=False).ids
+        assert by_record[rec] in ([*ids, eos], [bos, *ids, eos]), rec
+    assert docs.meta["n_samples"] > docs.meta["nlines"]
+    # chat: one sample per record, the head of the conversation as the tokenizer renders it
+    hf = AutoTokenizer.from_pretrained(str(TOK))
+    got = _samples(sft)
+    assert [rec for rec, _ in got] == [0, 1, 2]  # record 3: its prompt alone is over MAX
+    assert sft.meta["skipped"] == {"no_trained_tokens_after_truncation": 1}
+    for (rec, ids), c in zip(got, chats):
+        full = hf.apply_chat_template([{"role": "user", "content": c["instruction"]},
+                                       {"role": "assistant", "content": c["output"]}], tokenize=True)
+        full = list(full["input_ids"] if hasattr(full, "keys") else full)
+        assert ids == full[:MAX], rec
+    assert sft.meta["n_samples"] == sft.meta["nlines"] == 3
+    assert len(got[1][1]) == MAX  # record 1 was over MAX: cut, not split
+
+
+def test_a_manifest_overflow_still_wins(tmp_path):
+    _, _, plans = _build(tmp_path, {"overflow": "segment"})
+    sft = plans["sft"]
+    assert sft.meta["build"]["overflow"] == "segment"
+    assert sft.meta["n_samples"] > sft.meta["nlines"]  # the long records were split
