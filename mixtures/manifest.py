@@ -35,7 +35,7 @@ from stages.columns import COLUMN_KEYS, TAG_KEYS, folded_format, mapping_problem
 from stages.constants import DEFAULT_SEED, DEFAULT_SHARD_TOKENS, LOSS_MODES, OVERFLOW_MODES
 
 from .manifest_io import (MAX_FLOAT, ManifestError, _find_duplicate_keys, _json_type, _parse_json,  # noqa: F401
-                          format_json_path, schema_problems)
+                          format_json_path, parse_manifest, schema_problems)
 from .registry import RegistryError, mapped_base_format, registry_entry
 
 FORMATS = constants.MANIFEST_FORMATS
@@ -235,7 +235,7 @@ def load_manifest(
         raw = manifest.read_bytes()
     except OSError as e:
         raise ManifestError(manifest, [("$", f"cannot read manifest: {e.strerror or e}")]) from None
-    doc = _parse_json(manifest, raw)
+    doc = parse_manifest(manifest, raw)  # JSON, or YAML for .yaml/.yml
     base = manifest.parent
 
     if isinstance(doc, list):

@@ -80,3 +80,38 @@ def test_a_manifest_overflow_still_wins(tmp_path):
     sft = plans["sft"]
     assert sft.meta["build"]["overflow"] == "segment"
     assert sft.meta["n_samples"] > sft.meta["nlines"]  # the long records were split
+
+
+def test_a_yaml_manifest_gives_the_lock_of_its_json_twin(tmp_path):
+    import hashlib
+
+    import yaml
+    _build(tmp_path)  # writes mix.json and its sources, builds into out/
+    doc = json.loads((tmp_path / "mix.json").read_text())
+    (tmp_path / "mix.yaml").write_text("# the same mixture, in YAML\n" + yaml.safe_dump(doc, sort_keys=False))
+    build_mixture(str(tmp_path / "mix.yaml"), out=str(tmp_path / "yout"), cache=str(tmp_path / "out" / "cache"),
+                  workers=1)
+    j = json.loads((tmp_path / "out" / "mixture.lock.json").read_text())
+    y = json.loads((tmp_path / "yout" / "mixture.lock.json").read_text())
+    # manifest_sha256 is the manifest file's own sha256; everything else is the same
+    assert j.pop("manifest_sha256") == hashlib.sha256((tmp_path / "mix.json").read_bytes()).hexdigest()
+    assert y.pop("manifest_sha256") == hashlib.sha256((tmp_path / "mix.yaml").read_bytes()).hexdigest()
+    assert j == y
+
+
+def test_bad_yaml_and_deep_manifests_are_one_error_line(tmp_path, capsys):
+    from pipeline.cli import main
+    cases = {
+        "deep.json": "[" * 100_000 + "]" * 100_000,
+        "deep.yaml": "[" * 100_000 + "]" * 100_000,
+        "broken.yaml": "tokenizer: t\n  datasets: [\n",
+        "dup.yml": "tokenizer: a\ntokenizer: b\ndatasets: []\n",
+    }
+    want = {"deep.json": "nested more than", "deep.yaml": "nested more than",
+            "broken.yaml": "invalid YAML at line 2 column", "dup.yml": "tokenizer: key given more than once"}
+    for name, text in cases.items():
+        (tmp_path / name).write_text(text)
+        capsys.readouterr()
+        assert main(["plan", str(tmp_path / name)]) == 1, name
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.startswith("error: ") and want[name] in err, (name, err)
