@@ -1,6 +1,7 @@
 """The mixture lock file (DESIGN §5): what training reads, and all it reads.
 
-Weights follow FM9G: ``abs_weight`` is a token share, so dataset *i* is drawn with
+Weights follow FM9G: ``abs_weight`` is a token share (under the manifest's ``weights:
+tokens``, ``abs_weight × the built tokens`` is), so dataset *i* is drawn with
 probability ∝ ``abs_weight_i / ave_tokens_per_line_i``; then the expected tokens drawn from
 *i* per draw are ∝ ``abs_weight_i``. Unlike FM9G (a declared or EMA-estimated mean), the
 mean here is the exact one of the built data (``n_tokens / nlines`` from meta.json).
@@ -99,6 +100,8 @@ def make_lock(mixture: Mixture, built: list[tuple[DatasetSpec, str, dict]]) -> t
                 f"{tokenizer['sha256']}; a mixture needs one tokenizer")
 
     weights = [spec.abs_weight for spec, _, _ in built]
+    if mixture.weights == "tokens":  # share ∝ abs_weight × the dataset's built tokens
+        weights = [w * m["n_tokens"] for w, (_, _, m) in zip(weights, built)]
     if not all(math.isfinite(w) and w >= 0 for w in weights):
         raise LockError(f"abs_weight must be finite and >= 0, got {weights}")
     # Weights near the float limit (1e308 + 1e308 = inf) are scaled by the largest first;
@@ -126,7 +129,7 @@ def make_lock(mixture: Mixture, built: list[tuple[DatasetSpec, str, dict]]) -> t
         entries.append({
             "dataset_name": spec.dataset_name,
             "task_name": spec.task_name,
-            "abs_weight": spec.abs_weight,
+            "abs_weight": spec.abs_weight,  # as the manifest gives it; token_share says the share
             "token_share": weight / total_weight if total_weight else 0.0,
             "path": os.path.abspath(built_dir),
             "key": meta["key"],

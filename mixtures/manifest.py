@@ -49,6 +49,9 @@ AVE_TOKENS_KEYS = ("ave_tokens_per_line", "avg_tokens_per_line", "ave_tokens", "
 DEFAULT_TEMPLATE = "tokenizer"
 DEFAULT_MAX_LENGTH = 4096
 FORMATTINGS = ("alpaca", "sharegpt")  # LLaMA-Factory's `formatting` values
+# How abs_weight becomes a token share: as given (FM9G), or times each dataset's built tokens
+# (`tokens`: abs_weight 1 everywhere = the natural proportion, as if the sources were concatenated).
+WEIGHTINGS = ("abs_weight", "tokens")
 
 
 def default_overflow(base_format: str) -> str:
@@ -92,6 +95,7 @@ class Mixture:
     datasets: tuple[DatasetSpec, ...]
     trust_remote_code: bool = False  # run the tokenizer dir's own loader (auto_map)
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # the top-level / --shard-tokens value
+    weights: str = "abs_weight"  # WEIGHTINGS: token share ∝ abs_weight, or ∝ abs_weight × built tokens
     notes: tuple[str, ...] = ()  # things ignored on purpose (LLaMA-Factory `ranking`, ...): show them
 
 
@@ -178,6 +182,7 @@ def _settings_properties(templates: tuple[str, ...]) -> dict[str, Any]:
         "seed": {"type": "integer", "minimum": 0},
         "trust_remote_code": {"type": "boolean"},
         "shard_tokens": _SHARD_TOKENS,
+        "weights": {"enum": list(WEIGHTINGS)},
     }
 
 
@@ -307,6 +312,7 @@ def load_manifest(
         trust_remote_code=(trust_remote_code if trust_remote_code is not None
                            else settings.get("trust_remote_code", False)),
         shard_tokens=top_shard_tokens,
+        weights=settings.get("weights", "abs_weight"),
         notes=tuple(notes),
     )
 

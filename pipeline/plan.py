@@ -67,7 +67,6 @@ def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None
     lock_path = out_dir / "mixture.lock.json"
     if lock_path.is_file():
         locked = {d["key"] for d in orjson.loads(lock_path.read_bytes())["datasets"]}
-    total_w = sum(s.abs_weight for s in mixture.datasets)
     rows, warnings = [], [f"note: {n}" for n in mixture.notes]
     for spec in mixture.datasets:
         plan = plan_dataset(spec, mixture, tok, tmpl, cache_dir, memo.data if memo else {}, "skip",
@@ -84,8 +83,13 @@ def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None
                                     shard_tokens)
             renderer = Renderer(tok.real, real, plan.job.loss)
             (n_tok, n_samp), status, est = _estimate(plan, renderer), "to build", True
-        row = PlanRow(spec.dataset_name, status, n_tok, n_samp, est, spec.abs_weight / total_w,
-                      spec.allow_repeat)
+        rows.append(PlanRow(spec.dataset_name, status, n_tok, n_samp, est, 0.0, spec.allow_repeat))
+    # The lock's rule (mixtures.lock.make_lock): share ∝ abs_weight, or × tokens under `weights: tokens`
+    weight = [s.abs_weight * (r.tokens if mixture.weights == "tokens" else 1.0)
+              for s, r in zip(mixture.datasets, rows)]
+    for spec, row, w in zip(mixture.datasets, rows, weight):
+        row.share = w / sum(weight) if sum(weight) else 0.0
+        n_tok = row.tokens
         if tokens:
             want = row.share * tokens
             row.epochs = want / n_tok if n_tok else float("inf")
@@ -96,7 +100,6 @@ def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None
                                 "shares grow")
             elif row.epochs > REPEAT_WARN:
                 warnings.append(f"{spec.dataset_name}: repeats {row.epochs:.1f} times over the budget")
-        rows.append(row)
     if memo:
         memo.save()  # fingerprints and unit plans: the next plan/build does not read the bytes again
     return rows, warnings

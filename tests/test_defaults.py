@@ -115,3 +115,35 @@ def test_bad_yaml_and_deep_manifests_are_one_error_line(tmp_path, capsys):
         assert main(["plan", str(tmp_path / name)]) == 1, name
         err = capsys.readouterr().err
         assert "Traceback" not in err and err.startswith("error: ") and want[name] in err, (name, err)
+
+
+def test_dataset_dir_shares_follow_token_counts(tmp_path):
+    """CLA `--dataset_dir`: the seed concatenates the dir's *.txt, so each file's token share
+    is its size in tokens (not 1/n); `--dataset_dir_shares equal` keeps equal shares."""
+    from types import SimpleNamespace
+
+    from tokenizers import Tokenizer
+
+    from train.__main__ import build_data
+    from train.config import TrainConfig
+    src = tmp_path / "txt"
+    src.mkdir()
+    docs = {"big": [_words(40 + i % 13, i) for i in range(60)], "small": [_words(9, i) for i in range(4)]}
+    for name, lines in docs.items():
+        (src / f"{name}.txt").write_text("\n".join(lines) + "\n")
+    tk = Tokenizer.from_file(str(TOK / "tokenizer.json"))
+    count = {n: [len(tk.encode(t, add_special_tokens=False).ids) for t in lines] for n, lines in docs.items()}
+    chat = SimpleNamespace(chat_template=None)
+    shares = {}
+    for mode in ("tokens", "equal"):
+        cfg = TrainConfig(dict(train_data_file=None, dataset_dir=str(src), mixture=None, dataset_dir_shares=mode,
+                               output_dir=str(tmp_path / mode), max_seq_length=512,
+                               data_cache_dir=str(tmp_path / "cache"), preprocessing_num_workers=1))
+        lock = json.loads(build_data(cfg, str(TOK), chat).read_text())
+        shares[mode] = {d["dataset_name"]: d["token_share"] for d in lock["datasets"]}
+    # independent: the tokenizer's own counts, plus the one or two special tokens per document
+    want = [{n: sum(c) + k * len(c) for n, c in count.items()} for k in (1, 2)]
+    want = [{n: v / sum(w.values()) for n, v in w.items()} for w in want]
+    assert any(all(abs(shares["tokens"][n] - w[n]) < 1e-9 for n in w) for w in want), (shares, want)
+    assert shares["tokens"]["small"] < 0.05  # ~1.5%: not the 50% equal shares give
+    assert shares["equal"] == {"big": 0.5, "small": 0.5}
