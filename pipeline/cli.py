@@ -301,10 +301,11 @@ def _cache(args) -> int:
     if args.action == "list":
         for r in list_entries(cache):
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"]))
-            print(f"{r['dataset']:<24} {r['key'][:16]}  {r['bytes'] / 1e6:9.2f} MB  last used {when}")
+            bad = f"  INVALID: {r['invalid']}" if r["invalid"] else ""
+            print(f"{r['dataset']:<24} {r['key'][:16]:<16}  {r['bytes'] / 1e6:9.2f} MB  last used {when}{bad}")
         return 0
     keep = getattr(args, "keep_keys", None)
-    entries = list_entries(cache)
+    entries = [r for r in list_entries(cache) if not r["invalid"]]
     if keep is not None and entries and not keep & {r["key"] for r in entries}:
         # A lock of another cache (a wrong --cache) would remove everything here.
         print(f"error: cache gc --keep: the locks reference none of the {len(entries)} built datasets "

@@ -7,8 +7,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-
+from mixtures.lock import LockError, load_lock
+from stages.built_dataset import BuiltMeta
 from stages.errors import RecordError
 from stages.render import Renderer
 
@@ -64,17 +64,20 @@ def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None
     tmpl = resolve(cache_dir, mixture.template, tok, real=not cache_dir.is_dir())
     memo = FingerprintMemo(cache_dir) if cache_dir.is_dir() else None
     locked = set()
+    rows, warnings = [], [f"note: {n}" for n in mixture.notes]
     lock_path = out_dir / "mixture.lock.json"
     if lock_path.is_file():
-        locked = {d["key"] for d in orjson.loads(lock_path.read_bytes())["datasets"]}
-    rows, warnings = [], [f"note: {n}" for n in mixture.notes]
+        try:
+            locked = {e.key for e in load_lock(lock_path).datasets}
+        except LockError as e:  # the next build rewrites it; the plan still stands
+            warnings.append(f"the existing lock is not used ({str(e).splitlines()[0]})")
     for spec in mixture.datasets:
         plan = plan_dataset(spec, mixture, tok, tmpl, cache_dir, memo.data if memo else {}, "skip",
                             shard_tokens)
         if plan.entry.is_valid():
-            meta = orjson.loads((plan.entry.final / "meta.json").read_bytes())
+            meta = BuiltMeta.read(plan.entry.final)
             status = "built" if plan.entry.key in locked else "reusable"
-            n_tok, n_samp, est = float(meta["n_tokens"]), float(meta["n_samples"]), False
+            n_tok, n_samp, est = float(meta.n_tokens), float(meta.n_samples), False
         else:
             real = resolve(cache_dir, mixture.template, tok, real=True)
             if real.sha256 != tmpl.sha256:  # a stale memo: the key was computed with another template
