@@ -163,6 +163,13 @@ def test_gc_never_empties_the_cache_by_accident(tmp_path, sample_tokenizer, caps
     assert main(base + ["--keep", str(lock)]) == 0
     assert "nothing to remove" in capsys.readouterr().out
     assert sorted(d.name for d in cache.iterdir() if d.is_dir()) == before
+    # a dir whose meta.json is broken is listed as such and never removed (its key is unknown)
+    (cache / "odd-0123456789abcdef").mkdir()
+    (cache / "odd-0123456789abcdef" / "meta.json").write_text("{")
+    assert main(["cache", "list", "--cache", str(cache)]) == 0
+    assert "INVALID" in capsys.readouterr().out
+    assert main(base + ["--older-than", "0"]) == 0  # emptying on purpose
+    assert sorted(d.name for d in cache.iterdir() if d.is_dir()) == ["odd-0123456789abcdef"]
 
 
 def test_shard_target_size_is_part_of_the_key():

@@ -30,6 +30,8 @@ def data_source(cfg) -> str | None:
     if not path.is_file():
         raise TrainError(f"--mixture {cfg.mixture}: no such lock file (build one with "
                          "`python -m pipeline build MANIFEST`)")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return "manifest"  # a YAML manifest (locks are always JSON)
     try:
         doc = json.loads(path.read_text("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
