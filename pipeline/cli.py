@@ -10,6 +10,8 @@ import argparse
 import sys
 import warnings
 
+from stages.strict_cli import StrictParser  # no abbreviations; an unknown flag names the closest
+
 
 def _count(text: str) -> int:
     n = int(text)
@@ -56,7 +58,7 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline", description="tokenmill data pipeline")
+    p = StrictParser(prog="python -m pipeline", description="tokenmill data pipeline")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     par = _parents()
     manifest = "mixture manifest (.json/.yaml, object or FM9G list form)"
