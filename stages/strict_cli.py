@@ -68,6 +68,16 @@ class StrictParser(argparse.ArgumentParser):
             self.error(self.unknown_flags_message(extras) or f"unrecognized arguments: {' '.join(extras)}")
         return ns
 
+    def error(self, message):
+        """An unknown flag is named first, even when argparse stopped at a missing one (a mistyped
+        required flag is missing *because* it was mistyped)."""
+        argv = getattr(self, "_argv_seen", [])
+        known = set(_option_strings(self, argv))
+        unknown = [a for a in argv if a.startswith("--") and len(a) > 2 and a.split("=", 1)[0] not in known]
+        if unknown and not message.startswith("unknown flag"):
+            message = self.unknown_flags_message(unknown) or message
+        super().error(message)
+
 
 def _is_number(s: str) -> bool:
     try:
