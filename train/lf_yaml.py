@@ -45,6 +45,8 @@ NOTED = {
                        "always rebuilt",
     "plot_loss": "OUTPUT_DIR/training_curves.png is drawn at the end of every run",
     "do_train": None,
+    "ddp_find_unused_parameters": "DeepSpeed reduces every gradient itself",
+    "logging_first_step": "step 1 is always logged",
 }
 MIX_STRATEGIES = ("concat", "interleave_under", "interleave_over")
 
@@ -148,7 +150,6 @@ def to_settings(doc: dict, path: str) -> tuple[dict, list[str]]:
             v = doc.pop(k, None)
             if k in given and v is not None:
                 notes.append(f"{at(k)} ignored: finetuning_type is full (as in LLaMA-Factory)")
-        doc.pop("lora_dropout", None)
 
     stage = doc.pop("stage")
     if stage not in ("sft", "pt"):
