@@ -97,7 +97,7 @@ class TrainConfig:
                                    "per-document masks where unavailable)", group="model", kind=FLAG)
     flash_attn: str = setting("auto", "LLaMA-Factory's attention choice: auto/sdpa = sdpa, fa2 = --use_flash_attn, "
                               "disabled = eager", group="model", choices=FLASH_ATTN)
-    gradient_checkpointing: bool = setting(False, "", group="model", kind=HF_BOOL)
+    gradient_checkpointing: bool = setting(False, "recompute activations in backward (less memory, ~30%% slower)", group="model", kind=HF_BOOL)
     gradient_checkpointing_kwargs: dict | None = setting(
         None, "JSON, e.g. '{\"use_reentrant\": true}' (default: non-reentrant)", group="model", kind=JSON)
     train_attention_params_only: bool = setting(False, "train only parameters whose name contains 'self_attn'",
@@ -108,10 +108,10 @@ class TrainConfig:
                                                   "default: detected, names ending in MoE/Moe/MoeBlock", group="model")
 
     # ------------------------------------------------------------------ LoRA
-    use_lora: bool = setting(False, "", group="lora", kind=FLAG)
-    lora_rank: int = setting(64, "", group="lora", type=int)
-    lora_alpha: float = setting(8.0, "", group="lora", type=float)
-    lora_dropout: float = setting(0.0, "", group="lora", type=float)
+    use_lora: bool = setting(False, "train a LoRA adapter (peft) instead of every weight; only the adapter and --modules_to_save are saved", group="lora", kind=FLAG)
+    lora_rank: int = setting(64, "LoRA r", group="lora", type=int)
+    lora_alpha: float = setting(8.0, "LoRA alpha (the update is scaled by alpha / r)", group="lora", type=float)
+    lora_dropout: float = setting(0.0, "dropout on the LoRA input", group="lora", type=float)
     lora_target_modules: str = setting("q_proj,k_proj,v_proj,o_proj", "comma list of module names, or 'all' "
                                        "(every Linear but the output layer, as LLaMA-Factory)",
                                        "--lora_target_modules", "--trainable", group="lora")
@@ -139,14 +139,14 @@ class TrainConfig:
                                      "constant_with_warmup", group="optim", choices=SCHEDULERS)
     min_lr: float = setting(0.0, "ABSOLUTE floor of the decay (not a ratio of --learning_rate)", group="optim",
                             type=float)
-    warmup_ratio: float = setting(0.0, "", group="optim", type=float)
+    warmup_ratio: float = setting(0.0, "warmup steps = ceil(ratio x max_steps) (HF's rule)", group="optim", type=float)
     warmup_steps: int | None = setting(None, "overrides --warmup_ratio", group="optim", type=int)
     weight_decay: float | None = setting(None, "default 0.0", group="optim", type=float)
-    adam_beta1: float = setting(0.9, "", group="optim", type=float)
-    adam_beta2: float = setting(0.95, "", group="optim", type=float)
-    adam_epsilon: float = setting(1e-8, "", group="optim", type=float)
+    adam_beta1: float = setting(0.9, "AdamW beta1", group="optim", type=float)
+    adam_beta2: float = setting(0.95, "AdamW beta2", group="optim", type=float)
+    adam_epsilon: float = setting(1e-8, "AdamW epsilon", group="optim", type=float)
     max_grad_norm: float | None = setting(None, "gradient clipping (0 = off); default 1.0", group="optim", type=float)
-    bf16: bool = setting(False, "", group="optim", kind=HF_BOOL)
+    bf16: bool = setting(False, "bfloat16 weights and compute with fp32 master weights (DeepSpeed bf16; the torch engine does the same)", group="optim", kind=HF_BOOL)
     fp16: bool = setting(False, "on a device without fp16 (CPU) this becomes fp32 with a note", group="optim",
                          kind=HF_BOOL)
     seed: int = setting(42, "model init, dropout", group="optim", type=int)
@@ -161,11 +161,11 @@ class TrainConfig:
                                         "--evaluation_strategy", "--eval_strategy", group="out",
                                         choices=("no", "steps", "epoch"))
     max_eval_batches: int | None = setting(None, "cap on validation batches per rank", group="out", type=int)
-    logging_steps: int = setting(1, "", group="out", type=int)
+    logging_steps: int = setting(1, "a console step line every N steps (train_log.jsonl keeps every step)", group="out", type=int)
     logging_strategy: str = setting("steps", "'no': no console step lines (train_log.jsonl keeps every step)",
                                     group="out", choices=("steps", "epoch", "no"))
-    report_to: str = setting("tensorboard", "", group="out", choices=("tensorboard", "none", "all"))
-    save_steps: int = setting(500, "", group="out", type=int)
+    report_to: str = setting("tensorboard", "TensorBoard events in OUTPUT_DIR/runs, or none (all = tensorboard)", group="out", choices=("tensorboard", "none", "all"))
+    save_steps: int = setting(500, "a checkpoint every N steps", group="out", type=int)
     save_strategy: str = setting("steps", "'no': no intermediate checkpoints (the final model is still saved)",
                                  group="out", choices=("steps", "no", "epoch"))
     save_total_limit: int | None = setting(None, "keep only the newest N checkpoints", group="out", type=int)
@@ -174,7 +174,7 @@ class TrainConfig:
     stop_after_steps: int | None = setting(None, "end this run (with a checkpoint) after N steps of it, without "
                                            "ending the schedule: for time-limited jobs", group="out", type=int)
     ddp_timeout: int = setting(1800, "seconds a collective may wait", group="out", type=int)
-    local_rank: int = setting(-1, "", group="out", type=int, hidden=True)  # the deepspeed launcher passes it
+    local_rank: int = setting(-1, "set by the deepspeed launcher; the rank comes from the environment", group="out", type=int, hidden=True)  # the deepspeed launcher passes it
 
     # ------------------------------------------------------------------ derived (check_settings)
     validation_percentage: float = derived(0.0, "the held-out percent (a fraction < 1 read as CLA does)")
