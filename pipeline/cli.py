@@ -44,7 +44,8 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     settings.add_argument("--tokenizer", help="tokenizer dir or file, overriding the manifest's "
                                               "(required for the FM9G list form)")
     settings.add_argument("--template", help="chat template, overriding the manifest's: tokenizer, "
-                                             "chatml, none, hunyuan, hy3 or a .jinja file")
+                                             "chatml, none, hunyuan, hy3, a LLaMA-Factory name "
+                                             "(qwen3, llama3, hy_v3, ...) or a .jinja file")
     settings.add_argument("--max-length", type=_positive, metavar="N",
                           help="tokens per sample, overriding the manifest's")
     settings.add_argument("--shard-tokens", type=_positive, default=None, metavar="N",
