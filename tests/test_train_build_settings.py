@@ -40,3 +40,31 @@ def test_fm9g_list_without_tokenizer_names_the_flag(fm9g_list, tmp_path):
                       "--output_dir", str(tmp_path / "o"), "--max_steps", "1"])
     with pytest.raises(TrainError, match="tokenizer"):
         build_data(cfg, str(TOKENIZER), None)
+
+
+@pytest.mark.parametrize("mix,probs", [("concat", None), ("interleave_under", "0.25,0.75")])
+def test_lf_dataset_list_mixes_as_llama_factory(tmp_path, mix, probs):
+    """`dataset: a,b` through dataset_info.json: concat trains each record once per epoch (token
+    shares = the datasets' tokens); interleave draws samples with interleave_probs."""
+    from transformers import AutoTokenizer
+    from test_train_helpers import SAMPLE
+    (tmp_path / "dataset_info.json").write_text(json.dumps({
+        "chats": {"file_name": str(SAMPLE / "messages_mixed.jsonl"), "formatting": "sharegpt",
+                  "columns": {"messages": "messages"},
+                  "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
+                           "assistant_tag": "assistant", "system_tag": "system"}},
+        "alpaca": {"file_name": str(SAMPLE / "alpaca_zh.json")}}))
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(f"model_name_or_path: M\ndataset_dir: {tmp_path}\ndataset: chats, alpaca\n"
+                        f"output_dir: {tmp_path / 'o'}\ncutoff_len: 256\nmix_strategy: {mix}\n"
+                        + (f"interleave_probs: {probs}\n" if probs else ""))
+    cfg = parse_args([str(cfg_file)])
+    lock = json.loads(build_data(cfg, str(TOKENIZER), AutoTokenizer.from_pretrained(TOKENIZER)).read_text())
+    ds = lock["datasets"]
+    assert [d["dataset_name"] for d in ds] == ["chats", "alpaca"] and lock["max_length"] == 256
+    if mix == "concat":
+        total = sum(d["n_tokens"] for d in ds)
+        for d in ds:
+            assert d["token_share"] == pytest.approx(d["n_tokens"] / total)
+    else:
+        assert [d["sample_probability"] for d in ds] == pytest.approx([0.25, 0.75])
