@@ -42,6 +42,7 @@ def test_fm9g_list_without_tokenizer_names_the_flag(fm9g_list, tmp_path):
         build_data(cfg, str(TOKENIZER), None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mix,probs", [("concat", None), ("interleave_under", "0.25,0.75")])
 def test_lf_dataset_list_mixes_as_llama_factory(tmp_path, mix, probs):
     """`dataset: a,b` through dataset_info.json: concat trains each record once per epoch (token

@@ -184,3 +184,33 @@ def test_seed_full_yaml_zero3_two_ranks(tmp_path):
     assert sorted(steps) == [1, 2]
     assert (out / "model.safetensors").is_file() or list(out.glob("model*.safetensors"))
     assert not (out / "adapter_config.json").exists()
+
+
+@pytest.mark.slow
+def test_lora_target_all_eager_attention_and_reentrant_checkpointing(tmp_path):
+    """lora_target: all = every Linear but the output layer (LF's find_all_linear_modules);
+    flash_attn: disabled = eager; use_reentrant: true still trains the adapter."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer
+
+    from test_train_helpers import TINY
+    from train.model import build_model
+    p = tmp_path / "c.yaml"
+    p.write_text("model_name_or_path: M\ndataset: x\noutput_dir: o\nflash_attn: disabled\n"
+                 "gradient_checkpointing: true\ngradient_checkpointing_kwargs:\n  use_reentrant: true\n")
+    c = parse_args([str(p)]).replace(model_name_or_path=None, model_config="C")
+    tiny = dict(TINY)
+    config = AutoConfig.for_model(tiny.pop("model_type"), **tiny)
+    model = build_model(c, config, AutoTokenizer.from_pretrained(TOKENIZER), dtype=torch.float32, zero_stage=0)
+    base = model.get_base_model()
+    from transformers import AutoModelForCausalLM
+    plain = AutoModelForCausalLM.from_config(config)
+    linear = {n.rsplit(".", 1)[-1] for n, m in plain.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"}
+    assert set(model.peft_config["default"].target_modules) == linear == {
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert base.config._attn_implementation == "eager"
+    model.train()
+    ids = torch.randint(0, 6000, (1, 16))
+    model(input_ids=ids, labels=ids).loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_B" in n]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
