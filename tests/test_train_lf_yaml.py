@@ -131,6 +131,8 @@ def test_overrides_are_key_value_not_flags(tmp_path, capsys):
         parse_args([str(p), "--max_steps", "3"])
     assert "key=value overrides" in capsys.readouterr().err
     assert parse_args([str(p), "output_dir=elsewhere", "engine=torch"]).engine == "torch"  # our own names too
+    # `deepspeed --module train CONFIG.yaml` puts --local_rank=N first
+    assert parse_args(["--local_rank=1", str(p), "max_steps=3"]).max_steps == 3
 
 
 @pytest.mark.parametrize("argv,want", [

@@ -127,12 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _without_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher puts `--local_rank=N` before the user's arguments (the rank also
+    comes from the environment): a config file after it is still the first argument."""
+    if argv and argv[0].startswith("--local_rank="):
+        return argv[1:]
+    if len(argv) > 1 and argv[0] == "--local_rank":
+        return argv[2:]
+    return argv
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
     """Flags, or a LLaMA-Factory YAML file with key=value overrides (train/lf_yaml.py): the same
     fields either way. Bad usage exits 2 with one line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    if argv and not argv[0].startswith("-") and argv[0].lower().endswith(CONFIG_SUFFIXES):
+    config_argv = _without_local_rank(argv)
+    if config_argv and not config_argv[0].startswith("-") and config_argv[0].lower().endswith(CONFIG_SUFFIXES):
+        argv = config_argv
         from .lf_yaml import LFConfigError, read_lf_config
         try:
             given, notes = read_lf_config(argv[0], argv[1:])
