@@ -16,6 +16,7 @@ hostfile and the command and writes nothing. A missing or inconsistent variable 
 """
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import shutil
@@ -102,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, train_args = _split(argv)
     p = StrictParser(prog="python -m train.launch", usage="python -m train.launch [--dry-run] [--hostfile F] "
-                     "[--master_port N] TRAIN ARGS...", description=__doc__.split("\n\n")[1].strip())
+                     "[--master_port N] TRAIN ARGS...", description=__doc__.split("\n\n")[1].strip(),
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="print the hostfile and the command; write and run nothing")
     p.add_argument("--hostfile", default="hostfile", help="where the DeepSpeed hostfile is written (default: hostfile)")
     p.add_argument("--master_port", type=int, default=29500, help="(default: 29500)")
