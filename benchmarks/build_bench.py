@@ -165,7 +165,7 @@ print(json.dumps({{"documents": docs, "tokens": tokens, "differ": differ}}))
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--mb", type=float, default=200)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--tokenizer", default=str(SHARED / "tokenizers/qwen2.5-family-internvl2_5-1b"))

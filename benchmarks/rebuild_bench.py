@@ -108,7 +108,7 @@ def noop_at_scale(args):
 
 
 def main():
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("manifest", nargs="?", default=str(ROOT / "sample_data/mixture.json"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--source-mb", type=float, help="measure a no-op build and plan of one source this large")

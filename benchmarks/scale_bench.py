@@ -152,7 +152,7 @@ def slope(x, y) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--out", default="/tmp/scale_bench")
     ap.add_argument("--big", action="store_true", help="also 10^8 samples (~7 GB disk)")
     ap.add_argument("--only", type=int, help="measure one sample count only (100 shards, 10 datasets,"

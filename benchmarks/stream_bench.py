@@ -249,7 +249,7 @@ def resume_child(lock: str, state_path: str, nw: int) -> None:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--out", default=str(ROOT / "bench_out" / "stream"))
     ap.add_argument("--batches", type=int, default=200)
     ap.add_argument("--resume-child", nargs=3)

@@ -10,6 +10,8 @@ import argparse
 import sys
 import warnings
 
+from stages.strict_cli import StrictParser  # no abbreviations; an unknown flag names the closest
+
 
 def _count(text: str) -> int:
     n = int(text)
@@ -51,7 +53,8 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     settings.add_argument("--tokenizer", help="tokenizer dir or file, overriding the manifest's "
                                               "(required for the FM9G list form)")
     settings.add_argument("--template", help="chat template, overriding the manifest's: tokenizer, "
-                                             "chatml, none, hunyuan, hy3 or a .jinja file")
+                                             "chatml, none, hunyuan, hy3, a LLaMA-Factory name "
+                                             "(qwen3, llama3, hy_v3, ...) or a .jinja file")
     settings.add_argument("--max-length", type=_positive, metavar="N",
                           help="tokens per sample, overriding the manifest's")
     settings.add_argument("--shard-tokens", type=_positive, default=None, metavar="N",
@@ -65,7 +68,7 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m pipeline", description="tokenmill data pipeline")
+    p = StrictParser(prog="python -m pipeline", description="tokenmill data pipeline")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
     par = _parents()
     manifest = "mixture manifest (.json/.yaml, object or FM9G list form)"

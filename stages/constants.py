@@ -33,7 +33,9 @@ def builtin_templates() -> list[str]:
 
 def template_names() -> list[str]:
     """Every template name a manifest may give (besides a path to a .jinja file)."""
-    return list(TEMPLATE_SOURCES) + builtin_templates()
+    from .lf_names import LF_TEMPLATES  # LLaMA-Factory names, resolved per tokenizer (stages/lf_names.py)
+    ours = list(TEMPLATE_SOURCES) + builtin_templates()
+    return ours + [n for n in LF_TEMPLATES if n not in ours]
 
 
 DEFAULT_SHARD_TOKENS = 2**30  # a dataset's shard target size in tokens (manifest `shard_tokens`)

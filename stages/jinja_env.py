@@ -49,7 +49,16 @@ def available_templates() -> list[str]:
 
 def find_template(name: str, tokenizer) -> ChatTemplate:
     """`tokenizer` (the tokenizer's own), a built-in name, or a path to a .jinja file; compiled
-    once here so a broken template stops the build before any record."""
+    once here so a broken template stops the build before any record. A LLaMA-Factory name
+    (`qwen3`, `llama3`, `hy_v3`, ...) is resolved for this tokenizer first (stages/lf_names.py)."""
+    from .lf_names import LFTemplateError, resolve_lf_name
+    try:
+        name, note = resolve_lf_name(name, tokenizer.chat_template)
+    except LFTemplateError as e:
+        raise BuildError(str(e)) from None
+    if note:
+        import logging
+        logging.getLogger("stages").warning("%s", note)
     if name == "tokenizer":
         if not tokenizer.chat_template:
             raise BuildError(f"{tokenizer.path}: template 'tokenizer' asked for, but the tokenizer "

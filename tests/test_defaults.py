@@ -136,7 +136,7 @@ def test_dataset_dir_shares_follow_token_counts(tmp_path):
     chat = SimpleNamespace(chat_template=None)
     shares = {}
     for mode in ("tokens", "equal"):
-        cfg = TrainConfig(dict(train_data_file=None, dataset_dir=str(src), mixture=None, dataset_dir_shares=mode,
+        cfg = TrainConfig(**dict(train_data_file=None, dataset_dir=str(src), mixture=None, dataset_dir_shares=mode,
                                output_dir=str(tmp_path / mode), max_seq_length=512,
                                data_cache_dir=str(tmp_path / "cache"), preprocessing_num_workers=1))
         lock = json.loads(build_data(cfg, str(TOK), chat).read_text())

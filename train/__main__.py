@@ -20,8 +20,11 @@ DATASET_DIR_SUFFIXES = (".txt", ".json", ".jsonl")
 
 
 def data_source(cfg) -> str | None:
-    """What needs building: 'file', 'dir', 'manifest', or None for a lock given as --mixture."""
+    """What needs building: 'file', 'dir', 'registry' (LLaMA-Factory `dataset`), 'manifest', or
+    None for a lock given as --mixture."""
     from train.args import TrainError
+    if getattr(cfg, "dataset", None):
+        return "registry"
     if cfg.train_data_file:
         return "file"
     if cfg.dataset_dir:
@@ -42,7 +45,7 @@ def data_source(cfg) -> str | None:
     return "manifest"
 
 
-def _manifest_for(cfg, tokenizer_dir: str, chat_template: bool, out: Path) -> Path:
+def _manifest_for(cfg, tokenizer_dir: str, chat_template: str | None, out: Path) -> Path:
     """A one-dataset-per-file manifest for --train_data_file / --dataset_dir."""
     if cfg.train_data_file:
         src = Path(cfg.train_data_file).resolve()
@@ -62,10 +65,11 @@ def _manifest_for(cfg, tokenizer_dir: str, chat_template: bool, out: Path) -> Pa
         seen.add(name)
         datasets.append({"dataset_name": name, "task_name": name, "abs_weight": 1.0, "path": str(f),
                          "format": "auto", "allow_repeat": True})
+    template = template_for_build(cfg.template, chat_template)
     manifest = {"tokenizer": str(Path(tokenizer_dir).resolve()),
-                "template": "tokenizer" if chat_template else "none",
+                "template": template or ("tokenizer" if chat_template else "none"),
                 "max_length": int(cfg.max_seq_length or DEFAULT_BUILD_MAX_LENGTH), "datasets": datasets}
-    if cfg.dataset_dir and getattr(cfg, "dataset_dir_shares", "tokens") == "tokens":
+    if cfg.dataset_dir and cfg.dataset_dir_shares == "tokens":
         manifest["weights"] = "tokens"  # share = the file's tokens, as concatenating the files gives
     out.mkdir(parents=True, exist_ok=True)
     path = out / "manifest.json"
@@ -82,24 +86,40 @@ def build_data(cfg, tokenizer_dir: str, tokenizer) -> Path:
         raise TrainError(f"building the training data needs the pipeline package: {e}") from e
     kind = data_source(cfg)
     out = Path(cfg.output_dir) / "data"
-    flag = {"file": "--train_data_file", "dir": "--dataset_dir", "manifest": "--mixture"}[kind]
-    given = cfg.train_data_file or cfg.dataset_dir or cfg.mixture
+    flag = {"file": "--train_data_file", "dir": "--dataset_dir", "manifest": "--mixture",
+            "registry": "dataset"}[kind]
+    given = cfg.train_data_file or cfg.dataset_dir or cfg.mixture or cfg.dataset
     if kind == "file" and Path(given).is_dir():  # a dir source: the pipeline reads it as one dataset
         pass
     elif kind == "file" and not Path(given).is_file():
         raise TrainError(f"--train_data_file {given}: no such file or directory")
+    chat = getattr(tokenizer, "chat_template", None)
     if kind == "manifest":
         manifest = Path(cfg.mixture)
-        settings = dict(max_length=cfg.max_seq_length,
+        # the pipeline's --tokenizer / --template / --max-length, as `pipeline build` takes them
+        settings = dict(max_length=cfg.max_seq_length, template=cfg.template,  # LF names: stages/lf_names
                         tokenizer=cfg.tokenizer_name_or_path and str(Path(cfg.tokenizer_name_or_path).resolve()))
-    else:
-        manifest = _manifest_for(cfg, tokenizer_dir, bool(getattr(tokenizer, "chat_template", None)), out)
+    elif kind == "registry":
+        from train.lf_data import registry_manifest
+        manifest = registry_manifest(cfg, tokenizer_dir, template_for_build(cfg.template, chat, lf=True) or
+                                     ("tokenizer" if chat else "none"), out)  # LF: None = tokenizer's, else empty
         settings = {}
-    try:
-        lock_path, _, warnings = build_mixture(str(manifest), out=str(out), cache=cfg.data_cache_dir,
-                                               workers=cfg.preprocessing_num_workers, **settings)
-    except Exception as e:  # BuildError / ManifestError / LockError carry file and record
-        raise TrainError(f"{flag} {given}: build failed: {e}") from e
+    else:
+        manifest = _manifest_for(cfg, tokenizer_dir, chat, out)
+        settings = {}
+
+    def build(path):
+        try:
+            return build_mixture(str(path), out=str(out), cache=cfg.data_cache_dir,
+                                 workers=cfg.preprocessing_num_workers, **settings)
+        except Exception as e:  # BuildError / ManifestError / LockError carry file and record
+            raise TrainError(f"{flag} {given}: build failed: {e}") from e
+    lock_path, _, warnings = build(manifest)
+    if kind == "registry":  # LLaMA-Factory's mixing needs the built sizes: weights set, then the lock again
+        from train.lf_data import reweighted_manifest
+        again = reweighted_manifest(cfg, manifest, json.loads(Path(lock_path).read_text()))
+        if again is not None:
+            lock_path, _, warnings = build(again)
     for w in warnings:
         log.warning("%s", w)
     lock = json.loads(Path(lock_path).read_text())
@@ -109,6 +129,22 @@ def build_data(cfg, tokenizer_dir: str, tokenizer) -> Path:
              for d in lock["datasets"]]
     log.info("built %s into %s: %d datasets (%s)", given, lock_path, len(parts), "; ".join(parts))
     return Path(lock_path)
+
+
+def template_for_build(name: str | None, chat_template: str | None, lf: bool = False) -> str | None:
+    """A LLaMA-Factory template name given to train (LF YAML `template`, --template) resolved
+    for the tokenizer in hand (stages/lf_names.py); our own names and .jinja paths pass as they are."""
+    if name is None:
+        return None
+    from stages.lf_names import LFTemplateError, resolve_lf_name
+    from train.args import TrainError
+    try:
+        resolved, note = resolve_lf_name(name, chat_template, lf=lf)
+    except LFTemplateError as e:
+        raise TrainError(str(e)) from None
+    if note:
+        log.warning("%s", note)
+    return resolved
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,10 @@
 """Command-line flags of `python -m train` -> a frozen TrainConfig (train/config.py).
 
+The parser is generated from TrainConfig's fields (their `flags` hold the seed aliases); this
+module adds only the seed scripts' input-only flags (model-shape and no-op flags, `--torch_dtype`,
+`--block_size`) and `check_settings`, the one validation every view (flags, LLaMA-Factory YAML,
+key=value) goes through. No flag is abbreviated (stages/strict_cli.py).
+
 Flag names follow the Hunyuan / Hy3 training scripts (DESIGN §6) and, where those have none,
 the HF Trainer / Chinese-LLaMA-Alpaca ones; the seed scripts' flag sets are accepted as they
 are (README "Coming from a seed script"). Flags that also live in the DeepSpeed JSON (batch
@@ -9,10 +14,14 @@ against it in train/ds_config.py. This module imports neither torch nor numba: `
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 
-from .config import TrainConfig
+from stages.strict_cli import StrictParser
 
-SCHEDULERS = ("cosine", "cosine_with_min_lr", "linear", "constant", "constant_with_warmup")
+from .config import FLAG, HF_BOOL, JSON, SCHEDULERS, TrainConfig, defaults, settings  # noqa: F401
+
+CONFIG_SUFFIXES = (".yaml", ".yml")  # `python -m train CONFIG.yaml [key=value ...]` (LLaMA-Factory's form)
 TORCH_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": None, "auto": None}
 LORA_FLAGS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules", "modules_to_save")
 # Hy3 / Hunyuan-Large train.sh model-shape flags: they describe a model built from scratch,
@@ -50,177 +59,129 @@ def parse_bool(s: str) -> bool:
 
 
 class _Help(argparse.HelpFormatter):
-    """Shows a flag's default once, and only when there is one."""
-
-    def _get_help_string(self, action):
-        h = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "%(default)" not in h \
-                and "default" not in h and action.option_strings:
-            h += " (default: %(default)s)"
-        return h
+    """Shows a setting's default once, and only when there is one (the parser's own defaults are
+    SUPPRESS, so that what the user gave is exactly what the namespace holds)."""
 
 
-def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m train",
+GROUPS = {"data": "data", "model": "model", "lora": "LoRA (any LoRA flag implies --use_lora)",
+          "optim": "optimisation", "out": "evaluation, logging, checkpoints"}
+
+
+def _json_value(s: str):
+    try:
+        return json.loads(s)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+
+
+def _help(f) -> str:
+    h = f.metadata["help"]
+    if f.metadata.get("hidden"):
+        return argparse.SUPPRESS
+    if f.default not in (None, False) and "default" not in h:
+        h = (h + " " if h else "") + f"(default: {f.default})"
+    return h
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags, generated from TrainConfig's fields (train/config.py), plus the seed scripts'
+    input-only flags (shape flags, no-op flags, --torch_dtype, --block_size). Defaults are
+    SUPPRESS: the namespace holds only what was given; check_settings adds the field defaults."""
+    p = StrictParser(
+        prog="python -m train", formatter_class=_Help, argument_default=argparse.SUPPRESS,
+        usage="python -m train --FLAG VALUE ...  |  python -m train CONFIG.yaml [key=value ...]",
         description="Train a causal LM on a tokenmill mixture lock with DeepSpeed, or plain PyTorch in "
-                    "one process (--engine) (plain python, `deepspeed --module train`, or `torchrun -m train`).",
-        argument_default=argparse.SUPPRESS if suppress_defaults else None, formatter_class=_Help)
-    d = (lambda v: argparse.SUPPRESS) if suppress_defaults else (lambda v: v)
-    flag = dict(action="store_true", default=d(False))
-    hf_bool = dict(nargs="?", const=True, type=parse_bool, default=d(False))
-
-    g = p.add_argument_group("data")
-    g.add_argument("--mixture", help="mixture.lock.json written by `python -m pipeline build` (a manifest "
-                   "is built first, into OUTPUT_DIR/data)")
-    g.add_argument("--train_data_file", help="a .jsonl/.json/.txt file or a dir of them; built into "
-                   "shards (or reused from the cache) through the pipeline, then trained as a lock")
-    g.add_argument("--dataset_dir", help="Chinese-LLaMA-Alpaca: a dir whose *.txt / *.json / *.jsonl files "
-                   "become one dataset each, built through the pipeline; shares per --dataset_dir_shares")
-    g.add_argument("--dataset_dir_shares", choices=["tokens", "equal"], default=d("tokens"),
-                   help="--dataset_dir: each file's token share is its built tokens (tokens: as the seed's "
-                        "concatenation of the files) or the same for every file (equal) (default: tokens)")
-    g.add_argument("--max_seq_length", "--model_max_length", dest="max_seq_length", type=int,
-                   help="sequence length; default: the lock's max_length")
-    g.add_argument("--block_size", type=int, help="Chinese-LLaMA-Alpaca: concat packing at this length "
-                   "(= --packing concat --max_seq_length N)")
-    g.add_argument("--packing", choices=["packed", "padded", "concat"], default=d("packed"),
-                   help="packed: whole documents per row, attention per document; padded: one "
-                        "sample per row; concat: documents joined with EOS and cut (pretraining)")
-    g.add_argument("--validation_split_percentage", type=float, default=d(0.0),
-                   help="held-out share of each dataset, chosen by sample, stable across runs and world "
-                        "sizes. A value >= 1 is a PERCENT (5 = 5%%, HF run_clm); a value < 1 is a FRACTION "
-                        "as Chinese-LLaMA-Alpaca passes it (0.001 = 0.1%%). The held-out count is printed")
-    g.add_argument("--data_seed", type=int, help="seed of the sample order; default: the lock's seed")
-    g.add_argument("--num_workers", type=int, default=d(0), help="DataLoader workers per rank")
-    g.add_argument("--preprocessing_num_workers", type=int, help="build workers for --train_data_file / "
-                   "--dataset_dir / a manifest")
-    g.add_argument("--allow_lock_change", **flag, help="resume even though the lock changed")
-    g.add_argument("--allow_tokenizer_mismatch", **flag,
-                   help="train although the lock was built with another tokenizer (dangerous)")
-    g.add_argument("--data_cache_dir", help="cache of built datasets for --train_data_file / --dataset_dir; "
-                   "default: $TOKENMILL_CACHE or OUTPUT_DIR/data/cache")
-    g.add_argument("--verify_data", choices=["cheap", "full"], default=d("cheap"),
-                   help="check the built data before step 0: cheap = meta.json, lock and sizes; "
-                        "full = also the sha256 and structure of every shard (as `pipeline verify`)")
-
-    g = p.add_argument_group("model")
-    g.add_argument("--model_name_or_path", help="local Hugging Face model dir to start from")
-    g.add_argument("--model_config", help="config.json (or a dir holding one) to initialise a "
-                   "model from scratch for pretraining")
-    g.add_argument("--tokenizer_name_or_path", help="tokenizer dir; default: the model dir, else the lock's")
-    g.add_argument("--trust_remote_code", **flag, help="allow custom modeling code in the model dir")
+                    "one process (--engine) (plain python, `deepspeed --module train`, or `torchrun -m train`). "
+                    "A LLaMA-Factory YAML file (and key=value overrides) sets the same settings (README).")
+    groups = {k: p.add_argument_group(v) for k, v in GROUPS.items()}
+    for f in settings():
+        m = f.metadata
+        if not m["cli"]:
+            continue
+        names = m["flags"] or (f"--{f.name}",)
+        kw: dict = dict(dest=f.name, help=_help(f))
+        if m["kind"] == FLAG:
+            kw["action"] = "store_true"
+        elif m["kind"] == HF_BOOL:
+            kw.update(nargs="?", const=True, type=parse_bool)
+        elif m["kind"] == JSON:
+            kw.update(type=_json_value)
+        else:
+            if m["type"]:
+                kw["type"] = m["type"]
+            if m["choices"]:
+                kw["choices"] = m["choices"]
+        groups[m["group"]].add_argument(*names, **kw)
+    g = groups["model"]
     g.add_argument("--torch_dtype", choices=sorted(TORCH_DTYPES),
                    help="float16 = --fp16, bfloat16 = --bf16, float32/auto = neither")
-    g.add_argument("--use_flash_attn", **flag, help="flash-attention 2 varlen kernels on GPU "
-                   "(falls back to sdpa with per-document masks where unavailable)")
-    g.add_argument("--gradient_checkpointing", **flag)
-    g.add_argument("--train_attention_params_only", **flag,
-                   help="train only parameters whose name contains 'self_attn'")
-    g.add_argument("--make_moe_param_leaf_module", **flag,
-                   help="ZeRO-3: make MoE blocks leaf modules (gathered whole, not per expert)")
-    g.add_argument("--moe_leaf_module_classes", help="comma list of class names to use as MoE "
-                   "leaf modules; default: detected, names ending in MoE/Moe/MoeBlock")
+    g.add_argument("--block_size", type=int, help="Chinese-LLaMA-Alpaca: concat packing at this length "
+                   "(= --packing concat --max_seq_length N)")
     for name in MODEL_SHAPE_FLAGS:
-        g.add_argument(f"--{name}", default=d(None), help=argparse.SUPPRESS)
-
-    g = p.add_argument_group("LoRA (any LoRA flag implies --use_lora)")
-    g.add_argument("--use_lora", **flag)
-    g.add_argument("--lora_rank", type=int, default=d(64))
-    g.add_argument("--lora_alpha", type=float, default=d(8.0))
-    g.add_argument("--lora_dropout", type=float, default=d(0.0))
-    g.add_argument("--lora_target_modules", "--trainable", dest="lora_target_modules",
-                   default=d("q_proj,k_proj,v_proj,o_proj"), help="comma list of module names")
-    g.add_argument("--modules_to_save", help="comma list of modules trained and saved in full "
-                   "(e.g. embed_tokens,lm_head)")
-
-    g = p.add_argument_group("optimisation")
-    g.add_argument("--deepspeed", default=d("zero2"),
-                   help="DeepSpeed JSON, or a shipped one: zero2, zero3, zero3_offload")
-    g.add_argument("--engine", choices=["auto", "deepspeed", "torch"], default=d("auto"),
-                   help="what runs backward/step. auto: plain PyTorch (AdamW, the same schedule, clipping "
-                        "and accumulation as DeepSpeed; no DeepSpeed import) when the run is one process and "
-                        "the DeepSpeed config is ZeRO-0/1/2 without offload and without fp16 (ZeRO "
-                        "partitions nothing in one process); DeepSpeed for several ranks, ZeRO-3, offload "
-                        "or fp16 (they save memory or need its loss scaling). A resumed run keeps its "
-                        "checkpoint's engine; each engine reads only its own checkpoints")
-    g.add_argument("--per_device_train_batch_size", type=int, help="default 1")
-    g.add_argument("--per_device_eval_batch_size", type=int, help="default: the train batch size")
-    g.add_argument("--gradient_accumulation_steps", type=int, help="default 1")
-    g.add_argument("--max_steps", type=int, help="optimizer steps (or give --num_train_epochs)")
-    g.add_argument("--num_train_epochs", type=float, help="without --max_steps: steps = epochs x the lock's "
-                   "train tokens (samples when padded) / tokens per step, printed")
-    g.add_argument("--learning_rate", type=float, help="peak lr; default 1e-05")
-    g.add_argument("--lr_scheduler_type", choices=SCHEDULERS, default=d("cosine"),
-                   help="after linear warmup: cosine / cosine_with_min_lr (both decay to --min_lr at "
-                        "max_steps), linear (to --min_lr), constant (no warmup), constant_with_warmup")
-    g.add_argument("--min_lr", type=float, default=d(0.0),
-                   help="ABSOLUTE floor of the decay (not a ratio of --learning_rate)")
-    g.add_argument("--warmup_ratio", type=float, default=d(0.0))
-    g.add_argument("--warmup_steps", type=int, help="overrides --warmup_ratio")
-    g.add_argument("--weight_decay", type=float, help="default 0.0")
-    g.add_argument("--adam_beta1", type=float, default=d(0.9))
-    g.add_argument("--adam_beta2", type=float, default=d(0.95))
-    g.add_argument("--adam_epsilon", type=float, default=d(1e-8))
-    g.add_argument("--max_grad_norm", type=float, help="gradient clipping (0 = off); default 1.0")
-    g.add_argument("--bf16", **hf_bool)
-    g.add_argument("--fp16", **hf_bool, help="on a device without fp16 (CPU) this becomes fp32 with a note")
-    g.add_argument("--seed", type=int, default=d(42), help="model init, dropout")
-
-    g = p.add_argument_group("evaluation, logging, checkpoints")
-    g.add_argument("--output_dir", required=not suppress_defaults)
-    g.add_argument("--overwrite_output_dir", **flag, help="start afresh in an OUTPUT_DIR that holds a "
-                   "finished or checkpointed run (else refused)")
-    g.add_argument("--do_eval", **flag, help="evaluate (needs --validation_split_percentage)")
-    g.add_argument("--eval_steps", type=int, help="evaluate every N steps (and always at the end)")
-    g.add_argument("--evaluation_strategy", "--eval_strategy", dest="eval_strategy",
-                   choices=["no", "steps", "epoch"], help="'no' turns evaluation off; otherwise --eval_steps")
-    g.add_argument("--max_eval_batches", type=int, help="cap on validation batches per rank")
-    g.add_argument("--logging_steps", type=int, default=d(1))
-    g.add_argument("--logging_strategy", choices=["steps", "epoch", "no"], default=d("steps"),
-                   help="'no': no console step lines (train_log.jsonl keeps every step)")
-    g.add_argument("--report_to", choices=["tensorboard", "none", "all"], default=d("tensorboard"))
-    g.add_argument("--save_steps", type=int, default=d(500))
-    g.add_argument("--save_strategy", choices=["steps", "no", "epoch"], default=d("steps"),
-                   help="'no': no intermediate checkpoints (the final model is still saved)")
-    g.add_argument("--save_total_limit", type=int, help="keep only the newest N checkpoints")
-    g.add_argument("--resume_from_checkpoint", help="OUTPUT_DIR/checkpoint-N, or 'latest' "
-                   "(the newest complete checkpoint in --output_dir)")
-    g.add_argument("--stop_after_steps", type=int, help="end this run (with a checkpoint) after "
-                   "N steps of it, without ending the schedule: for time-limited jobs")
-    g.add_argument("--ddp_timeout", type=int, default=d(1800), help="seconds a collective may wait")
-    g.add_argument("--ddp_find_unused_parameters", **hf_bool, help=argparse.SUPPRESS)
-    g.add_argument("--do_train", **flag, help=argparse.SUPPRESS)
-    g.add_argument("--logging_first_step", **hf_bool, help=argparse.SUPPRESS)
-    g.add_argument("--lazy_preprocess", **hf_bool, help=argparse.SUPPRESS)
-    g.add_argument("--local_rank", type=int, default=d(-1), help=argparse.SUPPRESS)  # deepspeed launcher
+        g.add_argument(f"--{name}", help=argparse.SUPPRESS)
+    for name in NO_OP_FLAGS:
+        if name == "do_train":
+            g.add_argument("--do_train", action="store_true", help=argparse.SUPPRESS)
+        else:
+            g.add_argument(f"--{name}", nargs="?", const=True, type=parse_bool, help=argparse.SUPPRESS)
     return p
 
 
+def _without_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher puts `--local_rank=N` before the user's arguments (the rank also
+    comes from the environment): a config file after it is still the first argument."""
+    if argv and argv[0].startswith("--local_rank="):
+        return argv[1:]
+    if len(argv) > 1 and argv[0] == "--local_rank":
+        return argv[2:]
+    return argv
+
+
 def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Flags, or a LLaMA-Factory YAML file with key=value overrides (train/lf_yaml.py): the same
+    fields either way. Bad usage exits 2 with one line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    config_argv = _without_local_rank(argv)
+    if config_argv and not config_argv[0].startswith("-") and config_argv[0].lower().endswith(CONFIG_SUFFIXES):
+        argv = config_argv
+        from .lf_yaml import LFConfigError, read_lf_config
+        try:
+            given, notes = read_lf_config(argv[0], argv[1:])
+            return check_settings(given, notes)
+        except (LFConfigError, UsageError) as e:
+            parser.error(str(e))
     ns = parser.parse_args(argv)
-    explicit = set(vars(build_parser(suppress_defaults=True).parse_known_args(argv)[0]))
     try:
-        return to_config(ns, explicit)
+        return to_config(ns, set(vars(ns)))
     except UsageError as e:
         parser.error(str(e))
 
 
 def to_config(ns: argparse.Namespace, explicit: set[str]) -> TrainConfig:
-    """Check the flags and map the seed-script aliases to their meaning here."""
-    v = dict(vars(ns))
-    notes = []
-    sources = [f for f in ("mixture", "train_data_file", "dataset_dir") if v[f]]
+    """The parsed flags (only those given: the parser's defaults are SUPPRESS) -> TrainConfig."""
+    return check_settings({k: v for k, v in vars(ns).items() if k in explicit})
+
+
+def check_settings(given: dict, notes: list[str] | tuple = ()) -> TrainConfig:
+    """Check the settings the user gave (by field name, plus the seed input-only names) and map
+    the seed-script aliases to their meaning here; the rest take TrainConfig's defaults."""
+    explicit = set(given)
+    v = {**defaults(), **given}
+    notes = list(notes)
+    if not v["output_dir"]:
+        raise UsageError("give --output_dir DIR (output_dir: in a config file)")
+    sources = [f for f in ("mixture", "train_data_file", "dataset_dir", "dataset") if v[f]]
     if not sources:
-        raise UsageError("give the data: --mixture LOCK or --train_data_file FILE (or --dataset_dir DIR)")
+        raise UsageError("give the data: --mixture LOCK or --train_data_file FILE (or --dataset_dir DIR; "
+                         "dataset: NAMES in a config file)")
     if len(sources) > 1:
-        raise UsageError(f"give one of --mixture, --train_data_file, --dataset_dir, not {' and '.join(sources)}")
+        raise UsageError(f"give one of --mixture, --train_data_file, --dataset_dir, dataset, not {' and '.join(sources)}")
     if v["model_name_or_path"] and v["model_config"]:
         raise UsageError("give either --model_name_or_path (fine-tune) or --model_config (from scratch)")
     if not (v["model_name_or_path"] or v["model_config"] or v["resume_from_checkpoint"]):
         raise UsageError("give the model: --model_name_or_path DIR or --model_config JSON")
-    if v["torch_dtype"]:
+    if v.get("torch_dtype"):
         want = TORCH_DTYPES[v["torch_dtype"]]
         if want:
             v[want] = True
@@ -241,7 +202,7 @@ def to_config(ns: argparse.Namespace, explicit: set[str]) -> TrainConfig:
         notes.append(f"--validation_split_percentage {pct:g} < 1 is read as a fraction: {pct * 100:g}% held out")
         pct *= 100
     v["validation_percentage"] = pct
-    if v["block_size"] is not None:
+    if v.get("block_size") is not None:
         if v["block_size"] < 2:
             raise UsageError("--block_size must be >= 2")
         if "packing" in explicit and v["packing"] != "concat":
@@ -276,6 +237,14 @@ def to_config(ns: argparse.Namespace, explicit: set[str]) -> TrainConfig:
             raise UsageError(f"--{name} must be > 0")
     for name in MODEL_SHAPE_FLAGS + tuple(NO_OP_FLAGS) + ("torch_dtype", "block_size"):
         v.pop(name, None)
+    if v["flash_attn"] == "fa2":
+        v["use_flash_attn"] = True
+    elif v["flash_attn"] in ("disabled", "sdpa") and v["use_flash_attn"]:
+        raise UsageError(f"--use_flash_attn contradicts flash_attn {v['flash_attn']}")
+    kwargs = v["gradient_checkpointing_kwargs"]
+    if kwargs is not None and (not isinstance(kwargs, dict) or set(kwargs) - {"use_reentrant"}):
+        raise UsageError(f"gradient_checkpointing_kwargs {json.dumps(kwargs)}: only {{\"use_reentrant\": "
+                         "true|false}} is supported")
     v["explicit"] = frozenset(explicit)
     v["notes"] = tuple(notes)
-    return TrainConfig(v)
+    return TrainConfig(**v)

@@ -87,7 +87,7 @@ def build_model(args, config, tokenizer, *, dtype: torch.dtype, zero_stage: int)
     Under ZeRO-3 the caller keeps an HfDeepSpeedConfig alive, so transformers builds the
     model inside deepspeed.zero.Init (partitioned from the start)."""
     from transformers import AutoModelForCausalLM
-    attn = attn_implementation(args.use_flash_attn)
+    attn = "eager" if getattr(args, "flash_attn", "auto") == "disabled" else attn_implementation(args.use_flash_attn)
     config.use_cache = False  # a cache would also switch off packed-sequence masking
     kw = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=args.trust_remote_code)
     try:
@@ -103,7 +103,10 @@ def build_model(args, config, tokenizer, *, dtype: torch.dtype, zero_stage: int)
     resized = resize_embeddings(model, len(tokenizer))
     if args.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable({"use_reentrant": False})  # non-reentrant: no input-grad hack needed for LoRA
+        kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {"use_reentrant": False}
+        enable(kwargs)  # non-reentrant by default: no input-grad hack needed for LoRA
+        if kwargs.get("use_reentrant") and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()  # reentrant + frozen embeddings: LoRA would get no gradient
     if args.use_lora:
         model = apply_lora(model, args, resized)
     if args.train_attention_params_only:
@@ -142,6 +145,11 @@ def resize_embeddings(model, n_tokens: int) -> bool:
 def apply_lora(model, args, resized: bool):
     from peft import LoraConfig, TaskType, get_peft_model
     targets = [t.strip() for t in args.lora_target_modules.split(",") if t.strip()]
+    if targets == ["all"]:  # LLaMA-Factory: every Linear leaf but the output layer
+        out_emb = model.get_output_embeddings()
+        targets = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                          if "Linear" in type(m).__name__ and "Embedding" not in type(m).__name__
+                          and m is not out_emb and n})
     to_save = [t.strip() for t in (args.modules_to_save or "").split(",") if t.strip()]
     if resized:
         # New embedding rows exist only in this run: they must be trained and saved with the

@@ -146,7 +146,8 @@ plot = plot_run  # the name an earlier draft of the trainer used
 
 def main(argv: list[str] | None = None) -> int:
     import argparse
-    p = argparse.ArgumentParser(prog="python -m train.plot",
+    from stages.strict_cli import StrictParser  # no abbreviations, unknown flag names the closest
+    p = StrictParser(prog="python -m train.plot",
                                 description="Plot loss per dataset, eval loss and lr of a training run.")
     p.add_argument("output_dir", help="the run's --output_dir (holds train_log.jsonl)")
     p.add_argument("-o", "--out", default=None, help="PNG path (default: OUTPUT_DIR/training_curves.png)")

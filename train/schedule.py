@@ -6,7 +6,8 @@ last step (max_steps - 1) runs just above min_lr, never at lr 0 with --min_lr 0.
 `min_lr` is an absolute learning rate (as the Hunyuan README says), not a ratio. Hy3 turned
 it into `min_lr_rate = min_lr / learning_rate`, so `--min_lr 0.01 --learning_rate 1e-5`
 "decayed" upwards; here that combination is refused, and the schedule never rises after
-warmup and never goes below `min_lr`.
+warmup and never goes below `min_lr`. A LLaMA-Factory config's `lr_scheduler_kwargs.min_lr_rate`
+(transformers' ratio) becomes `min_lr = min_lr_rate × learning_rate` in train/lf_yaml.py.
 """
 from __future__ import annotations
 
