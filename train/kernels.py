@@ -35,7 +35,14 @@ import numpy as np
 from numba import carray, njit, types, uintp
 from numba.extending import intrinsic
 
-IGNORE = -100
+from stages.constants import IGNORE
+
+# splitmix64 / Feistel constants of the sampler: defined here once (train/sampling.py's numpy
+# definitions import them; compiled code freezes them as constants)
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+M1 = np.uint64(0xBF58476D1CE4E5B9)
+M2 = np.uint64(0x94D049BB133111EB)
+FEISTEL_ROUNDS = 6
 
 
 def token_table(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list]:
@@ -305,17 +312,13 @@ def fill_packed(addr, proto, pieces, span_lo, span_hi, row_ptr, r0, r1, seq_len,
     return ncu, trained, longest
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_ROUNDS = 6
 
 
 @njit(cache=True, nogil=True)
 def _mix64(z):
     """splitmix64 finaliser (sampling.mix64) on one uint64."""
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
+    z = (z ^ (z >> np.uint64(30))) * M1
+    z = (z ^ (z >> np.uint64(27))) * M2
     return z ^ (z >> np.uint64(31))
 
 
@@ -329,7 +332,7 @@ def permuted_positions(choice, pos, epoch, n, bases):
     nd = len(n)
     q = pos.copy()
     cur_e = np.full(nd, -1, np.int64)
-    rk = np.zeros((nd, _ROUNDS), np.uint64)
+    rk = np.zeros((nd, FEISTEL_ROUNDS), np.uint64)
     half = np.zeros(nd, np.uint64)
     for d in range(nd):  # half the bits of the smallest even-bit power of two >= n
         bits, v = 0, max(n[d], 1) - 1
@@ -350,8 +353,8 @@ def permuted_positions(choice, pos, epoch, n, bases):
         e = epoch[d] + qq // nn
         if e != cur_e[d]:
             key = _mix64(_mix64(np.uint64(e)) ^ bases[d])
-            for r in range(_ROUNDS):
-                rk[d, r] = _mix64(key + np.uint64(r + 1) * _GOLDEN)
+            for r in range(FEISTEL_ROUNDS):
+                rk[d, r] = _mix64(key + np.uint64(r + 1) * GOLDEN)
             cur_e[d] = e
         h = half[d]
         mask = (np.uint64(1) << h) - np.uint64(1)
@@ -359,7 +362,7 @@ def permuted_positions(choice, pos, epoch, n, bases):
         while True:  # cycle-walking back into [0, n)
             left = y >> h
             right = y & mask
-            for r in range(_ROUNDS):
+            for r in range(FEISTEL_ROUNDS):
                 left, right = right, left ^ (_mix64(right ^ rk[d, r]) & mask)
             y = (left << h) | right
             if y < np.uint64(nn):

@@ -23,14 +23,12 @@ import hashlib
 
 import numpy as np
 
-from .kernels import heldout_block_counts, permuted_positions, select_ids
+from .kernels import (FEISTEL_ROUNDS, GOLDEN, M1, M2, heldout_block_counts,  # noqa: F401
+                      permuted_positions, select_ids)
 
 U64 = np.uint64
-GOLDEN = U64(0x9E3779B97F4A7C15)
-_M1 = U64(0xBF58476D1CE4E5B9)
-_M2 = U64(0x94D049BB133111EB)
+
 _S30, _S27, _S31 = U64(30), U64(27), U64(31)
-FEISTEL_ROUNDS = 6
 
 
 def stable_hash64(*parts) -> int:
@@ -43,9 +41,9 @@ def mix64(z) -> np.ndarray:
     """splitmix64 finaliser on a uint64 array (wrapping arithmetic)."""
     z = np.array(z, dtype=U64, copy=True, ndmin=1)
     z ^= z >> _S30
-    z *= _M1
+    z *= M1
     z ^= z >> _S27
-    z *= _M2
+    z *= M2
     z ^= z >> _S31
     return z
 

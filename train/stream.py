@@ -64,6 +64,7 @@ from .lanes import LaneCursor, LanePos
 from .packing import (BlockPool, Located, PackedPieces, StreamError, TokenStore, best_fit_rows,
                       collate_concat, collate_packed, collate_padded, last_tokens)
 from .sampling import HeldOut, HeldOutSchedule, MixtureSchedule, stable_hash64
+from .store import check_fd_headroom, raise_open_file_limit
 from .stream_state import STATE_VERSION, StreamLoader, adopt, lock_content_sha256, resume_position
 
 MODES = ("packed", "padded", "concat")
@@ -126,6 +127,7 @@ class MixtureStream(IterableDataset):
                               "pack_window >= 1")
         if overflow is not None and overflow not in OVERFLOW_MODES:
             raise StreamError(f"overflow must be one of {OVERFLOW_MODES}")
+        raise_open_file_limit()  # once per process that opens a stream; workers inherit it
         self.lock_path = Path(lock_path).resolve()
         try:
             self.lock = json.loads(self.lock_path.read_text("utf-8"))
@@ -342,6 +344,8 @@ class MixtureStream(IterableDataset):
             if step % nw == wid:
                 batch = self._collate(cur.advance(per, collect=True))
                 batch["_state"] = self._position(cur)
+                if get_worker_info() is not None:
+                    check_fd_headroom()  # a worker: torch needs descriptors to hand it over
                 yield batch
             else:
                 cur.advance(per)

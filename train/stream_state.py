@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from .kernels import warm_up
 from .lanes import LanePos, replan
-from .store import StreamError
+from .store import StreamError, raise_open_file_limit
 
 STATE_VERSION = 2
 _DEFINITION = ("lock_sha256", "seed", "seq_len", "mode", "pack_window", "validation_percentage")
@@ -117,6 +117,19 @@ def _identity(x):
     return x
 
 
+def _one_line_errors(it):
+    """A StreamError raised in a DataLoader worker reaches the parent as one StreamError line
+    (torch re-raises it with the worker's whole traceback in the message)."""
+    try:
+        yield from it
+    except StreamError as e:
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        if len(lines) > 1 and "DataLoader worker" in lines[0]:
+            last = lines[-1]
+            raise StreamError(last.split("StreamError: ", 1)[-1]) from None
+        raise
+
+
 class StreamLoader:
     """Iterable of collated batches with an exact, prefetch-proof state_dict()."""
 
@@ -132,8 +145,10 @@ class StreamLoader:
             it = feed._iter_batches(0, 1, feed._feed_start)
         else:  # each worker memory-maps the shards itself
             warm_up()  # once per process; forked workers inherit the loaded kernels
-            it = iter(DataLoader(feed, batch_size=None, num_workers=self.num_workers,
-                                 collate_fn=_identity, **self.kw))
+            raise_open_file_limit()
+            it = _one_line_errors(iter(DataLoader(feed, batch_size=None,
+                                                  num_workers=self.num_workers,
+                                                  collate_fn=_identity, **self.kw)))
         for batch in it:
             self._last = batch.pop("_state")  # compact; made public when asked for
             yield batch
