@@ -9,8 +9,8 @@ passes than the read they serve:
   read through the memory-mapped index of their shards.
 * ``bfd_rows`` - best-fit decreasing: the rows of a window; ``packed_layout`` - those rows in
   their seeded order, as a table of pieces.
-* ``heldout_block_counts`` / ``select_ids`` - the validation split without a per-sample
-  array: held-out counts per block of 64 ids, and the id of the r-th kept / held-out sample.
+* ``select_ids`` - the validation split without any per-sample (or per-block) table: the id
+  of the r-th kept / held-out sample, from closed-form counts per block of 64 ids.
 * ``fill_packed`` - one pass that writes a packed batch: input_ids (read from the shard
   memmaps), labels (from the loss spans), position_ids and cu_seqlens, row by row.
 
@@ -372,42 +372,49 @@ def permuted_positions(choice, pos, epoch, n, bases):
 
 
 @njit(cache=True, nogil=True)
-def _held(idx, base, threshold):
-    """sampling.hash_uniform(base, idx) < threshold, for one sample id."""
-    z = _mix64(_mix64(np.uint64(idx)) ^ base)
-    return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0) < threshold
+def _held_before(i, frac, phase):
+    """Held-out ids among [0, i) of a dataset: floor(i * frac + phase) (sampling.HeldOut)."""
+    return np.int64(np.floor(np.float64(i) * frac + phase))
 
 
 @njit(cache=True, nogil=True)
-def heldout_block_counts(n, base, threshold, block):
-    """Held-out samples in each block of `block` consecutive ids of [0, n)."""
-    nb = (n + block - 1) // block
-    out = np.zeros(nb, np.int64)
-    for j in range(n):
-        if _held(j, base, threshold):
-            out[j // block] += 1
-    return out
+def _wanted_before(b, block, n, frac, phase, want_held):
+    """Held-out (want_held) or kept ids in the blocks before block b."""
+    i = min(b * block, n)
+    h = _held_before(i, frac, phase)
+    return h if want_held else i - h
 
 
 @njit(cache=True, nogil=True)
-def select_ids(d, r, blk_ptr, blk_cum, bases, n, threshold, block, want_held):
-    """Sample id of the r-th held-out (want_held) or kept sample of dataset d, per draw:
-    the block from the dataset's cumulative per-block counts blk_cum[blk_ptr[d]:], then a
-    scan of at most `block` ids of it."""
+def select_ids(d, r, n, frac, phase, bases, block, want_held):
+    """Sample id of the r-th held-out (want_held) or kept sample of dataset d, per draw
+    (sampling.HeldOut's rule): the block by a binary search over the closed-form counts per
+    block, then the block's ids ranked by their keyed hash - its c lowest are held out."""
     out = np.empty(len(d), np.int64)
     for j in range(len(d)):
         dd = d[j]
-        lo, hi = blk_ptr[dd], blk_ptr[dd + 1]
-        b = np.searchsorted(blk_cum[lo:hi], r[j], side="right") - 1
-        left = r[j] - blk_cum[lo + b]
-        idx = b * block
-        while True:
-            if _held(idx, bases[dd], threshold) == want_held:
+        nn, ph = n[dd], phase[dd]
+        lo, hi = 0, (nn + block - 1) // block - 1
+        while lo < hi:  # the last block whose wanted ids before it are <= r
+            mid = (lo + hi + 1) // 2
+            if _wanted_before(mid, block, nn, frac, ph, want_held) <= r[j]:
+                lo = mid
+            else:
+                hi = mid - 1
+        left = r[j] - _wanted_before(lo, block, nn, frac, ph, want_held)
+        a = lo * block
+        m = min(block, nn - a)
+        c = _held_before(a + m, frac, ph) - _held_before(a, frac, ph)
+        h = np.empty(m, np.uint64)
+        for k in range(m):
+            h[k] = _mix64(_mix64(np.uint64(a + k)) ^ bases[dd])
+        thr = np.sort(h)[c - 1] if c > 0 else np.uint64(0)
+        for k in range(m):
+            if (c > 0 and h[k] <= thr) == want_held:
                 if left == 0:
+                    out[j] = a + k
                     break
                 left -= 1
-            idx += 1
-        out[j] = idx
     return out
 
 
@@ -426,8 +433,9 @@ def warm_up() -> None:
     order, rows, nrows = bfd_rows(one, np.zeros(0, np.int64), 1)
     packed_layout(order, rows, nrows, np.uint64(1), True, z, z, z, one, z, z, z - 1, z - 1)
     permuted_positions(z, z, z, np.array([3], np.int64), np.zeros(1, np.uint64))
-    heldout_block_counts(1, np.uint64(1), 0.5, 64)
-    select_ids(z, z, np.array([0, 1], np.int64), z, np.zeros(1, np.uint64), one, 1.0, 64, True)
+    for want in (True, False):
+        select_ids(z, z, np.array([2], np.int64), 0.5, np.zeros(1), np.zeros(1, np.uint64), 64,
+                   want)
     off, spans = np.array([0, 1], np.int64), np.zeros(2, np.int32)
     table = np.array([[off.ctypes.data] * 2, [off.ctypes.data] * 2, [spans.ctypes.data] * 2])
     for k in (1, 2):  # TokenStore.locate's addr[:, uniq] rows: contiguous for 1 shard, else strided

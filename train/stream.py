@@ -65,7 +65,7 @@ from .packing import (BlockPool, Located, PackedPieces, StreamError, TokenStore,
                       collate_concat, collate_packed, collate_padded, last_tokens)
 from .sampling import HeldOut, HeldOutSchedule, MixtureSchedule, stable_hash64
 from .store import check_fd_headroom, raise_open_file_limit
-from .stream_state import STATE_VERSION, StreamLoader, adopt, lock_content_sha256, resume_position
+from .stream_state import HELDOUT_RULE, STATE_VERSION, StreamLoader, adopt, lock_content_sha256, resume_position
 
 MODES = ("packed", "padded", "concat")
 __all__ = ["MixtureStream", "StreamLoader", "StreamError", "verify_lock", "STATE_VERSION"]
@@ -399,12 +399,15 @@ class MixtureStream(IterableDataset):
                 ds.append({"task_name": d.task, "key": d.key, "draws": int(c[k]),
                            "epoch": int(epoch[k]), "pos": int(p[k]),
                            "overflow": int(overflow_done[k]), "overflow_seen": int(seen[k])})
-        return {"version": STATE_VERSION, "lock_sha256": self.lock_sha256, "seed": self.seed,
-                "seq_len": self.seq_len, "mode": self.mode, "split": self.split,
-                "pack_window": self.pack_window,
-                "validation_percentage": self.validation_percentage,
-                "rank": self.rank, "world_size": self.world_size, "window": w,
-                "lane": pos.to_json(), "origin": self._origin, "datasets": ds}
+        st = {"version": STATE_VERSION, "lock_sha256": self.lock_sha256, "seed": self.seed,
+              "seq_len": self.seq_len, "mode": self.mode, "split": self.split,
+              "pack_window": self.pack_window,
+              "validation_percentage": self.validation_percentage,
+              "rank": self.rank, "world_size": self.world_size, "window": w,
+              "lane": pos.to_json(), "origin": self._origin, "datasets": ds}
+        if self.validation_percentage > 0:  # which held-out rule chose the split (see adopt)
+            st["heldout_rule"] = HELDOUT_RULE
+        return st
 
     def _position(self, cur: LaneCursor) -> tuple:
         """What a batch carries: the cursor's position, compact (the public state, O(datasets)

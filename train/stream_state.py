@@ -8,6 +8,7 @@ A rank's state (JSON, a few hundred bytes plus ~100 B per dataset):
   rank, world_size, window    who wrote it; the window its lane is in
   lane                        train/lanes.LanePos: the exact position
   origin                      per-dataset draws the sample sequence started after (None: 0)
+  heldout_rule                only with a validation split: HELDOUT_RULE
   datasets                    per dataset: task_name, key, draws / epoch / pos before `window`,
                               overflow (finished windows) and overflow_seen (with this one)
 """
@@ -26,6 +27,10 @@ from .lanes import LanePos, replan
 from .store import StreamError, raise_open_file_limit
 
 STATE_VERSION = 2
+# The validation split's rule (sampling.HeldOut), written in a state with a split: 2 is the
+# stratified per-block rule; a state without it chose its split by the earlier per-sample
+# threshold, and a resume onto another split would silently train on other samples.
+HELDOUT_RULE = 2
 _DEFINITION = ("lock_sha256", "seed", "seq_len", "mode", "pack_window", "validation_percentage")
 
 
@@ -66,6 +71,10 @@ def adopt(stream, state) -> dict:
             raise StreamError(f"unsupported stream state (version {v!r}, this tokenmill reads "
                               f"{STATE_VERSION}): it was written by an older tokenmill; resume "
                               "with that version, or start the data stream afresh")
+        if stream.validation_percentage > 0 and st.get("heldout_rule") != HELDOUT_RULE:
+            raise StreamError("the stream state was written by a tokenmill whose validation split "
+                              "held out other samples (before the stratified rule): resume with "
+                              "that version, or start the data stream afresh")
         if st.get("split", "train") != stream.split:
             raise StreamError(f"state is for split {st.get('split')!r}, stream is {stream.split!r}")
     first = states[0]
