@@ -237,7 +237,8 @@ def _copy_run(src, j0, j1, trained, ids, labels, pos):
 @njit(cache=True, nogil=True)
 def _write_piece(src, a, all_trained, q0, q1, span_lo, span_hi, ids, labels, pos):
     """Tokens [a, a + m) of a sample (src, m = len(src)) into ids, labels, pos (slices of
-    length m); returns the number of trained tokens. Trained: inside the sample's loss spans
+    length m); returns the number of trained tokens. The label rule's compiled form
+    (train/packing.label_rule is its numpy form). Trained: inside the sample's loss spans
     q0..q1-1 (every token if all_trained), never the piece's first token (a document's first
     token has nothing before it). Sorted, disjoint spans (what the pipeline writes) are
     walked as runs in one pass; anything else is written untrained first, then the union of
