@@ -10,7 +10,10 @@ memory from /proc/self/smaps_rollup (private = Pss_Anon + Pss_Shmem, i.e. PSS mi
 shared through the page cache; PSS), open files and memory maps; for 2 DataLoader workers the
 same memory figures of each worker. Sweeps: samples 10^6, 10^7 (10^8 with --big: ~5 GB of
 disk), shards 10^2/10^3/10^4 (10^5 with --shards-1e5), datasets 10/100/1000, world size 1/8/64/512; then prints the
-fitted per-sample / per-shard / per-dataset / per-rank costs (least squares slopes).
+fitted per-sample / per-shard / per-dataset / per-rank costs (least squares slopes). `limits`
+(issue 27): 10^4 shards and 1000 datasets with 2 workers at `ulimit -n 1024`, the validation
+split's private memory per sample up to 10^10, `verify`'s peak RSS on a 2^30-token shard
+(`--verify-tokens` for a smaller one).
 """
 from __future__ import annotations
 
@@ -98,7 +101,12 @@ def mem(pid="self") -> dict:
 
 
 def measure(lock: str, ws: int, workers: int, batches: int) -> dict:
-    """In this (fresh) process: construct, first batch, steady batches, memory."""
+    """In this (fresh) process: construct, first batch, steady batches, memory.
+    SCALE_BENCH_NOFILE=N: the open-file limit (soft and hard) is N first, as `ulimit -n N`."""
+    nofile = os.environ.get("SCALE_BENCH_NOFILE")
+    if nofile:
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (int(nofile), int(nofile)))
     import torch  # noqa: F401  (imported before the baseline figure)
     from train.stream import MixtureStream
     from train.kernels import warm_up
@@ -128,9 +136,10 @@ def measure(lock: str, ws: int, workers: int, batches: int) -> dict:
     return r
 
 
-def run(lock: Path, ws: int = 1, workers: int = 0, batches: int = 40) -> dict:
+def run(lock: Path, ws: int = 1, workers: int = 0, batches: int = 40, nofile: int | None = None) -> dict:
+    env = dict(os.environ, **({"SCALE_BENCH_NOFILE": str(nofile)} if nofile else {}))
     p = subprocess.run([sys.executable, __file__, "--measure", str(lock), str(ws), str(workers),
-                        str(batches)], capture_output=True, text=True, timeout=900)
+                        str(batches)], capture_output=True, text=True, timeout=900, env=env)
     if p.returncode:
         raise SystemExit(f"measure failed: {p.stderr[-3000:]}")
     return json.loads(p.stdout.splitlines()[-1])
@@ -147,6 +156,100 @@ def line(label: str, r: dict) -> str:
     return s
 
 
+HELDOUT = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from benchmarks.scale_bench import mem
+from train.kernels import warm_up
+from train.sampling import HeldOut
+warm_up()
+out = []
+for n in map(int, sys.argv[2:]):
+    base = mem()["private_MB"]
+    t = time.process_time()
+    h = HeldOut([12345], [n], 1.0)
+    build = time.process_time() - t
+    rng = np.random.default_rng(0)
+    t = time.process_time()
+    ids = h.train_ids(np.zeros(1024, np.int64), rng.integers(0, h.n_train[0], 1024))
+    per = (time.process_time() - t) / 1024
+    out.append({"n": n, "held": int(h.n_held[0]), "private_B": (mem()["private_MB"] - base) * 2**20,
+                "build_s": build, "us_per_draw": per * 1e6})
+print(json.dumps(out))
+"""
+
+
+def heldout_memory(sizes) -> list[dict]:
+    """The validation split (1 %) of one dataset of n samples: private memory it adds, its
+    construction CPU and CPU per train draw, in a fresh process."""
+    p = subprocess.run([sys.executable, "-c", HELDOUT, str(ROOT)] + [str(n) for n in sizes],
+                       capture_output=True, text=True, timeout=900)
+    if p.returncode:
+        raise SystemExit(f"heldout failed: {p.stderr[-3000:]}")
+    return json.loads(p.stdout.splitlines()[-1])
+
+
+VERIFY = r"""
+import json, sys
+sys.path.insert(0, sys.argv[1])
+from stages.built_dataset import open_built
+faults = open_built(sys.argv[2]).faults("full", block=int(sys.argv[3]), jobs=1)
+# VmHWM: this exec's own peak (ru_maxrss would also carry the forking parent's)
+hwm = [ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")][0].split()[1]
+print(json.dumps({"faults": faults, "peak_rss_MB": int(hwm) / 1024}))
+"""
+
+
+def verify_rss(root: Path, n_tokens: int) -> list[tuple[str, dict]]:
+    """Peak RSS of a full check (`pipeline verify`'s) of one shard of n_tokens uint32 tokens
+    (samples of 512 tokens, one loss span each): in blocks (the default) and as one block
+    (what reading whole arrays cost)."""
+    from stages.built_dataset import SCHEMA_VERSION, describe_shard, write_meta
+    from stages.shard import BLOCK, ShardArrays, write_shard
+    d = root / f"verify-{n_tokens}"
+    if not (d / "meta.json").exists():
+        d.mkdir(parents=True, exist_ok=True)
+        n = n_tokens // 512
+        off = np.arange(n + 1, dtype=np.int64) * 512
+        arr = ShardArrays(tokens=np.arange(n_tokens, dtype=np.uint32) % 100000, offsets=off,
+                          source_record=np.arange(n, dtype=np.int64),
+                          loss_spans=np.tile(np.array([[1, 512]], np.int32), (n, 1)),
+                          loss_span_offsets=np.arange(n + 1, dtype=np.int64))
+        write_shard(d / "shard-00000.h5", arr, "synthetic.jsonl")
+        del arr
+        write_meta(d, {"schema_version": SCHEMA_VERSION, "dataset_name": "big", "key": "big",
+                       "n_samples": n, "n_tokens": n_tokens,
+                       "tokenizer": {"vocab_size": 100000}, "shards": [describe_shard(d / "shard-00000.h5")]})
+    out = []
+    for label, block in (("blocks", BLOCK), ("one block", 1 << 40)):
+        p = subprocess.run([sys.executable, "-c", VERIFY, str(ROOT), str(d), str(block)],
+                           capture_output=True, text=True, timeout=1800)
+        if p.returncode:
+            raise SystemExit(f"verify failed: {p.stderr[-3000:]}")
+        out.append((label, json.loads(p.stdout.splitlines()[-1])))
+    return out
+
+
+def limits(out: Path, a) -> None:
+    """Issue 27's cases: open files, the validation split's memory, verify's peak RSS."""
+    print("== open-file limit 1024 (soft = hard), 2 DataLoader workers")
+    for label, lock in (("10^4 shards", synth(out, 10**6, 10**4, 10)),
+                        ("1000 datasets", synth(out, 10**6, 1000, 1000))):
+        r = run(lock, workers=2, batches=a.batches, nofile=1024)
+        print(line(f"{label}, ulimit -n 1024", r) +
+              f"\n{'':<34} {1e3 / r['ms_per_batch_wall']:.1f} batches/s (wall)", flush=True)
+    print("== validation split (1 %): private memory per sample")
+    for r in heldout_memory([10**6, 10**8, 10**10]):
+        print(f"n {r['n']:.0e}: held {r['held']:,}  private {r['private_B']:10.0f} B "
+              f"({r['private_B'] / r['n']:.2e} B/sample)  construct {r['build_s'] * 1e3:.2f} ms CPU  "
+              f"{r['us_per_draw']:.2f} µs CPU per train draw", flush=True)
+    print(f"== verify peak RSS, one shard of {a.verify_tokens} uint32 tokens "
+          f"({a.verify_tokens * 4 / 2**20:.0f} MiB of tokens)")
+    for label, r in verify_rss(out, a.verify_tokens):
+        print(f"{label:<10} peak RSS {r['peak_rss_MB']:8.1f} MB  faults {len(r['faults'])}", flush=True)
+
+
 def slope(x, y) -> float:
     return float(np.polyfit(np.asarray(x, float), np.asarray(y, float), 1)[0])
 
@@ -159,8 +262,10 @@ def main() -> None:
                     " world 1, then 2 workers)")
     ap.add_argument("--batches", type=int, default=40)
     ap.add_argument("--shards-1e5", action="store_true", help="also 10^5 shards (~1 GB disk, minutes)")
-    ap.add_argument("--sections", default="samples,shards,datasets,world",
-                    help="comma-separated subset of samples,shards,datasets,world")
+    ap.add_argument("--sections", default="samples,shards,datasets,world,limits",
+                    help="comma-separated subset of samples,shards,datasets,world,limits")
+    ap.add_argument("--verify-tokens", type=int, default=2**30,
+                    help="tokens of the shard whose verify peak RSS is measured (limits)")
     ap.add_argument("--measure", nargs=4, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.measure:
@@ -176,6 +281,8 @@ def main() -> None:
         print(line(f"{a.only:.0e} samples, 2 workers", run(lock, workers=2, batches=a.batches)))
         return
     sec = set(a.sections.split(","))
+    if "limits" in sec:
+        limits(out, a)
     xs, priv, hs, cpu, ds, dms, wss, wms = ([] for _ in range(8))
     for n in ([10**6, 10**7] + ([10**8] if a.big else [])) * ("samples" in sec):
         if n == 10**6:

@@ -13,14 +13,15 @@ contiguous datasets, so readers can memory-map without h5py) and checks a dir at
 formats: a shard may span many source files).
 
 Every refusal is a `DatasetError` whose message starts with the dir or shard it is about.
-A shard from outside is untrusted input: nothing reaches compiled code unchecked
-(`check_arrays` is the one structural check, used by `check("full")` and by the stream).
+A shard from outside is untrusted input: nothing reaches compiled code unchecked. The shard
+format itself - its layout, readers and structural checks - is stages/shard's; this module
+applies them to a dir (`check("full")`: every shard read in blocks, several at a time).
 """
 from __future__ import annotations
 
-import functools
-import math
+import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,18 +31,12 @@ import orjson
 
 from .errors import BuildError
 from .fsutil import atomic_write_bytes
-from .shard import (READABLE_FORMATS, Provenance, file_sha256, provenance_faults,
+from .shard import (ARRAYS, BLOCK, INDEX_DTYPES, Provenance, check_arrays,  # noqa: F401 (re-exported)
+                    expected_layout_faults, file_sha256, shard_file_faults, shard_layout,
                     shard_provenance, token_dtype)
 
 SCHEMA_VERSION = 2  # 2: shard entries' `arrays` may hold source_file_offsets (format 2 shards)
 READABLE_SCHEMAS = (1, 2)
-# the numeric datasets of a shard (its `source_files` names are strings, read with h5py)
-ARRAYS = ("tokens", "offsets", "source_record", "loss_spans", "loss_span_offsets",
-          "source_file_offsets")
-# exact dtypes of the index arrays (tokens: token_dtype(vocab_size))
-INDEX_DTYPES = {"offsets": "int64", "source_record": "int64", "loss_spans": "int32",
-                "loss_span_offsets": "int64", "source_file_offsets": "int64"}
-
 _ARRAY = {"type": "object", "required": ["offset", "dtype", "shape"],
           "properties": {"offset": {"type": ["integer", "null"], "minimum": 0},
                          "dtype": {"type": "string"},
@@ -142,25 +137,6 @@ def write_meta(directory: str | Path, meta: dict, *, sort_keys: bool | None = No
     path = Path(directory) / "meta.json"
     atomic_write_bytes(path, orjson.dumps(meta, option=opt) + b"\n")
     return path
-
-
-def _dtype_name(dt: np.dtype) -> str:
-    dt = np.dtype(dt)
-    return dt.name if dt.byteorder in "=<|" else dt.str  # ">i8": not the int64 a reader wants
-
-
-def shard_layout(path: str | Path) -> dict:
-    """{name: {offset, dtype, shape}} of a shard file's datasets (one h5py open); offset is
-    the byte offset of the contiguous dataset in the file (None: empty or not contiguous)."""
-    import h5py
-    arrays = {}
-    with h5py.File(path, "r") as f:
-        for name in ARRAYS:
-            if name in f:
-                d = f[name]
-                arrays[name] = {"offset": d.id.get_offset() if d.size else None,
-                                "dtype": _dtype_name(d.dtype), "shape": list(d.shape)}
-    return arrays
 
 
 def describe_shard(path: str | Path) -> dict:
@@ -270,14 +246,18 @@ class BuiltDataset:
 
     # ------------------------------------------------------------------ checks
     def check(self, level: str = "cheap", lock_entry: dict | None = None,
-              lock_tokenizer: dict | None = None) -> None:
+              lock_tokenizer: dict | None = None, **kw) -> None:
         """Raise DatasetError with every fault found (one per line) unless the dir is sound."""
-        faults = self.faults(level, lock_entry, lock_tokenizer)
+        faults = self.faults(level, lock_entry, lock_tokenizer, **kw)
         if faults:
             raise DatasetError("\n".join(faults))
 
     def faults(self, level: str = "cheap", lock_entry: dict | None = None,
-               lock_tokenizer: dict | None = None) -> list[str]:
+               lock_tokenizer: dict | None = None, *, jobs: int | None = None,
+               block: int = BLOCK) -> list[str]:
+        """Every fault, one line each. `full` reads each shard in blocks of `block` entries
+        (memory O(block) per shard, whatever its size), `jobs` shards at a time (default: up
+        to 4, at most the CPUs); the faults come in shard order either way."""
         if level not in ("cheap", "full"):
             raise ValueError(f"check level must be cheap or full, got {level!r}")
         out = self._meta_faults(lock_entry, lock_tokenizer)
@@ -285,7 +265,7 @@ class BuiltDataset:
             where = f"{self.dir}/{s['file']}"
             out += [f"{where}: {m}" for m in self._cheap_shard_faults(j)]
         if level == "full" and not any(": missing shard" in f for f in out):
-            out += self._full_faults()
+            out += self._full_faults(jobs, block)
         return out
 
     def _meta_faults(self, e: dict | None, ltok: dict | None) -> list[str]:
@@ -324,18 +304,27 @@ class BuiltDataset:
         return [f"{m} (meta.json)" for m in expected_layout_faults(
             arrays, int(s["n_samples"]), int(s["n_tokens"]), self.vocab_size, size)]
 
-    def _full_faults(self) -> list[str]:
-        out = []
-        for j, s in enumerate(self.shards):
-            p = self.shard_paths[j]
-            where = f"{self.dir}/{s['file']}"
-            if file_sha256(p) != s["sha256"]:
-                out.append(f"{where}: sha256 differs from meta.json (corrupted or replaced)")
-            try:
-                out += [f"{where}: {m}" for m in self._shard_structure(j)]
-            except OSError as err:
-                out.append(f"{where}: unreadable HDF5 ({err})")
-        out += self._records_faults()
+    def _full_faults(self, jobs: int | None, block: int) -> list[str]:
+        if jobs is None:
+            jobs = min(4, os.cpu_count() or 1)
+        jobs = max(1, min(jobs, len(self.shards)))
+        if jobs == 1:
+            out = [f for j in range(len(self.shards)) for f in self._shard_full(j, block)]
+        else:  # sha256 and numpy release the GIL on large blocks: threads suffice
+            with ThreadPoolExecutor(jobs) as ex:
+                out = [f for fs in ex.map(lambda j: self._shard_full(j, block),
+                                          range(len(self.shards))) for f in fs]
+        return out + self._records_faults()
+
+    def _shard_full(self, j: int, block: int) -> list[str]:
+        s, p = self.shards[j], self.shard_paths[j]
+        where, out = f"{self.dir}/{s['file']}", []
+        if file_sha256(p) != s["sha256"]:
+            out.append(f"{where}: sha256 differs from meta.json (corrupted or replaced)")
+        try:
+            out += [f"{where}: {m}" for m in shard_file_faults(p, s, self.vocab_size, block=block)]
+        except OSError as err:
+            out.append(f"{where}: unreadable HDF5 ({err})")
         return out
 
     def _records_faults(self) -> list[str]:
@@ -347,131 +336,3 @@ class BuiltDataset:
             return [f"{self.dir}/meta.json: records_read {m['records_read']} != nlines "
                     f"{m['nlines']} + skipped {skipped}"]
         return []
-
-    def _shard_structure(self, j: int) -> list[str]:
-        import h5py
-        s, p = self.shards[j], self.shard_paths[j]
-        desc = {"arrays": shard_layout(p)}
-        with h5py.File(p, "r") as h:
-            version = int(h.attrs.get("format_version", -1))
-            if version not in READABLE_FORMATS:
-                return [f"format_version {h.attrs.get('format_version')} unsupported "
-                        f"(want one of {list(READABLE_FORMATS)})"]
-            need = ("tokens", "offsets", "source_record") + (
-                ("source_files", "source_file_offsets") if version >= 2 else ())
-            for name in need:
-                if name not in h:
-                    return [f"dataset '{name}' missing"]
-            if version == 1 and "source" not in h.attrs:
-                return ["attribute 'source' missing (format 1)"]
-            out = expected_layout_faults(desc["arrays"], int(s["n_samples"]), int(s["n_tokens"]),
-                                         self.vocab_size, p.stat().st_size)
-            if h["tokens"].chunks is not None or h["tokens"].compression is not None:
-                out.append("tokens is chunked or compressed (must be contiguous)")
-            if s.get("arrays") is not None and s["arrays"] != desc["arrays"]:
-                out.append("arrays in meta.json differ from the file's datasets")
-            if version >= 2 and (h["source_files"].ndim != 1 or h["source_files"].dtype.kind != "S"):
-                out.append(f"source_files must be 1-D byte strings, not {h['source_files'].dtype} "
-                           f"{list(h['source_files'].shape)}")
-            if out:
-                return out
-            arr = {k: h[k][...] for k in ARRAYS if k in h}
-            if version >= 2:
-                arr["source_files"] = h["source_files"][...]
-        return check_arrays(arr, self.vocab_size, tokens=True, sorted_spans=True)
-
-
-@functools.lru_cache(maxsize=64)
-def _itemsize(name: str) -> int:
-    return np.dtype(name).itemsize
-
-
-@functools.lru_cache(maxsize=8)
-def _token_dtype_name(vocab_size: int) -> str:
-    return _dtype_name(token_dtype(vocab_size))
-
-
-def expected_layout_faults(arrays: dict, n: int, n_tokens: int, vocab_size: int,
-                           file_size: int, wider_tokens: bool = False) -> list[str]:
-    """Dtypes, shapes and byte ranges of a shard's datasets (as describe_shard gives them)
-    against what its meta.json entry and the vocabulary say. Tokens must have the dtype the
-    build writes for the vocabulary (wider_tokens: uint32 is accepted too - a hand-made
-    shard the stream can still read safely)."""
-    out = []
-    want = dict(INDEX_DTYPES, tokens=_token_dtype_name(vocab_size))
-    if wider_tokens and arrays.get("tokens", {}).get("dtype") == "uint32":
-        want["tokens"] = "uint32"
-    shapes = {"tokens": [n_tokens], "offsets": [n + 1], "source_record": [n]}
-    sfo = arrays.get("source_file_offsets")
-    if sfo is not None and (len(sfo["shape"]) != 1 or sfo["shape"][0] < 1):
-        out.append(f"source_file_offsets shape {list(sfo['shape'])} (want [files + 1])")
-    for name in ("tokens", "offsets"):
-        if name not in arrays:
-            out.append(f"dataset '{name}' missing")
-    if ("loss_spans" in arrays) != ("loss_span_offsets" in arrays):
-        out.append("loss_spans and loss_span_offsets must come together")
-    elif "loss_spans" in arrays:
-        shapes["loss_span_offsets"] = [n + 1]
-        sp = arrays["loss_spans"]["shape"]
-        if len(sp) != 2 or sp[1] != 2:
-            out.append(f"loss_spans shape {sp} (want [m, 2])")
-    for name, a in arrays.items():
-        if a["dtype"] != want[name]:
-            out.append(f"tokens dtype {a['dtype']} does not match vocab_size {vocab_size} "
-                       f"(want {want[name]})" if name == "tokens" else
-                       f"{name} dtype {a['dtype']} (want {want[name]})")
-        if name in shapes and list(a["shape"]) != shapes[name]:
-            out.append(f"{name} shape {list(a['shape'])} but meta.json's n_samples/n_tokens "
-                       f"{n}/{n_tokens} need {shapes[name]}")
-        try:
-            size = math.prod(a["shape"]) * _itemsize(a["dtype"])
-        except TypeError:
-            size = 0  # an unknown dtype name: already named above
-        if a["offset"] is None and size:
-            out.append(f"{name} is not contiguous (no byte offset)")
-        elif size and a["offset"] + size > file_size:
-            out.append(f"{name} bytes [{a['offset']}, {a['offset'] + size}) past the end of the "
-                       f"{file_size}-byte file (truncated?)")
-    return out
-
-
-def check_arrays(arr: dict, vocab_size: int, *, tokens: bool = True,
-                 sorted_spans: bool = False) -> list[str]:
-    """Structure of one shard's arrays (numpy arrays or memory maps of exact dtypes):
-    offsets 0 … len(tokens) non-decreasing, loss_span_offsets 0 … len(loss_spans)
-    non-decreasing, every span inside its sample ([s, e), 0 <= s < e <= length; sorted and
-    disjoint with sorted_spans), and (tokens=True) every token id < vocab_size."""
-    out = []
-    toks, offsets = arr["tokens"], np.asarray(arr["offsets"])
-    n = len(offsets) - 1
-    if n < 0 or offsets[0] != 0 or offsets[-1] != len(toks) or bool((np.diff(offsets) < 0).any()):
-        return [f"offsets are not a non-decreasing index from 0 to the {len(toks)} tokens"]
-    if "source_record" in arr and len(arr["source_record"]) != n:
-        out.append(f"source_record has {len(arr['source_record'])} entries for {n} samples")
-    elif "source_record" in arr and n and int(np.min(arr["source_record"])) < 0:
-        out.append(f"source_record has a negative record number {int(np.min(arr['source_record']))}")
-    if "source_file_offsets" in arr:
-        out += provenance_faults(np.asarray(arr["source_file_offsets"]), arr.get("source_files"), n)
-    if tokens and len(toks):
-        top = max(int(toks[j:j + (1 << 24)].max()) for j in range(0, len(toks), 1 << 24))
-        if top >= vocab_size:
-            out.append(f"token id {top} >= vocab size {vocab_size}")
-    if "loss_spans" in arr:
-        spans, lso = np.asarray(arr["loss_spans"]).reshape(-1, 2), np.asarray(arr["loss_span_offsets"])
-        if len(lso) != n + 1 or lso[0] != 0 or lso[-1] != len(spans) or bool((np.diff(lso) < 0).any()):
-            return out + [f"loss_span_offsets are not a non-decreasing index from 0 to the "
-                          f"{len(spans)} loss spans"]
-        lengths = np.diff(offsets)
-        owner = np.repeat(np.arange(n), np.diff(lso))
-        s0, s1 = spans[:, 0].astype(np.int64), spans[:, 1].astype(np.int64)
-        bad = (s0 < 0) | (s1 < s0) | (s1 > lengths[owner])
-        if sorted_spans:
-            bad |= s1 == s0
-            same = owner[1:] == owner[:-1]
-            bad[1:] |= same & (s0[1:] < s1[:-1])
-        if bad.any():
-            i = int(np.flatnonzero(bad)[0])
-            out.append(f"loss span {spans[i].tolist()} of sample {int(owner[i])} lies outside the "
-                       f"sample (length {int(lengths[owner[i]])})"
-                       + (" or is empty or out of order" if sorted_spans else ""))
-    return out

@@ -69,5 +69,5 @@ def test_precompiled_kernels_load_from_cache_in_a_fresh_process(tmp_path):
     # the probe did run the stream's kernels, from the cache: fill_packed for uint16 and uint32
     # tokens, gather_samples for one shard (contiguous addresses) and several (strided)
     want = {"bfd_rows": 1, "packed_layout": 1, "fill_packed": 2, "gather_samples": 2,
-            "permuted_positions": 1, "heldout_block_counts": 1, "select_ids": 1}
+            "permuted_positions": 1, "select_ids": 1}
     assert {n: used.get(n) for n in want} == want, used

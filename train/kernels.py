@@ -9,8 +9,8 @@ passes than the read they serve:
   read through the memory-mapped index of their shards.
 * ``bfd_rows`` - best-fit decreasing: the rows of a window; ``packed_layout`` - those rows in
   their seeded order, as a table of pieces.
-* ``heldout_block_counts`` / ``select_ids`` - the validation split without a per-sample
-  array: held-out counts per block of 64 ids, and the id of the r-th kept / held-out sample.
+* ``select_ids`` - the validation split without any per-sample (or per-block) table: the id
+  of the r-th kept / held-out sample, from closed-form counts per block of 64 ids.
 * ``fill_packed`` - one pass that writes a packed batch: input_ids (read from the shard
   memmaps), labels (from the loss spans), position_ids and cu_seqlens, row by row.
 
@@ -35,7 +35,14 @@ import numpy as np
 from numba import carray, njit, types, uintp
 from numba.extending import intrinsic
 
-IGNORE = -100
+from stages.constants import IGNORE
+
+# splitmix64 / Feistel constants of the sampler: defined here once (train/sampling.py's numpy
+# definitions import them; compiled code freezes them as constants)
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+M1 = np.uint64(0xBF58476D1CE4E5B9)
+M2 = np.uint64(0x94D049BB133111EB)
+FEISTEL_ROUNDS = 6
 
 
 def token_table(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, list]:
@@ -230,7 +237,8 @@ def _copy_run(src, j0, j1, trained, ids, labels, pos):
 @njit(cache=True, nogil=True)
 def _write_piece(src, a, all_trained, q0, q1, span_lo, span_hi, ids, labels, pos):
     """Tokens [a, a + m) of a sample (src, m = len(src)) into ids, labels, pos (slices of
-    length m); returns the number of trained tokens. Trained: inside the sample's loss spans
+    length m); returns the number of trained tokens. The label rule's compiled form
+    (train/packing.label_rule is its numpy form). Trained: inside the sample's loss spans
     q0..q1-1 (every token if all_trained), never the piece's first token (a document's first
     token has nothing before it). Sorted, disjoint spans (what the pipeline writes) are
     walked as runs in one pass; anything else is written untrained first, then the union of
@@ -305,17 +313,13 @@ def fill_packed(addr, proto, pieces, span_lo, span_hi, row_ptr, r0, r1, seq_len,
     return ncu, trained, longest
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_ROUNDS = 6
 
 
 @njit(cache=True, nogil=True)
 def _mix64(z):
     """splitmix64 finaliser (sampling.mix64) on one uint64."""
-    z = (z ^ (z >> np.uint64(30))) * _M1
-    z = (z ^ (z >> np.uint64(27))) * _M2
+    z = (z ^ (z >> np.uint64(30))) * M1
+    z = (z ^ (z >> np.uint64(27))) * M2
     return z ^ (z >> np.uint64(31))
 
 
@@ -329,7 +333,7 @@ def permuted_positions(choice, pos, epoch, n, bases):
     nd = len(n)
     q = pos.copy()
     cur_e = np.full(nd, -1, np.int64)
-    rk = np.zeros((nd, _ROUNDS), np.uint64)
+    rk = np.zeros((nd, FEISTEL_ROUNDS), np.uint64)
     half = np.zeros(nd, np.uint64)
     for d in range(nd):  # half the bits of the smallest even-bit power of two >= n
         bits, v = 0, max(n[d], 1) - 1
@@ -350,8 +354,8 @@ def permuted_positions(choice, pos, epoch, n, bases):
         e = epoch[d] + qq // nn
         if e != cur_e[d]:
             key = _mix64(_mix64(np.uint64(e)) ^ bases[d])
-            for r in range(_ROUNDS):
-                rk[d, r] = _mix64(key + np.uint64(r + 1) * _GOLDEN)
+            for r in range(FEISTEL_ROUNDS):
+                rk[d, r] = _mix64(key + np.uint64(r + 1) * GOLDEN)
             cur_e[d] = e
         h = half[d]
         mask = (np.uint64(1) << h) - np.uint64(1)
@@ -359,7 +363,7 @@ def permuted_positions(choice, pos, epoch, n, bases):
         while True:  # cycle-walking back into [0, n)
             left = y >> h
             right = y & mask
-            for r in range(_ROUNDS):
+            for r in range(FEISTEL_ROUNDS):
                 left, right = right, left ^ (_mix64(right ^ rk[d, r]) & mask)
             y = (left << h) | right
             if y < np.uint64(nn):
@@ -369,42 +373,49 @@ def permuted_positions(choice, pos, epoch, n, bases):
 
 
 @njit(cache=True, nogil=True)
-def _held(idx, base, threshold):
-    """sampling.hash_uniform(base, idx) < threshold, for one sample id."""
-    z = _mix64(_mix64(np.uint64(idx)) ^ base)
-    return np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0) < threshold
+def _held_before(i, frac, phase):
+    """Held-out ids among [0, i) of a dataset: floor(i * frac + phase) (sampling.HeldOut)."""
+    return np.int64(np.floor(np.float64(i) * frac + phase))
 
 
 @njit(cache=True, nogil=True)
-def heldout_block_counts(n, base, threshold, block):
-    """Held-out samples in each block of `block` consecutive ids of [0, n)."""
-    nb = (n + block - 1) // block
-    out = np.zeros(nb, np.int64)
-    for j in range(n):
-        if _held(j, base, threshold):
-            out[j // block] += 1
-    return out
+def _wanted_before(b, block, n, frac, phase, want_held):
+    """Held-out (want_held) or kept ids in the blocks before block b."""
+    i = min(b * block, n)
+    h = _held_before(i, frac, phase)
+    return h if want_held else i - h
 
 
 @njit(cache=True, nogil=True)
-def select_ids(d, r, blk_ptr, blk_cum, bases, n, threshold, block, want_held):
-    """Sample id of the r-th held-out (want_held) or kept sample of dataset d, per draw:
-    the block from the dataset's cumulative per-block counts blk_cum[blk_ptr[d]:], then a
-    scan of at most `block` ids of it."""
+def select_ids(d, r, n, frac, phase, bases, block, want_held):
+    """Sample id of the r-th held-out (want_held) or kept sample of dataset d, per draw
+    (sampling.HeldOut's rule): the block by a binary search over the closed-form counts per
+    block, then the block's ids ranked by their keyed hash - its c lowest are held out."""
     out = np.empty(len(d), np.int64)
     for j in range(len(d)):
         dd = d[j]
-        lo, hi = blk_ptr[dd], blk_ptr[dd + 1]
-        b = np.searchsorted(blk_cum[lo:hi], r[j], side="right") - 1
-        left = r[j] - blk_cum[lo + b]
-        idx = b * block
-        while True:
-            if _held(idx, bases[dd], threshold) == want_held:
+        nn, ph = n[dd], phase[dd]
+        lo, hi = 0, (nn + block - 1) // block - 1
+        while lo < hi:  # the last block whose wanted ids before it are <= r
+            mid = (lo + hi + 1) // 2
+            if _wanted_before(mid, block, nn, frac, ph, want_held) <= r[j]:
+                lo = mid
+            else:
+                hi = mid - 1
+        left = r[j] - _wanted_before(lo, block, nn, frac, ph, want_held)
+        a = lo * block
+        m = min(block, nn - a)
+        c = _held_before(a + m, frac, ph) - _held_before(a, frac, ph)
+        h = np.empty(m, np.uint64)
+        for k in range(m):
+            h[k] = _mix64(_mix64(np.uint64(a + k)) ^ bases[dd])
+        thr = np.sort(h)[c - 1] if c > 0 else np.uint64(0)
+        for k in range(m):
+            if (c > 0 and h[k] <= thr) == want_held:
                 if left == 0:
+                    out[j] = a + k
                     break
                 left -= 1
-            idx += 1
-        out[j] = idx
     return out
 
 
@@ -423,8 +434,9 @@ def warm_up() -> None:
     order, rows, nrows = bfd_rows(one, np.zeros(0, np.int64), 1)
     packed_layout(order, rows, nrows, np.uint64(1), True, z, z, z, one, z, z, z - 1, z - 1)
     permuted_positions(z, z, z, np.array([3], np.int64), np.zeros(1, np.uint64))
-    heldout_block_counts(1, np.uint64(1), 0.5, 64)
-    select_ids(z, z, np.array([0, 1], np.int64), z, np.zeros(1, np.uint64), one, 1.0, 64, True)
+    for want in (True, False):
+        select_ids(z, z, np.array([2], np.int64), 0.5, np.zeros(1), np.zeros(1, np.uint64), 64,
+                   want)
     off, spans = np.array([0, 1], np.int64), np.zeros(2, np.int32)
     table = np.array([[off.ctypes.data] * 2, [off.ctypes.data] * 2, [spans.ctypes.data] * 2])
     for k in (1, 2):  # TokenStore.locate's addr[:, uniq] rows: contiguous for 1 shard, else strided

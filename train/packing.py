@@ -67,6 +67,15 @@ def trained_mask(total: int, loc: Located, a, b, dst) -> np.ndarray:
     return mask_from_intervals(total, lo, hi)
 
 
+def label_rule(ids: np.ndarray, trained: np.ndarray, first) -> tuple[np.ndarray, np.ndarray]:
+    """The label rule, numpy form (kernels._write_piece is the compiled form of the same rule,
+    for packed batches): a token trains where `trained` (its loss spans) says so, never at
+    `first` (a document's first token - a row's, in concat mode - has nothing before it to
+    predict it from); labels = ids where it trains, IGNORE elsewhere. → (labels, mask)."""
+    trained[first] = False
+    return np.where(trained, ids, IGNORE), trained
+
+
 def mask_from_intervals(total: int, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Union of [lo, hi) intervals (any order, may overlap) as a boolean mask of `total`."""
     if len(lo) == 0:
@@ -229,9 +238,7 @@ def collate_padded(loc: Located, a, b, row, nrows: int, pad_id: int) -> dict:
     dst = row * width
     ids = np.full(total, pad_id, np.int64)
     fill_tokens(ids, loc, a, b, dst)
-    mask = trained_mask(total, loc, a, b, dst)
-    mask[dst] = False
-    labels = np.where(mask, ids, IGNORE)
+    labels, mask = label_rule(ids, trained_mask(total, loc, a, b, dst), dst)
     row_len = np.zeros(nrows, np.int64)
     row_len[row] = n
     att = (np.arange(width)[None, :] < row_len[:, None]).astype(np.int64)
@@ -256,8 +263,7 @@ def collate_concat(loc: Located, a, b, nreal, dst, nrows: int, seq_len: int,
         p = dst[eos_at] + (nreal[eos_at] - a[eos_at])
         ids[p] = eos_id
         mask[p] = True
-    mask[::seq_len] = False
-    labels = np.where(mask, ids, IGNORE)
+    labels, mask = label_rule(ids, mask, slice(None, None, seq_len))
     return _tensors(
         ids.reshape(nrows, seq_len), labels.reshape(nrows, seq_len),
         n_trained=int(np.count_nonzero(mask)), samples=_samples(loc.d, loc.i),

@@ -12,9 +12,10 @@ may change between releases): splitmix64 mixing in wrapping uint64 arithmetic.
   stratified per-dataset counts that are O(datasets) to compute for any window (so a rank
   computes only its own windows), positions through the Feistel maps in compiled code
   (kernels.permuted_positions; ``feistel_permute`` here is its definition).
-* ``HeldOut`` - the validation split: sample i of a dataset is held out iff
-  ``hash_uniform(key, i) < percentage / 100``; it maps train positions and validation
-  positions to sample ids through per-block counts (8 B per 64 samples), no per-sample array.
+* ``HeldOut`` - the validation split, stratified by blocks of 64 ids: ids [0, i) hold
+  floor(i * percentage / 100 + phase) held-out samples at every block edge i, and inside a
+  block the ids with the lowest keyed hashes are the held-out ones. Train and validation
+  positions map to sample ids in O(log blocks) with no table: memory O(datasets).
 * ``HeldOutSchedule`` - the validation split's (dataset, sample) sequence, window by window.
 """
 from __future__ import annotations
@@ -23,14 +24,12 @@ import hashlib
 
 import numpy as np
 
-from .kernels import heldout_block_counts, permuted_positions, select_ids
+from .kernels import (FEISTEL_ROUNDS, GOLDEN, M1, M2, permuted_positions,  # noqa: F401
+                      select_ids)
 
 U64 = np.uint64
-GOLDEN = U64(0x9E3779B97F4A7C15)
-_M1 = U64(0xBF58476D1CE4E5B9)
-_M2 = U64(0x94D049BB133111EB)
+
 _S30, _S27, _S31 = U64(30), U64(27), U64(31)
-FEISTEL_ROUNDS = 6
 
 
 def stable_hash64(*parts) -> int:
@@ -43,9 +42,9 @@ def mix64(z) -> np.ndarray:
     """splitmix64 finaliser on a uint64 array (wrapping arithmetic)."""
     z = np.array(z, dtype=U64, copy=True, ndmin=1)
     z ^= z >> _S30
-    z *= _M1
+    z *= M1
     z ^= z >> _S27
-    z *= _M2
+    z *= M2
     z ^= z >> _S31
     return z
 
@@ -193,39 +192,33 @@ def window_key(seed_base: int, w: int) -> int:
 
 
 class HeldOut:
-    """The keyed validation split of every dataset of a stream. Sample i of dataset d is held
-    out iff hash_uniform(bases[d], i) < percentage / 100. Kept (train) sample number t and
-    held-out sample number r are found via cumulative counts per block of BLOCK ids."""
+    """The keyed validation split of every dataset of a stream, stratified by blocks of BLOCK
+    ids. With f = percentage / 100 and a seeded phase u_d in [0, 1) per dataset, the ids
+    [0, i) of dataset d hold exactly floor(i * f + u_d) held-out samples at every block edge i
+    (and at i = n_d): the block [bB, bB + B) holds the difference, and they are its ids with
+    the lowest keys mix64(mix64(id) ^ bases[d]). So the held-out share is f to within one
+    sample per dataset and within one per block, and kept (train) sample t or held-out sample
+    r is found from closed-form counts - nothing stored per sample or per block."""
 
     BLOCK = 64
 
     def __init__(self, bases, n, percentage: float):
         self.bases = np.asarray([int(b) for b in bases], dtype=U64)
         self.n = np.asarray(n, np.int64)
-        self.threshold = float(percentage) / 100.0
-        held, ptr, cum_held = [], [0], []
-        for b, nn in zip(self.bases, self.n.tolist()):
-            c = heldout_block_counts(nn, b, self.threshold, self.BLOCK)
-            cum_held.append(np.concatenate([[0], np.cumsum(c)]).astype(np.int64))
-            held.append(int(cum_held[-1][-1]))
-            ptr.append(ptr[-1] + len(c) + 1)
-        self.n_held = np.asarray(held, np.int64)
+        self.frac = float(percentage) / 100.0
+        self.phase = ((mix64(self.bases ^ GOLDEN) >> U64(11)).astype(np.float64)
+                      * (1.0 / (1 << 53))) if len(self.bases) else np.zeros(0)
+        # the compiled count's own arithmetic (float64 product, then floor)
+        self.n_held = np.floor(self.n.astype(np.float64) * self.frac + self.phase).astype(np.int64)
         self.n_train = self.n - self.n_held
-        self.blk_ptr = np.asarray(ptr, np.int64)
-        ch = np.concatenate(cum_held) if cum_held else np.zeros(0, np.int64)
-        # kept samples before each block: block start minus the held-out ones
-        starts = np.concatenate([np.minimum(np.arange(len(c), dtype=np.int64) * self.BLOCK, nn)
-                                 for c, nn in zip(cum_held, self.n.tolist())]) if cum_held \
-            else np.zeros(0, np.int64)
-        self.cum_held, self.cum_kept = ch, starts - ch
 
     def train_ids(self, d, t) -> np.ndarray:
-        return select_ids(np.asarray(d, np.int64), np.asarray(t, np.int64), self.blk_ptr,
-                          self.cum_kept, self.bases, self.n, self.threshold, self.BLOCK, False)
+        return select_ids(np.asarray(d, np.int64), np.asarray(t, np.int64), self.n, self.frac,
+                          self.phase, self.bases, self.BLOCK, False)
 
     def held_ids(self, d, r) -> np.ndarray:
-        return select_ids(np.asarray(d, np.int64), np.asarray(r, np.int64), self.blk_ptr,
-                          self.cum_held, self.bases, self.n, self.threshold, self.BLOCK, True)
+        return select_ids(np.asarray(d, np.int64), np.asarray(r, np.int64), self.n, self.frac,
+                          self.phase, self.bases, self.BLOCK, True)
 
 
 class HeldOutSchedule:

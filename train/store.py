@@ -4,19 +4,19 @@ a window's samples in them (`Located`); nothing per sample is copied into privat
 shard's layout (dtypes, sizes, index end points) is checked when first mapped, its whole
 structure too when it is small; every index entry compiled code follows is bounds-checked
 as it is read (so opening a terabyte of shards costs O(shards), not O(samples)); running out
-of descriptors or maps is a StreamError naming the limit and the fix.
+of descriptors or maps is a StreamError naming the limit and the fix. A mapped shard holds no
+file descriptor (stages.shard.map_shard): descriptors per process do not grow with the shards
+mapped, and the maps are capped (`default_max_mapped`).
 """
 from __future__ import annotations
 
-import errno
-import mmap
 import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from stages.built_dataset import (check_arrays, expected_layout_faults,
-                                  shard_layout)
+from stages.shard import (check_arrays, expected_layout_faults, map_errno_is_limit, map_shard,
+                          shard_layout)
 
 from .kernels import gather_samples
 
@@ -42,35 +42,68 @@ def ranges_index(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
 
 
 def default_max_mapped() -> int:
-    """Shards mapped at once per process: TOKENMILL_MAX_MAPPED_SHARDS, else half the open-file
-    limit (each map holds one descriptor) and half of vm.max_map_count (shared by every map
-    of the process), at most 32768."""
+    """Shards mapped at once per process: TOKENMILL_MAX_MAPPED_SHARDS, else half of
+    vm.max_map_count (shared by every map of the process), at most 32768. A map holds no file
+    descriptor (stages.shard.map_shard), so the open-file limit does not bound it."""
     env = os.environ.get("TOKENMILL_MAX_MAPPED_SHARDS")
     if env:
         return max(1, int(env))
-    try:
-        import resource
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        soft = 1 << 20 if soft == resource.RLIM_INFINITY else soft
-    except (ImportError, OSError, ValueError):
-        soft = 1024
     try:
         with open("/proc/sys/vm/max_map_count") as f:
             maps = int(f.read())
     except (OSError, ValueError):
         maps = 65530
-    return max(8, min(32768, soft // 2, maps // 2))
+    return max(8, min(32768, maps // 2))
 
 
-_LIMIT_HELP = ("the process ran out of {what} ({err}); each mapped shard holds one file "
-               "descriptor and one memory map. Fix: raise the limit (`ulimit -n 65536`; "
-               "`sysctl -w vm.max_map_count=262144`), or map fewer shards at once "
-               "(TOKENMILL_MAX_MAPPED_SHARDS=256), or build with larger shards")
+def raise_open_file_limit() -> int:
+    """Raise this process's soft open-file limit to its hard limit (as many trainers do at
+    start; DataLoader workers inherit it) and return the soft limit now in force."""
+    try:
+        import resource
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = max(soft, 1 << 20) if soft != resource.RLIM_INFINITY else soft
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        return soft
+    except (ImportError, OSError, ValueError):
+        return -1
+
+
+_LIMIT_HELP = ("the process ran out of {what} ({err}); each mapped shard holds one memory "
+               "map (and a file descriptor only while it is being mapped). Fix: raise the limit "
+               "(`ulimit -n 65536`; `sysctl -w vm.max_map_count=262144`), or map fewer shards "
+               "at once (TOKENMILL_MAX_MAPPED_SHARDS=256), or build with larger shards")
+
+FD_HEADROOM = 64  # descriptors a DataLoader worker keeps free for torch's shared-memory batches
+
+
+def check_fd_headroom() -> None:
+    """In a DataLoader worker, before handing over a batch: torch passes each batch tensor
+    through shared memory, one descriptor each; a worker without free ones fails inside the
+    queue's feeder thread, where the error is printed and the batch dropped (the parent then
+    waits forever). Refuse here instead - an exception the DataLoader forwards to the parent."""
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return
+        used = len(os.listdir("/proc/self/fd"))
+    except (ImportError, OSError, ValueError):
+        return
+    if soft - used < FD_HEADROOM:
+        raise StreamError(
+            f"a DataLoader worker has {used} of its {soft} open files in use, too few left to "
+            "pass batches to the trainer through shared memory. Fix: raise the limit "
+            "(`ulimit -n 65536`) or use fewer DataLoader workers")
 
 
 class MappedShard:
-    """One shard file mapped once (one mmap, no h5py handle): its tokens, offsets and, when
-    present, loss spans as read-only views of the page cache, shared by every process."""
+    """One shard file mapped once (stages.shard.map_shard: one map, no h5py handle, no file
+    descriptor held): its tokens, offsets and, when present, loss spans as read-only views of
+    the page cache, shared by every process."""
 
     __slots__ = ("tokens", "offsets", "lso", "spans", "scanned")
 
@@ -85,25 +118,11 @@ class MappedShard:
         if bad:
             raise StreamError(f"{path}: {bad[0]}")
         try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-            finally:
-                os.close(fd)
+            m = map_shard(path, arrays)
         except OSError as e:
             raise _os_error(path, e) from None
-
-        def view(name):
-            a = arrays.get(name)
-            if a is None:
-                return None
-            dt, shape = np.dtype(a["dtype"]), tuple(a["shape"])
-            if a["offset"] is None:
-                return np.zeros(shape, dt)
-            return np.frombuffer(mm, dt, int(np.prod(shape)), a["offset"]).reshape(shape)
-
-        self.tokens, self.offsets = view("tokens"), view("offsets")
-        self.lso, self.spans = view("loss_span_offsets"), view("loss_spans")
+        self.tokens, self.offsets = m.tokens, m.offsets
+        self.lso, self.spans = m.loss_span_offsets, m.loss_spans
         self.scanned = False  # whole structure and token ids checked here
         if check:
             bad = self._ends_fault()
@@ -127,11 +146,9 @@ class MappedShard:
 
 
 def _os_error(path: str, e: OSError) -> StreamError:
-    if e.errno in (errno.EMFILE, errno.ENFILE):
-        return StreamError(f"{path}: " + _LIMIT_HELP.format(what="open files", err=e.strerror))
-    if e.errno == errno.ENOMEM:
-        return StreamError(f"{path}: " + _LIMIT_HELP.format(what="memory maps (vm.max_map_count)",
-                                                           err=e.strerror))
+    what = map_errno_is_limit(e)
+    if what:
+        return StreamError(f"{path}: " + _LIMIT_HELP.format(what=what, err=e.strerror))
     return StreamError(f"{path}: cannot map the shard: {e.strerror or e}")
 
 

@@ -21,6 +21,11 @@ Layers (each a pure function of the one above):
    packing only), reading tokens only for its own batches, so the batches do not depend on the
    worker count.
 
+Who does what: `sampling` (the schedule and the held-out split), `window_plan` (layer 2, a
+pure function of the window), `collate` (one collator per mode), `lanes` (layer 3),
+`stream_state` (the resume state: `ResumeState` holds it, `adopt` resumes it; the loader),
+`store` (the shard maps). This class opens and checks the datasets and ties them together.
+
 State (`state_dict()`, a rank's): its lane position (the window it is in and the units of it
 consumed, plus a short queue after a world-size change), and per dataset the draws before that
 window. Restore regenerates one window. On the same world size, each rank continues exactly
@@ -58,13 +63,15 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from stages.built_dataset import BuiltDataset, DatasetError, open_built
 from stages.constants import DEFAULT_SEED, OVERFLOW_MODES
-from stages.overflow import piece_bounds
 
+from .collate import make_collator
 from .lanes import LaneCursor, LanePos
-from .packing import (BlockPool, Located, PackedPieces, StreamError, TokenStore, best_fit_rows,
-                      collate_concat, collate_packed, collate_padded, last_tokens)
+from .packing import StreamError, TokenStore
 from .sampling import HeldOut, HeldOutSchedule, MixtureSchedule, stable_hash64
-from .stream_state import STATE_VERSION, StreamLoader, adopt, lock_content_sha256, resume_position
+from .store import check_fd_headroom, raise_open_file_limit
+from .stream_state import (HELDOUT_RULE, STATE_VERSION, ResumeState, StreamLoader, adopt,
+                           lock_content_sha256, overflow_stats, resume_position)
+from .window_plan import Window, WindowPlanner
 
 MODES = ("packed", "padded", "concat")
 __all__ = ["MixtureStream", "StreamLoader", "StreamError", "verify_lock", "STATE_VERSION"]
@@ -84,23 +91,6 @@ class _Dataset:
     overflow: str
     n_train: int = 0
     uid: str = field(default="")
-
-
-@dataclass
-class _Window:
-    index: int
-    size: int  # rows, or tokens in concat mode
-    d: np.ndarray
-    i: np.ndarray
-    a: np.ndarray
-    b: np.ndarray
-    overflow: np.ndarray  # per dataset: samples of this window longer than seq_len
-    row_ptr: np.ndarray | None = None  # padded (one piece per row)
-    loc: Located | None = None  # each piece's sample in its shard (TokenStore.locate)
-    nreal: np.ndarray | None = None  # concat: real length of each document
-    starts: np.ndarray | None = None  # concat: token start of each document in the window
-    packing: tuple | None = None  # packed: best_fit_rows' result and the row order key
-    pieces: PackedPieces | None = None  # packed: built when a batch of this window is read
 
 
 class MixtureStream(IterableDataset):
@@ -126,6 +116,7 @@ class MixtureStream(IterableDataset):
                               "pack_window >= 1")
         if overflow is not None and overflow not in OVERFLOW_MODES:
             raise StreamError(f"overflow must be one of {OVERFLOW_MODES}")
+        raise_open_file_limit()  # once per process that opens a stream; workers inherit it
         self.lock_path = Path(lock_path).resolve()
         try:
             self.lock = json.loads(self.lock_path.read_text("utf-8"))
@@ -162,11 +153,9 @@ class MixtureStream(IterableDataset):
         if split == "validation" and self.validation_percentage <= 0:
             raise StreamError("split='validation' needs validation_percentage > 0")
         self._store = None
-        self._pool = None  # packed batches' output blocks, per process
-        self._set_origin(None)
-        self._state = self._public(LanePos(self.rank, self.world_size, self.rank),
-                                   [0] * len(self.datasets))
-        self._last = None  # the position after the last batch yielded (see state_dict)
+        self._collator = make_collator(mode, self.batch_size, self.seq_len, self.pad_id, self.eos_id)
+        self.set_origin(None)
+        self._resume = ResumeState(self.start_state())
         self._feed_start = None  # set on the copies a loader hands to DataLoader workers
 
     # ---------------------------------------------------------------- opening and checks
@@ -214,24 +203,35 @@ class MixtureStream(IterableDataset):
                     "them)") if len(faults) > 1 else ""
             raise StreamError(f"{self.lock_path}: dataset {ds.task!r}: {faults[0]}{more}") from None
 
-    def _set_origin(self, origin: list | None) -> None:
+    def set_origin(self, origin: list | None) -> None:
         """The sample sequence starts after `origin` draws per dataset (None: from 0; set when
         resuming across a changed lock)."""
-        self._origin = origin
+        self.origin = origin
         if self.split == "validation":
             self._schedule = HeldOutSchedule(self._held, self.pack_window)
-            return
-        self._schedule = MixtureSchedule(
-            [ds.prob for ds in self.datasets], [ds.n_train for ds in self.datasets],
-            [ds.allow_repeat for ds in self.datasets],
-            [stable_hash64("tokenmill-perm", self.seed, ds.uid, ds.task) for ds in self.datasets],
-            stable_hash64("tokenmill-mix", self.seed), self.pack_window, base=origin)
+        else:
+            self._schedule = MixtureSchedule(
+                [ds.prob for ds in self.datasets], [ds.n_train for ds in self.datasets],
+                [ds.allow_repeat for ds in self.datasets],
+                [stable_hash64("tokenmill-perm", self.seed, ds.uid, ds.task) for ds in self.datasets],
+                stable_hash64("tokenmill-mix", self.seed), self.pack_window, base=origin)
+        self._planner = WindowPlanner(self._schedule, self._held, self.mode, self.split,
+                                      self.seq_len, self.seed, self.eos_id, self._policies,
+                                      len(self.datasets))
+
+    @property
+    def n_windows(self) -> int | None:
+        """Where a finite stream ends (None: never)."""
+        return self._schedule.n_windows
+
+    def start_state(self) -> dict:
+        """The public state of this rank before its first batch (from `origin`)."""
+        return self.public_from(LanePos(self.rank, self.world_size, self.rank), [0] * len(self.datasets))
 
     # ---------------------------------------------------------------- per-process data
     def __getstate__(self):
         st = self.__dict__.copy()
         st["_store"] = None  # memmaps are re-opened lazily in each worker
-        st["_pool"] = None
         return st
 
     def _tokens(self) -> TokenStore:
@@ -242,34 +242,9 @@ class MixtureStream(IterableDataset):
         return self._store
 
     # ---------------------------------------------------------------- windows
-    def _make_window(self, w: int) -> _Window:
-        store = self._tokens()
-        L, nd = self.seq_len, len(self.datasets)
-        d, t = self._schedule.window(w)
-        # train positions -> sample ids, where a validation split holds some
-        i = self._held.train_ids(d, t) if self.split == "train" and self._held is not None else t
-        loc = store.locate(d, i)  # empty samples dropped
-        d, i, n = loc.d, loc.i, loc.n
-        over = np.zeros(nd, np.int64)
-        if self.mode == "concat":
-            last = last_tokens(loc)
-            vl = n + (last != self.eos_id)
-            ends = np.cumsum(vl)
-            return _Window(w, int(ends[-1]) if len(ends) else 0, d, i,
-                           np.zeros(len(d), np.int64), vl, over, nreal=n, starts=ends - vl, loc=loc)
-        a, b = np.zeros(len(d), np.int64), n
-        if len(n) and n.max() > L:
-            over = np.bincount(d[n > L], minlength=nd).astype(np.int64)
-            item, a, b = piece_bounds(n, L, self._policies[d])
-            loc = loc.take(item)
-            d, i = loc.d, loc.i
-        if self.mode == "packed":
-            key = (stable_hash64("tokenmill-rows", self.seed, w) if self.split == "train"
-                   else None)  # rows in a seeded order (train), in opening order (eval)
-            order, rows, nrows = best_fit_rows(b - a, L)
-            return _Window(w, nrows, d, i, a, b, over, loc=loc, packing=(order, rows, nrows, key))
-        return _Window(w, len(d), d, i, a, b, over, loc=loc,
-                       row_ptr=np.arange(len(d) + 1, dtype=np.int64))
+    def _make_window(self, w: int) -> Window:
+        return self._planner(w, self._tokens())
+
     # ---------------------------------------------------------------- batches
     def _collate(self, segs: list) -> dict:
         """The batch of these (window, u0, u1) units; token ids checked against the vocabulary
@@ -295,43 +270,7 @@ class MixtureStream(IterableDataset):
                 f"{self.datasets[d].task!r} (`python -m pipeline verify` checks every shard)")
 
     def _assemble(self, segs: list) -> dict:
-        B, L = self.batch_size, self.seq_len
-        if self.mode == "packed":
-            for win, _, _ in segs:
-                if win.pieces is None:
-                    win.pieces = PackedPieces(win.loc, win.a, win.b, win.packing)
-            if self._pool is None:
-                self._pool = BlockPool()
-            return collate_packed([(w.pieces, u0, u1) for w, u0, u1 in segs], B, L,
-                                  self.pad_id, self._pool)
-        P, A, E, R, N, T = [], [], [], [], [], []
-        base = 0
-        for win, u0, u1 in segs:
-            if self.mode == "concat":
-                j0 = int(np.searchsorted(win.starts + win.b, u0, side="right"))
-                j1 = int(np.searchsorted(win.starts, u1, side="left"))
-                st = win.starts[j0:j1]
-                lo = np.maximum(st, u0)
-                P.append(win.loc.take(slice(j0, j1))); N.append(win.nreal[j0:j1])
-                A.append(lo - st); E.append(np.minimum(st + win.b[j0:j1], u1) - st)
-                T.append(base + lo - u0)
-                base += u1 - u0
-            else:
-                p0, p1 = win.row_ptr[u0], win.row_ptr[u1]
-                P.append(win.loc.take(slice(p0, p1)))
-                A.append(win.a[p0:p1]); E.append(win.b[p0:p1])
-                R.append(np.repeat(np.arange(base, base + u1 - u0, dtype=np.int64),
-                                   np.diff(win.row_ptr[u0:u1 + 1])))
-                base += u1 - u0
-
-        def cat(x):
-            return np.concatenate(x).astype(np.int64) if x else np.zeros(0, np.int64)
-
-        loc = Located.join(P) if P else self._tokens().locate([], [])
-        a, b = cat(A), cat(E)
-        if self.mode == "padded":
-            return collate_padded(loc, a, b, cat(R), B, self.pad_id)
-        return collate_concat(loc, a, b, cat(N), cat(T), B, L, self.pad_id, self.eos_id)
+        return self._collator(segs, self._tokens())
 
     def _iter_batches(self, wid: int, nw: int, start: dict):
         pos, done = resume_position(self, start)
@@ -342,6 +281,8 @@ class MixtureStream(IterableDataset):
             if step % nw == wid:
                 batch = self._collate(cur.advance(per, collect=True))
                 batch["_state"] = self._position(cur)
+                if get_worker_info() is not None:
+                    check_fd_headroom()  # a worker: torch needs descriptors to hand it over
                 yield batch
             else:
                 cur.advance(per)
@@ -353,10 +294,10 @@ class MixtureStream(IterableDataset):
         if self._feed_start is not None:  # a loader's copy: keep the state in the batch
             yield from self._iter_batches(wid, nw, self._feed_start)
             return
-        for batch in self._iter_batches(wid, nw, self._state):
+        for batch in self._iter_batches(wid, nw, self._resume.start()):
             st = batch.pop("_state")
             if info is None:
-                self._last = st
+                self._resume.took(st)
             yield batch
 
     def loader(self, num_workers: int = 0, **dataloader_kwargs) -> StreamLoader:
@@ -367,22 +308,21 @@ class MixtureStream(IterableDataset):
         windows), in a fixed order; ranks may get a different number of batches."""
         if self.validation_percentage <= 0:
             return iter(())
-        v = copy.copy(self)
+        v = copy.copy(self)  # the same opened datasets and maps, another split (not resumed)
         v.split, v._feed_start = "validation", None
-        # windows small enough that every rank gets some of a small split (it is not resumed)
+        # windows small enough that every rank gets some of a small split
         held = int(self._held.n_held.sum())
         v.pack_window = max(1, min(self.pack_window, -(-held // self.world_size)))
-        v._set_origin(None)
-        v._state = v._public(LanePos(v.rank, v.world_size, v.rank), [0] * len(v.datasets))
+        v.set_origin(None)
 
         def batches():
-            for b in v._iter_batches(0, 1, v._state):
+            for b in v._iter_batches(0, 1, v.start_state()):
                 del b["_state"]
                 yield b
         return batches()
 
     # ---------------------------------------------------------------- state
-    def _public(self, pos: LanePos, overflow_done, seen=None) -> dict:
+    def public_from(self, pos: LanePos, overflow_done, seen=None) -> dict:
         """A rank's state: its lane position, and per dataset the draws before the lane's
         window (for a changed-lock resume and for reading) and its overflow counts."""
         w = pos.current()
@@ -395,12 +335,15 @@ class MixtureStream(IterableDataset):
                 ds.append({"task_name": d.task, "key": d.key, "draws": int(c[k]),
                            "epoch": int(epoch[k]), "pos": int(p[k]),
                            "overflow": int(overflow_done[k]), "overflow_seen": int(seen[k])})
-        return {"version": STATE_VERSION, "lock_sha256": self.lock_sha256, "seed": self.seed,
-                "seq_len": self.seq_len, "mode": self.mode, "split": self.split,
-                "pack_window": self.pack_window,
-                "validation_percentage": self.validation_percentage,
-                "rank": self.rank, "world_size": self.world_size, "window": w,
-                "lane": pos.to_json(), "origin": self._origin, "datasets": ds}
+        st = {"version": STATE_VERSION, "lock_sha256": self.lock_sha256, "seed": self.seed,
+              "seq_len": self.seq_len, "mode": self.mode, "split": self.split,
+              "pack_window": self.pack_window,
+              "validation_percentage": self.validation_percentage,
+              "rank": self.rank, "world_size": self.world_size, "window": w,
+              "lane": pos.to_json(), "origin": self.origin, "datasets": ds}
+        if self.validation_percentage > 0:  # which held-out rule chose the split (see adopt)
+            st["heldout_rule"] = HELDOUT_RULE
+        return st
 
     def _position(self, cur: LaneCursor) -> tuple:
         """What a batch carries: the cursor's position, compact (the public state, O(datasets)
@@ -410,23 +353,27 @@ class MixtureStream(IterableDataset):
         return LanePos(p.lane, p.lanes, p.next, p.offset, p.queue), cur.done, cur.seen
 
     def public_state(self, position: tuple) -> dict:
-        return self._public(*position)
+        return self.public_from(*position)
 
     def state_dict(self) -> dict:
         """Position after the last batch this object's own iteration yielded (num_workers=0
         use); with `loader()`, use the loader's state_dict."""
-        if self._last is not None:
-            self._state, self._last = self.public_state(self._last), None
-        return copy.deepcopy(self._state)
+        return self._resume.state_dict(self.public_state)
 
     def load_state_dict(self, state) -> None:
         """Continue from `state`: this rank's own state (same world size), or the list of
         every rank's state (any world size: see train/stream_state.resume_position)."""
-        self._state, self._last = adopt(self, state), None
+        self._resume = ResumeState(adopt(self, state))
+
+    def feeder(self, start: dict) -> "MixtureStream":
+        """A copy that iterates from the public state `start` and leaves each batch's
+        position in it (`_state`): what a loader hands to its DataLoader (workers)."""
+        feed = copy.copy(self)  # (a copy drops the maps: __getstate__)
+        feed._feed_start = copy.deepcopy(start)
+        return feed
 
     def stats(self) -> dict:
-        return {"overflow": {d.task: x["overflow_seen"] for d, x in
-                             zip(self.datasets, self.state_dict()["datasets"])}}
+        return overflow_stats(self.datasets, self.state_dict())
 
 
 def verify_lock(lock_path, level: str = "full") -> None:

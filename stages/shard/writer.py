@@ -1,73 +1,17 @@
-"""The shard file format (DESIGN §4): one HDF5 file per shard, token ids back to back.
-
-Writers get whole arrays and write each dataset in one contiguous, uncompressed block, so
-readers can memory-map `tokens` and the bytes depend only on the data (no timestamps:
+"""The shard writers: `write_shard` (one shard from whole arrays) and `concat_shards` (unit
+shards joined, in order, into one). Each dataset is written as one contiguous, uncompressed
+block, so readers can memory-map it, and the bytes depend only on the data (no timestamps:
 HDF5 object-time tracking is off).
-
-Provenance (format 2): a shard may join units of many source files. `source_files` lists
-them in order and `source_file_offsets` (k+1, like `offsets`) gives each one's samples,
-`[sfo[j], sfo[j+1])`; `source_record` is the record number inside that file. O(files) per
-shard, not O(samples): a file's samples are consecutive because units are joined in source
-order. Format 1 shards (one file, named by the `source` attribute) are read as one run.
 """
 from __future__ import annotations
 
-import hashlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-FORMAT_VERSION = 2
-READABLE_FORMATS = (1, 2)  # 1: one source file per shard, in the `source` attribute
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """uint16 when every id fits (vocab ≤ 65536), else uint32."""
-    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
-
-
-@dataclass
-class ShardArrays:
-    tokens: np.ndarray  # 1-D, token_dtype(vocab)
-    offsets: np.ndarray  # int64, n+1, offsets[0] == 0
-    source_record: np.ndarray  # int64, n
-    loss_spans: np.ndarray | None = None  # int32 (m, 2), [start, end) relative to sample start
-    loss_span_offsets: np.ndarray | None = None  # int64, n+1
-    source_files: list[str] | None = None  # k source files, in sample order (None: the writer's `source`)
-    source_file_offsets: np.ndarray | None = None  # int64, k+1: file j has samples [sfo[j], sfo[j+1])
-
-    @property
-    def n_samples(self) -> int:
-        return len(self.offsets) - 1
-
-    def sample(self, i: int) -> np.ndarray:
-        return self.tokens[self.offsets[i] : self.offsets[i + 1]]
-
-    def spans(self, i: int) -> np.ndarray | None:
-        if self.loss_spans is None:
-            return None
-        return self.loss_spans[self.loss_span_offsets[i] : self.loss_span_offsets[i + 1]]
-
-
-@dataclass(frozen=True)
-class Provenance:
-    """Where a stored sample came from."""
-    file: str  # the source file, as the build named it
-    record: int  # 0-based record number in it (line / list element / parquet row)
-    piece: int  # which stored sample of that record (0; more only when overflow: segment split it)
-
-
-def _files_array(files: list[str]) -> np.ndarray:
-    """The `source_files` dataset: UTF-8 paths as fixed-width byte strings (contiguous and
-    byte-deterministic, unlike HDF5 variable-length strings in the global heap)."""
-    raw = [f.encode("utf-8", "surrogateescape") for f in files]
-    return np.array(raw, dtype=f"S{max([len(r) for r in raw] + [1])}")
-
-
-def decode_files(raw) -> list[str]:
-    return [bytes(x).decode("utf-8", "surrogateescape") for x in raw]
+from .layout import FORMAT_VERSION, ShardArrays, _files_array, file_sha256
+from .reader import read_provenance
 
 
 def write_shard(path: str | Path, arrays: ShardArrays, source: str | None = None) -> str:
@@ -102,85 +46,6 @@ def write_shard(path: str | Path, arrays: ShardArrays, source: str | None = None
         f.attrs["n_samples"] = arrays.n_samples
         f.attrs["n_tokens"] = int(len(arrays.tokens))
     return file_sha256(path)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _memmap_or_read(path: Path, dset: h5py.Dataset) -> np.ndarray:
-    offset = dset.id.get_offset()
-    if offset is None or dset.size == 0:  # empty or not contiguous: plain read
-        return dset[...]
-    return np.memmap(path, dtype=dset.dtype, mode="r", offset=offset, shape=dset.shape)
-
-
-def read_shard(path: str | Path, mmap: bool = True) -> ShardArrays:
-    """Open a shard. With mmap=True, `tokens` is a zero-copy np.memmap of the file; the small
-    index arrays are read into memory. The h5py handle is closed before returning, so the
-    result pickles and works in any process."""
-    path = Path(path)
-    with h5py.File(path, "r") as f:
-        tokens = _memmap_or_read(path, f["tokens"]) if mmap else f["tokens"][...]
-        has_spans = "loss_spans" in f
-        offsets = f["offsets"][...]
-        files, sfo = read_provenance(f, len(offsets) - 1)
-        return ShardArrays(
-            tokens=tokens,
-            offsets=offsets,
-            source_record=f["source_record"][...],
-            loss_spans=f["loss_spans"][...] if has_spans else None,
-            loss_span_offsets=f["loss_span_offsets"][...] if has_spans else None,
-            source_files=files,
-            source_file_offsets=sfo,
-        )
-
-
-def read_provenance(f, n_samples: int) -> tuple[list[str], np.ndarray]:
-    """(source_files, source_file_offsets) of an open shard of either format: a format 1
-    shard is one run of its `source` attribute."""
-    if "source_files" in f:
-        return decode_files(f["source_files"][...]), f["source_file_offsets"][...].astype(np.int64)
-    return [str(f.attrs.get("source", ""))], np.array([0, n_samples], np.int64)
-
-
-def shard_provenance(path: str | Path, i: int) -> Provenance:
-    """Provenance of sample i of one shard file (stages.built_dataset.BuiltDataset.provenance
-    is the dir-level entry). Reads the file runs and the few source_record values it needs."""
-    with h5py.File(path, "r") as f:
-        recs = f["source_record"]
-        files, sfo = read_provenance(f, len(f["offsets"]) - 1)
-        run = int(np.searchsorted(sfo, i, side="right")) - 1
-        if not (0 <= run < len(files) and sfo[run] <= i < sfo[run + 1] and i < len(recs)):
-            raise ValueError(f"{path}: source_file_offsets do not cover sample {i}")
-        rec = int(recs[i])
-        # earlier pieces of the same record are right before it, inside its file's run
-        piece, hi, start = 0, i, int(sfo[run])
-        while hi > start:
-            lo = max(start, hi - 64)
-            other = np.flatnonzero(np.asarray(recs[lo:hi])[::-1] != rec)
-            if other.size:
-                return Provenance(files[run], rec, piece + int(other[0]))
-            piece, hi = piece + hi - lo, lo
-    return Provenance(files[run], rec, piece)
-
-
-def provenance_faults(sfo: np.ndarray, files, n: int) -> list[str]:
-    """source_file_offsets: an index 0 … n, non-decreasing, with one entry per source file + 1;
-    source_files: one non-empty name per run."""
-    if sfo.ndim != 1 or len(sfo) < 1 or sfo[0] != 0 or sfo[-1] != n or bool((np.diff(sfo) < 0).any()):
-        return [f"source_file_offsets are not a non-decreasing index from 0 to the {n} samples"]
-    if files is None:
-        return []
-    if len(files) != len(sfo) - 1:
-        return [f"source_files has {len(files)} names for {len(sfo) - 1} source file runs"]
-    if any(not x for x in decode_files(files)):
-        return ["source_files has an empty name"]
-    return []
 
 
 class _Unit:
