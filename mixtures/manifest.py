@@ -32,6 +32,7 @@ from jsonschema import Draft202012Validator
 
 from stages import constants
 from stages.columns import COLUMN_KEYS, TAG_KEYS, folded_format, mapping_problems
+from stages.fm9g_index import index_language
 from stages.constants import DEFAULT_SEED, DEFAULT_SHARD_TOKENS, LOSS_MODES, OVERFLOW_MODES
 
 from .manifest_io import (MAX_FLOAT, ManifestError, _find_duplicate_keys, _json_type, _parse_json,  # noqa: F401
@@ -47,6 +48,9 @@ OVERSIZE_RULES = {"segment": "segment", "head": "truncate", "truncate": "truncat
 AVE_TOKENS_KEYS = ("ave_tokens_per_line", "avg_tokens_per_line", "ave_tokens", "avg_tokens")
 
 DEFAULT_TEMPLATE = "tokenizer"
+# The FM9G list form's input/output strings are already the training text (FM9G trains
+# tok(input) + tok(output)): no chat template unless --template names one.
+DEFAULT_FM9G_TEMPLATE = "none"
 DEFAULT_MAX_LENGTH = 4096
 FORMATTINGS = ("alpaca", "sharegpt")  # LLaMA-Factory's `formatting` values
 
@@ -253,7 +257,8 @@ def load_manifest(
     cwd = Path.cwd()
     tok = _resolve(cwd, tokenizer) if tokenizer is not None else (
         _resolve(base, settings["tokenizer"]) if "tokenizer" in settings else None)
-    tmpl = template if template is not None else settings.get("template", DEFAULT_TEMPLATE)
+    tmpl = template if template is not None else settings.get(
+        "template", DEFAULT_FM9G_TEMPLATE if form == "fm9g" else DEFAULT_TEMPLATE)
     tmpl_base = cwd if template is not None else base
     if tmpl not in templates:
         tmpl = _resolve(tmpl_base, tmpl)
@@ -350,7 +355,8 @@ def _dataset_spec(entry: dict, manifest: Path, at: list, shard_tokens: int,
         abs_weight=float(entry["abs_weight"]),
         path=data_path,
         format=_format(entry, registry, data_path, at, problems),
-        language=entry.get("language"),
+        # the manifest's word, else what an FM9G index dir's own meta.json says
+        language=entry["language"] if "language" in entry else index_language(data_path),
         transforms=transforms,
         allow_repeat=entry.get("allow_repeat", True),
         overflow=overflow,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from mixtures.lock import LockError, make_lock, write_lock
 from mixtures.manifest import DatasetSpec, Mixture, load_manifest
-from mixtures.transforms import load_transform
+from mixtures.transforms import load_transform, transform_cache_id
 from stages.built_dataset import read_meta
 from stages.constants import DEFAULT_SHARD_TOKENS
 from stages.errors import BuildError, RecordError
@@ -110,7 +110,7 @@ def plan_dataset(spec: DatasetSpec, mixture: Mixture, tok, template, cache: Path
     transform_sha = load_transform(spec.transforms).sha256 if spec.transforms else None
     loss = spec.loss
     target = shard_tokens_of(spec, shard_tokens)
-    key = dataset_key(sources=sources, format=fmt, transform_sha256=transform_sha,
+    key = dataset_key(sources=sources, format=fmt, transform_sha256=transform_cache_id(transform_sha),
                       seed=mixture.seed, template_sha256=template.sha256,
                       tokenizer_sha256=tok.sha256, max_length=mixture.max_length,
                       overflow=spec.overflow, loss=loss, txt_paragraphs=paragraphs,
