@@ -11,14 +11,14 @@ for chat templates), so the text it adds is known to be its own:
   placeholder result gives exactly the real result ("round trip"); else None: the transform
   rewrote, cut or branched on the data, and who wrote which character cannot be shown.
 
-The markup travels on the canonical record under ``MARKUP_KEY`` (never read from a file: the
-adapters build fresh dicts): ``{"input": segs, "output": segs}`` or ``{"text": segs}`` on the
-record, ``{"content": segs, "reasoning_content": segs}`` on each chat message; ``segs`` is a
-list of ``[text, written_by_transform]``. A record whose round trip failed carries
-``{UNATTRIBUTED: why}`` instead. The renderer (stages/render.py) reads it through
-``segments``: transform text is rendered as template text (control tokens are tokens), data as
-data; an unattributed record whose text holds control-token text is refused
-(``transform_markup_unknown``) — never encoded half one way, half the other.
+The markup travels on the canonical record as an attribute (``Marked``, a dict subclass: the
+record's keys, equality and JSON are unchanged, and no file can supply it):
+``{"record": {"input"|"output"|"text": segs}, "messages": [{"content"|"reasoning_content": segs}]}``,
+``segs`` a list of ``[text, written_by_transform]``; a record whose round trip failed carries
+``{UNATTRIBUTED: why}`` instead. The renderer (stages/render.py) gets each turn with its part
+under ``MARKUP_KEY`` from ``messages_of`` and reads it through ``segments``: transform text is
+rendered as template text (control tokens are tokens), data as data; an unattributed record
+whose text holds control-token text is refused (``transform_markup_unknown``) — never encoded half one way, half the other.
 """
 from __future__ import annotations
 
@@ -119,34 +119,59 @@ def derive(ph_result: dict, result: dict, values: list[str]) -> tuple[dict, list
     return record_markup, message_markup
 
 
-def attach(result: dict, markup: tuple[dict, list[dict]] | None, why: str = "") -> dict:
-    """``result`` with its markup (or the UNATTRIBUTED flag, when ``markup`` is None) attached."""
-    if markup is None:
-        return {**result, MARKUP_KEY: {UNATTRIBUTED: why or "the transform rewrites its data"}}
-    record_markup, message_markup = markup
-    out = {k: v for k, v in result.items() if k != MARKUP_KEY}
-    if message_markup:
-        out["messages"] = [{**m, MARKUP_KEY: mm} if mm else m
-                           for m, mm in zip(result["messages"], message_markup)]
-    elif record_markup:
-        out[MARKUP_KEY] = record_markup
+class Marked(dict):
+    """A canonical record (a plain dict to everyone else: equality, keys and JSON are the
+    record's own) with the markup of the transform that made it on ``.markup``:
+    ``{"record": {field: segs}, "messages": [{field: segs}, …]}``, or ``{UNATTRIBUTED: why}``."""
+
+    __slots__ = ("markup",)
+
+    def __reduce__(self):  # survives pickling (a record sent to another process)
+        return (_marked, (dict(self), self.markup))
+
+
+def _marked(record: dict, markup: dict) -> Marked:
+    out = Marked(record)
+    out.markup = markup
     return out
 
 
+def attach(result: dict, markup: tuple[dict, list[dict]] | None, why: str = "") -> dict:
+    """``result`` with its markup (or the UNATTRIBUTED flag, when ``markup`` is None) attached;
+    ``result`` itself when the transform wrote no text around the data."""
+    if markup is None:
+        return _marked(result, {UNATTRIBUTED: why or "rewrites its data"})
+    record_markup, message_markup = markup
+    if not record_markup and not any(message_markup):
+        return result
+    return _marked(result, {"record": record_markup, "messages": message_markup})
+
+
+def _markup(record: dict) -> dict:
+    return getattr(record, "markup", None) or {}
+
+
 # -- use (stages/render.py) ---------------------------------------------------------------
-def io_messages(record: dict) -> list[dict]:
-    """An input-output record as the user + assistant turns a template renders, each with its
-    part of the record's markup."""
-    markup = record.get(MARKUP_KEY) or {}
+def messages_of(record: dict) -> list[dict]:
+    """The conversation a template renders for a canonical record (an input-output record as
+    user + assistant turns), each turn with its part of the transform's markup under MARKUP_KEY."""
+    markup = _markup(record)
+    if "messages" in record:
+        messages = record["messages"]
+        if UNATTRIBUTED in markup:
+            return [{**m, MARKUP_KEY: markup} for m in messages]
+        per = markup.get("messages") or []
+        return [{**m, MARKUP_KEY: mm} if i < len(per) and per[i] else m for i, m in enumerate(messages)]
     user = {"role": "user", "content": record["input"]}
     assistant = {"role": "assistant", "content": record["output"]}
     if UNATTRIBUTED in markup:
         user[MARKUP_KEY] = assistant[MARKUP_KEY] = markup
     else:
-        if "input" in markup:
-            user[MARKUP_KEY] = {"content": markup["input"]}
-        if "output" in markup:
-            assistant[MARKUP_KEY] = {"content": markup["output"]}
+        rec = markup.get("record") or {}
+        if "input" in rec:
+            user[MARKUP_KEY] = {"content": rec["input"]}
+        if "output" in rec:
+            assistant[MARKUP_KEY] = {"content": rec["output"]}
     return [user, assistant]
 
 
@@ -231,13 +256,13 @@ def check_text(record: dict, control_re: re.Pattern | None) -> None:
     """A text record is encoded whole, as data (control-token text in it stays text), so a
     transform may not write control-token text into one: refused (``transform_markup_in_text``),
     as is an unattributed one holding control-token text (``transform_markup_unknown``)."""
-    markup = record.get(MARKUP_KEY)
+    markup = _markup(record)
     if not markup or control_re is None:
         return
     if UNATTRIBUTED in markup:
-        segments(record, "text", record["text"], control_re)
+        segments({MARKUP_KEY: markup}, "text", record["text"], control_re)
         return
-    literal = "".join(t for t, lit in markup.get("text", ()) if lit)
+    literal = "".join(t for t, lit in (markup.get("record") or {}).get("text", ()) if lit)
     m = control_re.search(literal)
     if m:
         raise RecordError("transform_markup_in_text", f"the transform writes control-token text "
@@ -246,5 +271,5 @@ def check_text(record: dict, control_re: re.Pattern | None) -> None:
                           field="transform.text")
 
 
-__all__ = ["TEMPLATE_MARKUP_NOTE", "controls_re", "template_markup_note", "template_markup_warnings", "MARKUP_KEY", "UNATTRIBUTED", "attach", "derive", "io_messages", "placeholder_record",
+__all__ = ["TEMPLATE_MARKUP_NOTE", "controls_re", "template_markup_note", "template_markup_warnings", "MARKUP_KEY", "UNATTRIBUTED", "Marked", "attach", "derive", "messages_of", "placeholder_record",
            "segments", "check_text", "check_written"]

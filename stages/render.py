@@ -98,9 +98,7 @@ class Renderer:
     # -- record → placeholder messages ------------------------------------------------
     def messages(self, record: dict) -> list[dict]:
         """The record's conversation as the template sees it (input-output → user + assistant)."""
-        if record_kind(record) == "input-output":
-            return markup.io_messages(record)  # with the transform's markup, if any
-        return record["messages"]
+        return markup.messages_of(record)  # each turn with the transform's markup, if any
 
     def template_vars(self, record: dict) -> dict:
         """Template variables for this record: the tokenizer's, the dataset's, the record's own."""
