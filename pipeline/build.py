@@ -18,6 +18,8 @@ from mixtures.lock import LockError, make_lock, write_lock
 from mixtures.manifest import DatasetSpec, Mixture, load_manifest
 from mixtures.transforms import load_transform, transform_cache_id
 from stages.built_dataset import read_meta
+from stages.column_scan import check_mapped_keys
+from stages.columns import split_format
 from stages.constants import DEFAULT_SHARD_TOKENS
 from stages.errors import BuildError, RecordError
 from stages.formats import detect_format
@@ -107,6 +109,7 @@ def plan_dataset(spec: DatasetSpec, mixture: Mixture, tok, template, cache: Path
     paragraphs = spec.text_unit == "paragraph"
     units = plan_units(files, txt_paragraphs=paragraphs, memo=memo)
     fmt = spec.format if spec.format != "auto" else _detect(units, spec)
+    check_mapped_keys(spec.dataset_name, split_format(fmt)[1], units)  # stages/column_scan.py
     transform_sha = load_transform(spec.transforms).sha256 if spec.transforms else None
     loss = spec.loss
     target = shard_tokens_of(spec, shard_tokens)

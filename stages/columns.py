@@ -140,13 +140,17 @@ class ColumnMap:
         role_tag, content_tag = self.tags["role_tag"], self.tags["content_tag"]
         if role_tag not in turn:
             raise RecordError("missing_field", "missing", field=f"{where}.{role_tag}")
-        if content_tag not in turn:
-            raise RecordError("missing_field", "missing", field=f"{where}.{content_tag}")
         role = turn[role_tag]
         if not isinstance(role, str) or role not in self.roles:
             raise RecordError("unknown_role", f"unknown role {role!r} (tags: "
                               f"{', '.join(f'{v}' for v in self.roles)})", field=f"{where}.{role_tag}")
-        return {"from": self.roles[role], "value": turn[content_tag]}
+        # the turn's other fields (reasoning_content, tool_calls, loss_weight, …) are kept: the
+        # adapter reads them as it reads a messages turn's, so a registry entry loses nothing
+        out = {k: v for k, v in turn.items() if k not in (role_tag, content_tag)}
+        out["from"] = self.roles[role]
+        if content_tag in turn:  # else the adapter decides (an assistant turn with tool calls needs none)
+            out["value"] = turn[content_tag]
+        return out
 
     def file_field(self, field: str | None) -> str | None:
         """An adapter's error field (canonical keys) in the file's own keys."""
@@ -159,5 +163,5 @@ class ColumnMap:
         head = self.to_file.get(head, head)
         if self.tags and m.group(1) == "conversations":
             rest = re.sub(r"\.from$", f".{self.tags['role_tag']}", rest)
-            rest = re.sub(r"\.value$", f".{self.tags['content_tag']}", rest)
+            rest = re.sub(r"\.value(?=$|\[)", f".{self.tags['content_tag']}", rest)
         return head + rest

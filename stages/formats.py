@@ -165,7 +165,7 @@ def adapt_sharegpt(raw: Any) -> dict:
     if "conversations" not in raw:
         raise RecordError("missing_field", "missing", field="conversations")
     turns = _list(raw["conversations"], "conversations")
-    messages = []
+    messages, part_tools, dropped = [], None, 0
     if raw.get("system"):
         messages.append({"role": "system", "content": _str(raw["system"], "system")})
     for t, turn in enumerate(turns):
@@ -174,17 +174,29 @@ def adapt_sharegpt(raw: Any) -> dict:
         who = turn.get("from", turn.get("role"))
         if who not in SHAREGPT_ROLES:
             raise RecordError("unknown_role", f"unknown role {who!r}", field=f"{field}.from")
-        value = _str(turn.get("value", turn.get("content")), f"{field}.value")
+        key = "content" if "value" not in turn and "content" in turn else "value"
         if who == "function_call":
+            value = _str(turn.get(key), f"{field}.{key}")
             messages.append({"role": "assistant", "content": "",
-                             "tool_calls": _tool_calls(value, f"{field}.value")})
-        else:
-            messages.append({"role": SHAREGPT_ROLES[who], "content": value})
-    out = {"messages": check_conversation(messages, "conversations", offset=len(messages) - len(turns))}
-    tools = parse_tools(raw.get("tools"))
-    if tools:
-        out["tools"] = tools
-    return _template_vars(raw, out)
+                             "tool_calls": _tool_calls(value, f"{field}.{key}")})
+            continue
+        # the turn's other fields (reasoning, tool calls, loss_weight, …) as a messages turn has them
+        msg = {k: v for k, v in turn.items() if k not in ("from", "value", "role", "content")}
+        msg["role"] = SHAREGPT_ROLES[who]
+        if key in turn:
+            msg["content"] = turn[key]
+        out, tools = _message(msg, field, f"{field}.{key}")
+        if tools is not None:
+            if part_tools is not None:
+                raise RecordError("bad_tools", "tools given twice (two tools parts)", field=f"{field}.{key}")
+            part_tools = tools
+            if not out["content"] and t == 0 and out["role"] == "system" and not messages:
+                dropped = 1
+                continue
+        messages.append(out)
+    out = {"messages": check_conversation(messages, "conversations",
+                                          offset=len(messages) - len(turns) + dropped)}
+    return _chat_extras(raw, out, part_tools)
 
 
 def _content(value: Any, field: str, role: str) -> tuple[str, str | None, list | None, list | None]:
@@ -230,6 +242,50 @@ def _type(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _message(msg: dict, field: str, content_field: str) -> tuple[dict, list | None]:
+    """One chat turn whose role is a CHAT_ROLES name → (canonical message, the tools of a
+    typed `tools` part or None). The one reading of a turn's fields, for messages and sharegpt."""
+    role = msg["role"]
+    content = msg.get("content")
+    if content is None:
+        # OpenAI: an assistant turn that only calls tools has content null (or none).
+        if not (role == "assistant" and msg.get("tool_calls")):
+            if "content" not in msg:
+                raise RecordError("missing_field", "missing", field=content_field)
+            raise RecordError("wrong_type", "must be a string or a list of parts, got null", field=content_field)
+        content = ""
+    text, reasoning, calls, tools = _content(content, content_field, role)
+    out: dict = {"role": role, "content": text}
+    for key in REASONING_KEYS:
+        if msg.get(key) is not None:
+            if reasoning is not None:
+                raise RecordError("bad_reasoning", "reasoning given twice (typed parts and a field)",
+                                  field=f"{field}.{key}")
+            reasoning = _str(msg[key], f"{field}.{key}")
+    if reasoning is not None:
+        if role != "assistant":
+            raise RecordError("bad_reasoning", f"reasoning on a {role} turn", field=field)
+        if text.lstrip().startswith("<think>"):
+            raise RecordError("bad_reasoning", "reasoning given both inline (<think>) and as a field",
+                              field=content_field)
+        out["reasoning_content"] = reasoning
+    if msg.get("tool_calls") is not None:
+        if calls:
+            raise RecordError("bad_tool_call", "tool calls given twice (typed parts and tool_calls)",
+                              field=f"{field}.tool_calls")
+        calls = _openai_tool_calls(msg["tool_calls"], f"{field}.tool_calls")
+    if calls:
+        if role != "assistant":
+            raise RecordError("bad_tool_call", f"tool calls on a {role} turn", field=field)
+        out["tool_calls"] = calls
+    if msg.get("loss_weight") is not None:
+        out["loss_weight"] = _loss_weight(msg["loss_weight"], role, f"{field}.loss_weight")
+    for key in PASSTHROUGH_KEYS:
+        if msg.get(key) is not None:
+            out[key] = msg[key]
+    return out, tools
+
+
 def adapt_messages(raw: Any) -> dict:
     raw = _dict(raw)
     if "messages" not in raw:
@@ -241,53 +297,22 @@ def adapt_messages(raw: Any) -> dict:
         role = msg.get("role")
         if role not in CHAT_ROLES:
             raise RecordError("unknown_role", f"unknown role {role!r}", field=f"{field}.role")
-        content = msg.get("content")
-        if content is None:
-            # OpenAI: an assistant turn that only calls tools has content null (or none).
-            if not (role == "assistant" and msg.get("tool_calls")):
-                if "content" not in msg:
-                    raise RecordError("missing_field", "missing", field=f"{field}.content")
-                raise RecordError("wrong_type", "must be a string or a list of parts, got null",
-                                  field=f"{field}.content")
-            content = ""
-        text, reasoning, calls, tools = _content(content, f"{field}.content", role)
+        out, tools = _message(msg, field, f"{field}.content")
         if tools is not None:
             if part_tools is not None:
                 raise RecordError("bad_tools", "tools given twice (two tools parts)", field=f"{field}.content")
             part_tools = tools
-            if not text and m == 0:  # a system turn that only carried the tools
+            if not out["content"] and m == 0:  # a system turn that only carried the tools
                 dropped = 1
                 continue
-        out: dict = {"role": role, "content": text}
-        for key in REASONING_KEYS:
-            if msg.get(key) is not None:
-                if reasoning is not None:
-                    raise RecordError("bad_reasoning", "reasoning given twice (typed parts and a field)",
-                                      field=f"{field}.{key}")
-                reasoning = _str(msg[key], f"{field}.{key}")
-        if reasoning is not None:
-            if role != "assistant":
-                raise RecordError("bad_reasoning", f"reasoning on a {role} turn", field=field)
-            if text.lstrip().startswith("<think>"):
-                raise RecordError("bad_reasoning", "reasoning given both inline (<think>) and as a field",
-                                  field=f"{field}.content")
-            out["reasoning_content"] = reasoning
-        if msg.get("tool_calls") is not None:
-            if calls:
-                raise RecordError("bad_tool_call", "tool calls given twice (typed parts and tool_calls)",
-                                  field=f"{field}.tool_calls")
-            calls = _openai_tool_calls(msg["tool_calls"], f"{field}.tool_calls")
-        if calls:
-            if role != "assistant":
-                raise RecordError("bad_tool_call", f"tool calls on a {role} turn", field=field)
-            out["tool_calls"] = calls
-        if msg.get("loss_weight") is not None:
-            out["loss_weight"] = _loss_weight(msg["loss_weight"], role, f"{field}.loss_weight")
-        for key in PASSTHROUGH_KEYS:
-            if msg.get(key) is not None:
-                out[key] = msg[key]
         messages.append(out)
     out = {"messages": check_conversation(messages, "messages", offset=-dropped)}
+    return _chat_extras(raw, out, part_tools)
+
+
+def _chat_extras(raw: dict, out: dict, part_tools: list | None) -> dict:
+    """A chat record's top-level fields: tools (a field, or a typed `tools` part), reasoning_effort,
+    template variables."""
     tools = parse_tools(raw.get("tools"))
     if part_tools is not None:
         if tools and tools != part_tools:
