@@ -31,7 +31,7 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 from stages import constants
-from stages.columns import COLUMN_KEYS, TAG_KEYS, folded_format, mapping_problems
+from stages.columns import COLUMN_KEYS, TAG_KEYS, DatasetFormat, mapping_problems
 from stages.fm9g_index import index_language
 from stages.constants import DEFAULT_SEED, DEFAULT_SHARD_TOKENS, LOSS_MODES, OVERFLOW_MODES
 
@@ -61,7 +61,7 @@ class DatasetSpec:
     task_name: str
     abs_weight: float
     path: str  # absolute; may be a file, a dir (FM9G index dir or a folder of sources) or a glob
-    format: str = "auto"
+    format: DatasetFormat = DatasetFormat("auto")  # base "auto": detected at build time
     language: str | None = None
     transforms: str | None = None  # absolute path of the transform script
     allow_repeat: bool = True
@@ -414,9 +414,9 @@ def _source(entry: dict, manifest: Path, at: list, problems: list, notes: list):
     return data_path, None
 
 
-def _format(entry: dict, registry, data_path: str, at: list, problems: list) -> str:
-    """The dataset's format string: its base format, with the column mapping folded in
-    (stages/columns.py). The manifest's formatting/columns/tags replace the registry's."""
+def _format(entry: dict, registry, data_path: str, at: list, problems: list) -> DatasetFormat:
+    """The dataset's format: its base format and column mapping (stages/columns.py). The
+    manifest's formatting/columns/tags replace the registry's."""
     formatting = entry.get("formatting", registry.formatting if registry else None)
     columns = entry.get("columns", registry.columns if registry else {})
     tags = entry.get("tags", registry.tags if registry else {})
@@ -430,7 +430,7 @@ def _format(entry: dict, registry, data_path: str, at: list, problems: list) -> 
         fmt = "alpaca"
     for key, problem in mapping_problems(fmt, columns, tags) if (columns or tags) else []:
         problems.append((format_json_path(at + key.split(".")), problem))
-    return folded_format(fmt, columns, tags)
+    return DatasetFormat.of(fmt, columns, tags)
 
 
 def _opt_float(value: float | None) -> float | None:

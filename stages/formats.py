@@ -26,7 +26,7 @@ What each source format becomes:
 Tool-call `arguments` and tool schemas given as JSON strings (the OpenAI API form) are parsed
 into objects, so string and object forms render the same tokens; a string that is not a JSON
 object stays a string.
-A format string may carry a column mapping (stages/columns.py): `ADAPTERS[fmt]` applies it first.
+A DatasetFormat may carry a column mapping (stages/columns.py): `ADAPTERS[fmt]` applies it first.
 Adapters never reshape a conversation silently: a wrong type, an unknown role, a conversation
 that is odd-length, does not alternate, or does not end with an assistant turn raises
 RecordError naming the field (the build fails there, or counts it under `--on-error skip`).
@@ -36,7 +36,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from . import constants
-from .columns import ColumnMap, split_format
+from .columns import ColumnMap, DatasetFormat
 from .constants import FORMATS
 from .errors import RecordError
 from .tool_calls import _openai_tool_calls, _tool_call, _tool_calls, parse_tools
@@ -400,16 +400,20 @@ def check_conversation(messages: list[dict], field: str, offset: int = 0) -> lis
 
 
 class _AdapterTable(dict):
-    """format → adapter. A folded format string (a base format with a column mapping, see
-    stages/columns.py) resolves to the mapping followed by the base adapter, so every
+    """format → adapter. A mapped format (a DatasetFormat with columns or tags, or its string
+    form; stages/columns.py) resolves to the mapping followed by the base adapter, so every
     `ADAPTERS[job.format]` lookup applies a dataset's mapping without knowing about it."""
 
-    def __missing__(self, fmt: str) -> Callable[[Any], dict]:
-        base, columns, tags = split_format(fmt)
-        if base == fmt or base not in self:
+    def __missing__(self, fmt) -> Callable[[Any], dict]:
+        parsed = DatasetFormat.parse(fmt)
+        if not parsed.mapped:
+            if parsed.base in self:  # a DatasetFormat without a mapping: the base adapter
+                return self[parsed.base]
             raise KeyError(fmt)
-        adapter = _mapped(self[base], ColumnMap(base, columns, tags))
-        self[fmt] = adapter
+        if parsed.base not in self:
+            raise KeyError(fmt)
+        adapter = _mapped(self[parsed.base], ColumnMap(parsed.base, parsed.column_map, parsed.tag_map))
+        self[str(parsed)] = adapter
         return adapter
 
 
@@ -428,11 +432,6 @@ ADAPTERS: dict[str, Callable[[Any], dict]] = _AdapterTable({
     "text": adapt_text, "input-output": adapt_input_output, "alpaca": adapt_alpaca,
     "sharegpt": adapt_sharegpt, "messages": adapt_messages, "firefly": adapt_firefly,
 })
-
-
-def base_format(fmt: str) -> str:
-    """The adapter format of a (possibly folded) format string: what `== "text"` checks need."""
-    return fmt.partition(" ")[0]
 
 
 def validate_canonical(record: Any, where: str) -> dict:
