@@ -161,7 +161,7 @@ def messages_of(record: dict) -> list[dict]:
         if UNATTRIBUTED in markup:
             return [{**m, MARKUP_KEY: markup} for m in messages]
         per = markup.get("messages") or []
-        return [{**m, MARKUP_KEY: mm} if i < len(per) and per[i] else m for i, m in enumerate(messages)]
+        return [{**m, MARKUP_KEY: per[i]} if i < len(per) and per[i] else m for i, m in enumerate(messages)]
     user = {"role": "user", "content": record["input"]}
     assistant = {"role": "assistant", "content": record["output"]}
     if UNATTRIBUTED in markup:

@@ -155,6 +155,9 @@ def check_template(renderer: Renderer, records: list[dict], reference: ChatTempl
         if isinstance(enc, RecordError):
             report.count(f"renderer:{enc.reason}")
             continue
+        if getattr(rec, "markup", None):  # a transform's markup (stages/markup.py): no reference
+            report.count("transform_markup_unverifiable")  # renders its markers as tokens
+            continue
         messages, kwargs, _ = renderer.prepare(rec)  # as the renderer rendered it
         tools = rec.get("tools")
         data_ctl = renderer.data_has_control_text(messages)

@@ -161,3 +161,52 @@ def test_a_chat_template_over_templated_text_is_counted(tmp_path):
                          "'output': data['output']}\n")
     enc = renderer.encode_batch([run(t, {"input": "q", "output": "a"})])[0]
     assert "template_markup_in_text" in enc.notes
+
+
+ADD_TEMPLATE = ("def transform(data, num_sample, r):\n"
+                "    return {'input': '<|im_start|>user\\n' + data['input'] + '<|im_end|>\\n<|im_start|>assistant\\n',\n"
+                "            'output': data['output'] + '<|im_end|>'}\n")
+
+
+def fm9g_list(tmp_path, records, meta_language="zh"):
+    """An FM9G index dir (its meta.json saying `meta_language`), a transform and a list manifest."""
+    src = tmp_path / "src.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in records))
+    write_fm9g_index(src, tmp_path / "idx", language=meta_language)
+    (tmp_path / "t.py").write_text(ADD_TEMPLATE)
+    manifest = tmp_path / "list.json"
+    manifest.write_text(json.dumps([{"dataset_name": "d", "task_name": "d", "abs_weight": 1, "path": "idx",
+                                     "transforms": "t.py"}]))
+    return manifest
+
+
+def test_list_form_defaults_to_no_template_and_takes_the_index_language(tmp_path):
+    from pipeline.build import build_mixture
+    manifest = fm9g_list(tmp_path, [{"input": "q", "output": "a"}])
+    _, plans, warnings = build_mixture(str(manifest), out=str(tmp_path / "out"), workers=1,
+                                       tokenizer=str(SAMPLE / "tokenizer"))
+    assert plans[0].job.template == "none" and plans[0].meta["language"] == "zh"
+    assert not any("template_markup_in_text" in w for w in warnings)
+
+
+def test_a_chat_template_over_already_templated_records_is_counted_and_warned(tmp_path):
+    from pipeline.build import build_mixture
+    manifest = fm9g_list(tmp_path, [{"input": "q", "output": "a"}, {"input": "r", "output": "b"}])
+    _, plans, warnings = build_mixture(str(manifest), out=str(tmp_path / "out"), workers=1,
+                                       tokenizer=str(SAMPLE / "tokenizer"), template="chatml")
+    assert plans[0].meta["render_notes"]["template_markup_in_text"] == 2
+    assert any("2 records already hold the control strings of chat template 'chatml'" in w for w in warnings)
+
+
+def test_markup_a_transform_writes_into_chat_messages(tmp_path, sample_renderer):
+    tok, _ = sample_renderer
+    renderer = Renderer(tok, resolve_template("chatml", tok))
+    t = script(tmp_path, "    m = data['messages']\n"
+                         "    return {'messages': [{'role': 'system', 'content': 'Be <|im_start|>brief.'}] + m[:-1]\n"
+                         "            + [{'role': 'assistant', 'content': m[-1]['content'] + ' <|im_end|>'}]}\n")
+    rec = run(t, {"messages": [{"role": "user", "content": "q <|im_start|>"}, {"role": "assistant", "content": "a"}]})
+    ids = renderer.encode_batch([rec])[0].ids.tolist()
+    plain = renderer.encode_batch([{"messages": [dict(m) for m in rec["messages"]]}])[0].ids.tolist()
+    start, end = tok.control_tokens["<|im_start|>"], tok.control_tokens["<|im_end|>"]
+    # the transform's two markers are tokens here; all four texts are text when nothing is known
+    assert ids.count(start) == plain.count(start) + 1 and ids.count(end) == plain.count(end) + 1
