@@ -175,6 +175,18 @@ def messages_of(record: dict) -> list[dict]:
     return [user, assistant]
 
 
+def writes_controls(record: dict, control_re: re.Pattern | None) -> bool:
+    """Whether the transform's own text in ``record`` holds control-token text (then the
+    record's ids are not those of its text rendered as data; without it they are)."""
+    markup = _markup(record)
+    if not markup or control_re is None:
+        return False
+    if UNATTRIBUTED in markup:
+        return False
+    parts = [*(markup.get("record") or {}).values(), *(s for m in markup.get("messages") or () for s in m.values())]
+    return any(lit and control_re.search(t) for segs in parts for t, lit in segs)
+
+
 def segments(message: dict, key: str, value: str, control_re: re.Pattern | None) -> list[tuple[str, bool]]:
     """``value`` (the message's ``key`` as rendered) as [(text, written by the transform)].
     A layout rule may have cut the end off (the EOS a response ends with): the markup is cut
@@ -272,4 +284,4 @@ def check_text(record: dict, control_re: re.Pattern | None) -> None:
 
 
 __all__ = ["TEMPLATE_MARKUP_NOTE", "controls_re", "template_markup_note", "template_markup_warnings", "MARKUP_KEY", "UNATTRIBUTED", "Marked", "attach", "derive", "messages_of", "placeholder_record",
-           "segments", "check_text", "check_written"]
+           "segments", "check_text", "check_written", "writes_controls"]
