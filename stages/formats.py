@@ -14,7 +14,9 @@ What each source format becomes:
 * alpaca: `system`, `history` [[query, response], …], then `instruction` + "\\n" + `input` → `output`.
 * sharegpt: `conversations[{from, value}]` with human/gpt/system/function_call/observation
   (function_call → an assistant turn with `tool_calls`, observation → a `tool` turn);
-  top-level `system` and `tools`.
+  top-level `system`, `tools` and `reasoning_effort`. Every other turn field is read as a
+  messages turn's is (`_message`: reasoning, tool_calls, loss_weight, name, typed parts), so a
+  messages file read as sharegpt through column `tags` loses nothing.
 * messages: plain string content or typed parts `[{type, value}]` (`text` → content,
   `reasoning` → reasoning_content, `tool_call` / `tool_calls` → tool_calls, and on the system
   turn `tools` → the record's tools, LLaMA-Factory's typed-part schema), per-message `loss_weight`,

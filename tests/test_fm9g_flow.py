@@ -210,3 +210,16 @@ def test_markup_a_transform_writes_into_chat_messages(tmp_path, sample_renderer)
     start, end = tok.control_tokens["<|im_start|>"], tok.control_tokens["<|im_end|>"]
     # the transform's two markers are tokens here; all four texts are text when nothing is known
     assert ids.count(start) == plain.count(start) + 1 and ids.count(end) == plain.count(end) + 1
+
+
+def test_template_check_says_which_records_it_cannot_check(tmp_path):
+    from stages.template_check import check_template
+    tok = load_tokenizer(str(SAMPLE / "tokenizer"))
+    renderer = Renderer(tok, resolve_template("chatml", tok))
+    marked = run(script(tmp_path, "    return {'input': '<|im_start|>' + data['input'], 'output': data['output']}\n"),
+                 {"input": "q", "output": "a"})
+    plain = run(script(tmp_path, "    return {'input': 'Q: ' + data['input'], 'output': data['output']}\n"),
+                {"input": "q", "output": "a"})
+    report = check_template(renderer, [marked, plain])
+    # markers as tokens have no reference; plain transform text is checked like data
+    assert report.not_checked == {"transform_markup_unverifiable": 1} and report.checked == 1 and report.ok
