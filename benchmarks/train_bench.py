@@ -1,8 +1,14 @@
 """Ours (`python -m train`, packed) vs HF Trainer on the same SFT samples, rounds rotated A B C A B C …
 
-    python benchmarks/train_bench.py [--rounds 3 --steps 10 --batch 4 --seq 512]
+    python benchmarks/train_bench.py [--rounds 3 --steps 10 --batch 1 --seq 2048] [--loss-memory 8192]
 
-The SFT source (default: LLaMA-Factory's alpaca_en_demo from /work/shared, else sample_data's
+Equal layouts: by default one packed row of `--seq` tokens per step, which is exactly what HF's
+flattening collator makes of the same documents (one row, position_ids restarting per sample);
+with `--batch B > 1` ours gets B rows while HF flattening still gets one row of B·seq (on CPU
+a dense block-diagonal mask costs O(row²): not like for like). Vocabulary: the real Qwen2.5
+tokenizer from ../shared (151 k ids, its own chat template) when present, else sample_data's.
+
+The SFT source (default: LLaMA-Factory's alpaca_en_demo from ../shared, else sample_data's
 alpaca_zh) is built with the pipeline into a lock. Our packed stream's first `steps` batches are
 split back into their documents (cu_seqlens), so every variant trains exactly the same samples,
 grouped the same way per step:
@@ -13,7 +19,10 @@ grouped the same way per step:
 Model: a tiny Qwen2 from sample_data/tiny_model.json (vocab = the tokenizer's), fp32, CPU.
 Loss tokens/s = shifted labels != -100 of steps 2..N / their seconds (step 1 pays warm-up).
 Prints per-round figures, ratios ours/hf as median [min–max] over rounds, and the first-step
-losses side by side (equal up to float rounding when the packed attention keeps samples apart).
+losses side by side (equal up to float rounding: the same samples, the same model).
+
+`--loss-memory N`: peak RSS growth of one forward + backward of the loss on a row of N tokens
+(40 % trained), full-vocabulary logits (HF's way) vs train/head_loss.py, each in a fresh process.
 """
 from __future__ import annotations
 
@@ -31,7 +40,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_SFT = ROOT.parent / "shared" / "corpora" / "llamafactory-alpaca-en-zh" / "alpaca_en_demo.json"
 LOCAL_SFT = ROOT / "sample_data" / "alpaca_zh.json"
 MODEL_CONFIG = ROOT / "sample_data" / "tiny_model.json"
-TOKENIZER = ROOT / "sample_data" / "tokenizer"
+QWEN_TOKENIZER = ROOT.parent / "shared" / "tokenizers" / "qwen2.5-family-internvl2_5-1b"
+TOKENIZER = QWEN_TOKENIZER if (QWEN_TOKENIZER / "tokenizer.json").is_file() else ROOT / "sample_data" / "tokenizer"
 VARIANTS = ("ours", "hf_pad", "hf_flat")
 
 
@@ -155,6 +165,65 @@ def run_hf(variant: str, samples_file: Path, work: Path, args) -> dict:
     return json.loads(res.read_text())
 
 
+# ------------------------------------------------------------------ loss-step memory
+def loss_step_memory(variant: str, n_tokens: int, args) -> dict:
+    """Peak RSS growth of one loss forward + backward (fresh process, model already built)."""
+    import resource
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from train import head_loss
+    from train.model import loss_sum, model_inputs, shift_labels
+    torch.set_num_threads(args.threads)
+    cfg = json.loads(Path(args.model_config).read_text())
+    cfg["vocab_size"] = len(AutoTokenizer.from_pretrained(args.tokenizer))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg),
+                                             attn_implementation="sdpa")
+    ids = torch.randint(0, model.config.vocab_size, (1, n_tokens))
+    labels = ids.clone()
+    doc = 512
+    for a in range(0, n_tokens, doc):  # each 512-token document: its first 60 % is prompt
+        labels[0, a:a + int(doc * 0.6)] = -100
+    batch = {"input_ids": ids, "labels": labels, "position_ids": (torch.arange(n_tokens) % doc)[None]}
+    if variant == "ours":
+        head_loss.trained_position_head(model)  # probe before measuring
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    if variant == "ours":
+        per_token, target = loss_sum(model, batch, per_token=True)
+    else:
+        target = shift_labels(batch)
+        logits = model(**model_inputs(batch, False)).logits
+        per_token = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1),
+                                    ignore_index=-100, reduction="none")
+    per_token.sum().backward()
+    secs = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_growth_mb": (peak - before) / 1024, "seconds": secs, "loss": float(per_token.sum())}
+
+
+def report_loss_memory(args) -> None:
+    res = {}
+    for variant in ("full_logits", "ours"):
+        cmd = [sys.executable, str(Path(__file__)), "--mem-worker", variant, "--loss-memory", str(args.loss_memory),
+               "--tokenizer", str(args.tokenizer), "--model-config", str(args.model_config),
+               "--threads", str(args.threads)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), HF_HUB_OFFLINE="1", PYTHONPATH=str(args.code))
+        p = subprocess.run(cmd, cwd=args.code, env=env, capture_output=True, text=True, timeout=1800)
+        if p.returncode != 0:
+            raise SystemExit(f"error: loss-memory {variant} failed:\n{p.stderr[-3000:]}")
+        res[variant] = json.loads(p.stdout.strip().splitlines()[-1])
+        r = res[variant]
+        print(f"loss step, {args.loss_memory} tokens: {variant:12s} peak RSS growth {r['peak_growth_mb']:8.1f} MB  "
+              f"{r['seconds']:.2f} s  loss sum {r['loss']:.4f}", flush=True)
+    a, b = res["full_logits"], res["ours"]
+    print(f"  ours / full_logits: memory {b['peak_growth_mb'] / max(a['peak_growth_mb'], 1e-9):.2f}x, "
+          f"time {b['seconds'] / a['seconds']:.2f}x", flush=True)
+
+
 def _fmt(xs: list[float]) -> str:
     return f"{statistics.median(xs):.2f} [{min(xs):.2f}–{max(xs):.2f}]"
 
@@ -163,8 +232,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--batch", type=int, default=4, help="our packed rows per step")
-    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1, help="our packed rows per step (1 = HF flattening's layout)")
+    p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--threads", type=int, default=1, help="OMP threads of every run")
@@ -178,13 +247,29 @@ def main(argv=None) -> int:
     p.add_argument("--hf-worker", dest="hf_worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--samples", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--loss-memory", dest="loss_memory", type=int, default=0,
+                   help="also measure the loss step's peak memory on a row of N tokens")
+    p.add_argument("--mem-worker", dest="mem_worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.hf_worker:
         hf_worker(args.samples, args.result, args.hf_worker, args)
         return 0
+    if args.mem_worker:
+        print(json.dumps(loss_step_memory(args.mem_worker, args.loss_memory, args)))
+        return 0
+    if args.loss_memory:
+        report_loss_memory(args)
+        if args.rounds == 0:
+            return 0
 
     work = args.work or Path(tempfile.mkdtemp(prefix="train_bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    # every variant gets the same model config, sized to the tokenizer (no resize at start)
+    from transformers import AutoTokenizer
+    model_cfg = json.loads(Path(args.model_config).read_text())
+    model_cfg["vocab_size"] = len(AutoTokenizer.from_pretrained(args.tokenizer))
+    args.model_config = work / "model_config.json"
+    args.model_config.write_text(json.dumps(model_cfg))
     lock = build_lock(work, args.source, args.tokenizer, args.seq)
     groups = step_samples(lock, args.seq, args.batch, args.steps)
     samples_file = work / "samples.json"
@@ -192,6 +277,7 @@ def main(argv=None) -> int:
     per_step = [loss_tokens(g) for g in groups]
     print(f"source {args.source.name}: {sum(map(len, groups))} samples in {len(groups)} steps "
           f"({args.batch} packed rows x {args.seq}), {sum(per_step):,} loss tokens; "
+          f"vocab {model_cfg['vocab_size']:,} ({Path(args.tokenizer).name}); "
           f"{args.rounds} rounds, OMP threads {args.threads}", flush=True)
     variants = args.variants.split(",")
     measured = sum(per_step[1:])

@@ -1,6 +1,7 @@
 """The mixture lock file (DESIGN §5): what training reads, and all it reads.
 
-Weights follow FM9G: ``abs_weight`` is a token share, so dataset *i* is drawn with
+Weights follow FM9G: ``abs_weight`` is a token share (under the manifest's ``weights:
+tokens``, ``abs_weight × the built tokens`` is), so dataset *i* is drawn with
 probability ∝ ``abs_weight_i / ave_tokens_per_line_i``; then the expected tokens drawn from
 *i* per draw are ∝ ``abs_weight_i``. Unlike FM9G (a declared or EMA-estimated mean), the
 mean here is the exact one of the built data (``n_tokens / nlines`` from meta.json).
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,8 @@ def make_lock(mixture: Mixture, built: list[tuple[DatasetSpec, str, dict]]) -> t
                 f"{tokenizer['sha256']}; a mixture needs one tokenizer")
 
     weights = [spec.abs_weight for spec, _, _ in built]
+    if mixture.weights == "tokens":  # share ∝ abs_weight × the dataset's built tokens
+        weights = [w * m["n_tokens"] for w, (_, _, m) in zip(weights, built)]
     if not all(math.isfinite(w) and w >= 0 for w in weights):
         raise LockError(f"abs_weight must be finite and >= 0, got {weights}")
     # Weights near the float limit (1e308 + 1e308 = inf) are scaled by the largest first;
@@ -127,7 +131,7 @@ def make_lock(mixture: Mixture, built: list[tuple[DatasetSpec, str, dict]]) -> t
         entries.append({
             "dataset_name": spec.dataset_name,
             "task_name": spec.task_name,
-            "abs_weight": spec.abs_weight,
+            "abs_weight": spec.abs_weight,  # as the manifest gives it; token_share says the share
             "token_share": weight / total_weight if total_weight else 0.0,
             "path": os.path.abspath(built_dir),
             "key": meta["key"],
@@ -188,6 +192,56 @@ def write_lock(lock: dict, path: str | os.PathLike) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = orjson.dumps(lock, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE)
     atomic_write_bytes(path, data, fsync=True)
+
+
+@dataclass(frozen=True)
+class LockEntry:
+    """One dataset of a lock, as the schema above defines it (every field required but
+    `n_tokens`, which locks written before it existed lack)."""
+    dataset_name: str
+    task_name: str
+    abs_weight: float
+    token_share: float
+    sample_probability: float
+    path: str
+    key: str
+    allow_repeat: bool
+    nlines: int
+    ave_tokens_per_line: float
+    total_tokens: float
+    n_tokens: int | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LockEntry":
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+
+@dataclass(frozen=True)
+class Lock:
+    """A validated mixture lock: read once (`load_lock`) and handed on. `raw` is the dict as
+    read, for the readers that hash or copy it byte for byte."""
+    path: Path
+    manifest_sha256: str
+    seed: int
+    max_length: int
+    tokenizer: dict
+    datasets: tuple[LockEntry, ...]
+    raw: dict
+
+    def entry(self, dataset_name: str) -> LockEntry:
+        for e in self.datasets:
+            if e.dataset_name == dataset_name:
+                return e
+        names = ", ".join(e.dataset_name for e in self.datasets)
+        raise LockError(f"{self.path}: no dataset {dataset_name!r} (it has: {names})")
+
+
+def load_lock(path: str | os.PathLike) -> Lock:
+    """Read and validate a lock file (`read_lock`) into a typed `Lock`."""
+    raw = read_lock(path)
+    return Lock(path=Path(path), manifest_sha256=raw["manifest_sha256"], seed=raw["seed"],
+                max_length=raw["max_length"], tokenizer=raw["tokenizer"],
+                datasets=tuple(LockEntry.from_dict(d) for d in raw["datasets"]), raw=raw)
 
 
 def read_lock(path: str | os.PathLike) -> dict[str, Any]:

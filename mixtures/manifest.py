@@ -36,7 +36,7 @@ from stages.fm9g_index import index_language
 from stages.constants import DEFAULT_SEED, DEFAULT_SHARD_TOKENS, LOSS_MODES, OVERFLOW_MODES
 
 from .manifest_io import (MAX_FLOAT, ManifestError, _find_duplicate_keys, _json_type, _parse_json,  # noqa: F401
-                          format_json_path, schema_problems)
+                          format_json_path, parse_manifest, schema_problems)
 from .registry import RegistryError, mapped_base_format, registry_entry
 
 FORMATS = constants.MANIFEST_FORMATS
@@ -53,6 +53,18 @@ DEFAULT_TEMPLATE = "tokenizer"
 DEFAULT_FM9G_TEMPLATE = "none"
 DEFAULT_MAX_LENGTH = 4096
 FORMATTINGS = ("alpaca", "sharegpt")  # LLaMA-Factory's `formatting` values
+# How abs_weight becomes a token share: as given (FM9G), or times each dataset's built tokens
+# (`tokens`: abs_weight 1 everywhere = the natural proportion, as if the sources were concatenated).
+WEIGHTINGS = ("abs_weight", "tokens")
+
+
+def default_overflow(base_format: str) -> str:
+    """The overflow policy of a dataset whose manifest gives none: `segment` for plain text
+    (a long document is split into max_length pieces, all kept), `truncate` for every chat
+    format (an over-long SFT record keeps its prompt and the head of its response, as
+    LLaMA-Factory's cutoff_len and HF truncation do; a tail piece without its prompt would
+    train on a response to nothing)."""
+    return "segment" if base_format == "text" else "truncate"
 
 
 @dataclass(frozen=True)
@@ -65,7 +77,7 @@ class DatasetSpec:
     language: str | None = None
     transforms: str | None = None  # absolute path of the transform script
     allow_repeat: bool = True
-    overflow: str = "segment"
+    overflow: str | None = None  # None: by format (`default_overflow`), decided once it is known
     incontext_weight: tuple[float, ...] = (1.0,)  # num_sample is drawn with these weights
     declared_nlines: float | None = None
     declared_ave_tokens_per_line: float | None = None
@@ -87,6 +99,7 @@ class Mixture:
     datasets: tuple[DatasetSpec, ...]
     trust_remote_code: bool = False  # run the tokenizer dir's own loader (auto_map)
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # the top-level / --shard-tokens value
+    weights: str = "abs_weight"  # WEIGHTINGS: token share ∝ abs_weight, or ∝ abs_weight × built tokens
     notes: tuple[str, ...] = ()  # things ignored on purpose (LLaMA-Factory `ranking`, ...): show them
 
 
@@ -173,6 +186,7 @@ def _settings_properties(templates: tuple[str, ...]) -> dict[str, Any]:
         "seed": {"type": "integer", "minimum": 0},
         "trust_remote_code": {"type": "boolean"},
         "shard_tokens": _SHARD_TOKENS,
+        "weights": {"enum": list(WEIGHTINGS)},
     }
 
 
@@ -230,7 +244,7 @@ def load_manifest(
         raw = manifest.read_bytes()
     except OSError as e:
         raise ManifestError(manifest, [("$", f"cannot read manifest: {e.strerror or e}")]) from None
-    doc = _parse_json(manifest, raw)
+    doc = parse_manifest(manifest, raw)  # JSON, or YAML for .yaml/.yml
     base = manifest.parent
 
     if isinstance(doc, list):
@@ -303,6 +317,7 @@ def load_manifest(
         trust_remote_code=(trust_remote_code if trust_remote_code is not None
                            else settings.get("trust_remote_code", False)),
         shard_tokens=top_shard_tokens,
+        weights=settings.get("weights", "abs_weight"),
         notes=tuple(notes),
     )
 
@@ -341,7 +356,7 @@ def _dataset_spec(entry: dict, manifest: Path, at: list, shard_tokens: int,
     if ave == -1:  # FM9G: "-1 means max_length", i.e. no declaration to check against
         ave = None
 
-    overflow = entry.get("overflow", "segment")
+    overflow = entry.get("overflow")  # None: by format, see default_overflow
     if "oversize_rule" in entry:
         if "overflow" in entry:
             problems.append((where("oversize_rule"), "give only one of overflow, oversize_rule"))

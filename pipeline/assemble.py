@@ -128,7 +128,7 @@ def make_meta(plan, totals: _Totals, shards: list[dict], tok, template, mixture,
         "transform": ({"path": spec.transforms, "sha256": plan.transform_sha256}
                       if spec.transforms else None),
         "build": {"format": str(plan.job.format), "max_length": mixture.max_length,
-                  "overflow": spec.overflow, "loss": plan.job.loss, "seed": plan.job.seed,
+                  "overflow": plan.job.overflow, "loss": plan.job.loss, "seed": plan.job.seed,
                   "encoder": encoder, "shard_tokens": shard_tokens},
         "skipped": dict(sorted(totals.skipped.items())),
         "rejects": "rejects.jsonl" if sum(totals.skipped.values()) else None,

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mixtures.lock import LockError, make_lock, write_lock
-from mixtures.manifest import DatasetSpec, Mixture, load_manifest
+from mixtures.manifest import DatasetSpec, Mixture, default_overflow, load_manifest
 from mixtures.transforms import load_transform, transform_cache_id
 from stages.built_dataset import read_meta
 from stages.column_scan import check_mapped_keys
@@ -112,16 +112,17 @@ def plan_dataset(spec: DatasetSpec, mixture: Mixture, tok, template, cache: Path
     check_mapped_keys(spec.dataset_name, fmt.column_map, units)  # stages/column_scan.py
     transform_sha = load_transform(spec.transforms).sha256 if spec.transforms else None
     loss = spec.loss
+    overflow = spec.overflow or default_overflow(fmt.base)
     target = shard_tokens_of(spec, shard_tokens)
     key = dataset_key(sources=sources, format=str(fmt), transform_sha256=transform_cache_id(transform_sha),
                       seed=mixture.seed, template_sha256=template.sha256,
                       tokenizer_sha256=tok.sha256, max_length=mixture.max_length,
-                      overflow=spec.overflow, loss=loss, txt_paragraphs=paragraphs,
+                      overflow=overflow, loss=loss, txt_paragraphs=paragraphs,
                       shard_tokens=target)
     check_name(spec.dataset_name, cache)
     entry = CacheEntry(cache, spec.dataset_name, key)
     job = DatasetJob(spec.dataset_name, fmt, tok.path, mixture.template, mixture.max_length,
-                     spec.overflow, loss, spec.transforms, mixture.seed, on_error, str(entry.partial),
+                     overflow, loss, spec.transforms, mixture.seed, on_error, str(entry.partial),
                      trust_remote_code=mixture.trust_remote_code)
     return DatasetPlan(spec, entry, job, sources, units, shard_tokens=target,
                        transform_sha256=transform_sha)

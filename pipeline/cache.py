@@ -25,6 +25,7 @@ from pathlib import Path
 import orjson
 import xxhash
 
+from stages.built_dataset import BuiltMeta, DatasetError
 from stages.errors import BuildError
 from stages.fsutil import atomic_write_bytes
 from stages.readers import UNIT_BYTES, file_stamp, memoised_digest
@@ -297,14 +298,23 @@ def _built_dirs(cache: Path) -> list[Path]:
 
 
 def list_entries(cache: Path) -> list[dict]:
+    """A row per built dir; a dir whose meta.json is invalid gets `invalid` (its reason) and an
+    empty key: gc never removes what it cannot identify."""
     rows = []
     for d in _built_dirs(cache):
-        meta = orjson.loads((d / "meta.json").read_bytes())
+        try:
+            meta = BuiltMeta.read(d)
+            name, key, invalid = meta.dataset_name, meta.key, None
+        except DatasetError as e:
+            name, key, invalid = d.name, "", str(e)
         size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
         used = d / ".last_used"
-        last = int(used.read_text()) if used.exists() else int((d / "meta.json").stat().st_mtime)
-        rows.append({"dir": str(d), "dataset": meta.get("dataset_name", d.name), "key": meta.get("key", ""),
-                     "bytes": size, "last_used": last})
+        try:
+            last = int(used.read_text())
+        except (OSError, ValueError):  # none yet, or a damaged one: the build's own time
+            last = int((d / "meta.json").stat().st_mtime)
+        rows.append({"dir": str(d), "dataset": name, "key": key, "bytes": size, "last_used": last,
+                     "invalid": invalid})
     return rows
 
 
@@ -312,6 +322,8 @@ def gc(cache: Path, keep_keys: set[str] | None, older_than_s: float | None, dry_
     """Remove built dirs not referenced by the kept locks and/or unused for a while."""
     removed, now = [], time.time()
     for row in list_entries(cache):
+        if row["invalid"]:
+            continue  # not identifiable: left for the user (`cache list` shows why)
         unreferenced = keep_keys is not None and row["key"] not in keep_keys
         stale = older_than_s is not None and now - row["last_used"] > older_than_s
         # Both given: remove only what is unreferenced AND stale; one given: that one decides.

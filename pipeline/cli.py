@@ -32,6 +32,15 @@ def _positive(text: str) -> int:
     return n
 
 
+def _days(text: str) -> float:
+    """A finite number of days >= 0: `--older-than -1` (or nan) would match every dir."""
+    import math
+    days = float(text)  # ValueError: argparse says "invalid _days value"
+    if not math.isfinite(days) or days < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of days >= 0, got {text}")
+    return days
+
+
 def _parents() -> dict[str, argparse.ArgumentParser]:
     """Flags shared by several commands, defined once."""
     where = argparse.ArgumentParser(add_help=False)
@@ -116,10 +125,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("manifest", nargs="?", default=None,
                    help="use the cache a build of this manifest uses (default: $TOKENMILL_CACHE, "
                         "else build/cache)")
-    c.add_argument("--keep", nargs="*", default=None, metavar="LOCK",
-                   help="gc: keep dirs that these locks reference")
-    c.add_argument("--older-than", type=float, default=None, metavar="DAYS",
-                   help="gc: remove dirs unused for longer than this")
+    c.add_argument("--keep", nargs="+", default=None, metavar="LOCK",
+                   help="gc: keep dirs that these mixture locks reference (at least one lock)")
+    c.add_argument("--older-than", type=_days, default=None, metavar="DAYS",
+                   help="gc: remove dirs unused for longer than this (>= 0)")
     c.add_argument("--dry-run", action="store_true", help="gc: only print what would be removed")
     return p
 
@@ -132,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("plan: give --tokens N, or --steps S with --global-batch-tokens T")
     if args.cmd == "cache" and args.action == "gc" and args.keep is None and args.older_than is None:
         parser.error("cache gc needs --keep LOCK… and/or --older-than DAYS")
+    if args.cmd == "cache" and args.action == "gc" and args.keep is not None:
+        args.keep_keys = _keep_keys(parser, args.keep)
     from .executors import handle_sigterm_as_interrupt
     handle_sigterm_as_interrupt()
     try:
@@ -152,6 +163,25 @@ def main(argv: list[str] | None = None) -> int:
             raise  # a bug: keep the traceback
         print(f"error: {message}", file=sys.stderr)
         return 1
+
+
+def _keep_keys(parser: argparse.ArgumentParser, locks: list[str]) -> set[str]:
+    """The dataset keys the `--keep` locks reference. A lock that is empty text (an unset
+    shell variable) or not a valid mixture lock is a usage error: gc must never read it as
+    "keep nothing" and empty the cache."""
+    from mixtures.lock import LockError, load_lock
+    keys: set[str] = set()
+    for path in locks:
+        if not path.strip():
+            parser.error("cache gc --keep: an empty lock path (an unset shell variable?); "
+                         "nothing was removed")
+        try:
+            lock = load_lock(path)
+        except LockError as e:
+            first = str(e).splitlines()[0]
+            parser.error(f"cache gc --keep {path}: not a mixture lock ({first}); nothing was removed")
+        keys.update(entry.key for entry in lock.datasets)
+    return keys
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -271,13 +301,22 @@ def _cache(args) -> int:
     if args.action == "list":
         for r in list_entries(cache):
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"]))
-            print(f"{r['dataset']:<24} {r['key'][:16]}  {r['bytes'] / 1e6:9.2f} MB  last used {when}")
+            bad = f"  INVALID: {r['invalid']}" if r["invalid"] else ""
+            print(f"{r['dataset']:<24} {r['key'][:16]:<16}  {r['bytes'] / 1e6:9.2f} MB  last used {when}{bad}")
         return 0
-    keep = None
-    if args.keep is not None:
-        import orjson
-        keep = {d["key"] for lock in args.keep for d in orjson.loads(Path(lock).read_bytes())["datasets"]}
+    keep = getattr(args, "keep_keys", None)
+    entries = [r for r in list_entries(cache) if not r["invalid"]]
+    if keep is not None and entries and not keep & {r["key"] for r in entries}:
+        # A lock of another cache (a wrong --cache) would remove everything here.
+        print(f"error: cache gc --keep: the locks reference none of the {len(entries)} built datasets "
+              f"in {cache} (wrong --cache?); nothing was removed. To empty it, give --older-than 0 "
+              "without --keep", file=sys.stderr)
+        return 2
     older = args.older_than * 86400 if args.older_than is not None else None
-    for d in gc(cache, keep, older, args.dry_run):
+    removed = gc(cache, keep, older, args.dry_run)
+    for d in removed:
         print(("would remove " if args.dry_run else "removed ") + d)
+    if not removed:
+        print(f"nothing to remove: all {len(entries)} built datasets in {cache} are "
+              + ("kept" if keep is not None and older is None else "kept or recent"))
     return 0

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import orjson
 
+from stages.built_dataset import BuiltMeta
 from stages.stats import FM9G_BUCKETS
 
 from .verify import built_dirs
@@ -23,7 +24,9 @@ COLUMNS = ("records", "tok/record", "record max", "samples", "tokens", "loss tok
 
 
 def load_meta(d: Path) -> dict:
-    return orjson.loads((d / "meta.json").read_bytes())
+    """meta.json of a built dir, validated (stages.built_dataset.BuiltMeta): a broken one is
+    one error line naming the dir and field, not a KeyError later."""
+    return BuiltMeta.read(d).raw
 
 
 def safe(value) -> str:

@@ -7,8 +7,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import orjson
-
+from mixtures.lock import LockError, load_lock
+from stages.built_dataset import BuiltMeta
 from stages.errors import RecordError
 from stages.render import Renderer
 
@@ -64,18 +64,20 @@ def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None
     tmpl = resolve(cache_dir, mixture.template, tok, real=not cache_dir.is_dir())
     memo = FingerprintMemo(cache_dir) if cache_dir.is_dir() else None
     locked = set()
+    rows, warnings = [], [f"note: {n}" for n in mixture.notes]
     lock_path = out_dir / "mixture.lock.json"
     if lock_path.is_file():
-        locked = {d["key"] for d in orjson.loads(lock_path.read_bytes())["datasets"]}
-    total_w = sum(s.abs_weight for s in mixture.datasets)
-    rows, warnings = [], [f"note: {n}" for n in mixture.notes]
+        try:
+            locked = {e.key for e in load_lock(lock_path).datasets}
+        except LockError as e:  # the next build rewrites it; the plan still stands
+            warnings.append(f"the existing lock is not used ({str(e).splitlines()[0]})")
     for spec in mixture.datasets:
         plan = plan_dataset(spec, mixture, tok, tmpl, cache_dir, memo.data if memo else {}, "skip",
                             shard_tokens)
         if plan.entry.is_valid():
-            meta = orjson.loads((plan.entry.final / "meta.json").read_bytes())
+            meta = BuiltMeta.read(plan.entry.final)
             status = "built" if plan.entry.key in locked else "reusable"
-            n_tok, n_samp, est = float(meta["n_tokens"]), float(meta["n_samples"]), False
+            n_tok, n_samp, est = float(meta.n_tokens), float(meta.n_samples), False
         else:
             real = resolve(cache_dir, mixture.template, tok, real=True)
             if real.sha256 != tmpl.sha256:  # a stale memo: the key was computed with another template
@@ -84,8 +86,13 @@ def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None
                                     shard_tokens)
             renderer = Renderer(tok.real, real, plan.job.loss)
             (n_tok, n_samp), status, est = _estimate(plan, renderer), "to build", True
-        row = PlanRow(spec.dataset_name, status, n_tok, n_samp, est, spec.abs_weight / total_w,
-                      spec.allow_repeat)
+        rows.append(PlanRow(spec.dataset_name, status, n_tok, n_samp, est, 0.0, spec.allow_repeat))
+    # The lock's rule (mixtures.lock.make_lock): share ∝ abs_weight, or × tokens under `weights: tokens`
+    weight = [s.abs_weight * (r.tokens if mixture.weights == "tokens" else 1.0)
+              for s, r in zip(mixture.datasets, rows)]
+    for spec, row, w in zip(mixture.datasets, rows, weight):
+        row.share = w / sum(weight) if sum(weight) else 0.0
+        n_tok = row.tokens
         if tokens:
             want = row.share * tokens
             row.epochs = want / n_tok if n_tok else float("inf")
@@ -96,7 +103,6 @@ def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None
                                 "shares grow")
             elif row.epochs > REPEAT_WARN:
                 warnings.append(f"{spec.dataset_name}: repeats {row.epochs:.1f} times over the budget")
-        rows.append(row)
     if memo:
         memo.save()  # fingerprints and unit plans: the next plan/build does not read the bytes again
     return rows, warnings

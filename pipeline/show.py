@@ -17,10 +17,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import orjson
 
+from mixtures.lock import load_lock
 from mixtures.manifest import DEFAULT_SEED
-from stages.built_dataset import Provenance, open_built
+from stages.built_dataset import BuiltMeta, Provenance, open_built
 from stages.errors import BuildError, RecordError
 from stages.columns import DatasetFormat
 from stages.jinja_env import available_templates
@@ -194,7 +194,7 @@ def show(path: str, index: int = 0, dataset: str | None = None, color: bool | No
     user (never imported from meta.json alone; its sha256 must match)."""
     dirs = built_dirs(path)
     if dataset:
-        dirs = [d for d in dirs if orjson.loads((d / "meta.json").read_bytes()).get("dataset_name") == dataset]
+        dirs = [d for d in dirs if BuiltMeta.read(d).dataset_name == dataset]
         if not dirs:
             raise BuildError(f"no dataset named {dataset!r} in {path}")
     d = dirs[0]
@@ -214,8 +214,7 @@ def show(path: str, index: int = 0, dataset: str | None = None, color: bool | No
     else:
         seed = meta["build"].get("seed")  # the seed the transform ran with (older builds: the lock's)
         if seed is None:
-            seed = orjson.loads(Path(path).read_bytes()).get("seed", DEFAULT_SEED) if Path(path).is_file() \
-                else DEFAULT_SEED
+            seed = load_lock(path).seed if Path(path).is_file() else DEFAULT_SEED
         try:
             labels, where = explain_sample(meta, prov, arrays, i, tok, seed=seed, template=template,
                                            named_transform=transform)

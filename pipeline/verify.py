@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import orjson
-
+from mixtures.lock import load_lock
 from stages.built_dataset import DatasetError, open_built
-from stages.errors import BuildError
 
 
 def built_dirs_with_entries(path: str) -> list[tuple[Path, dict | None, dict | None]]:
@@ -21,19 +19,11 @@ def built_dirs_with_entries(path: str) -> list[tuple[Path, dict | None, dict | N
         return [(p, None, None)]
     if not p.is_file():
         raise FileNotFoundError(f"{path}: not a built dataset dir or a lock file")
-    try:
-        lock = orjson.loads(p.read_bytes())
-    except orjson.JSONDecodeError as e:
-        raise BuildError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(lock, dict) or not isinstance(lock.get("datasets"), list):
-        raise BuildError(f"{path}: field 'datasets': not a lock file (no list of datasets)")
+    lock = load_lock(p)  # validated against the lock schema; LockError names file and field
     out = []
-    tok = lock.get("tokenizer") if isinstance(lock.get("tokenizer"), dict) else None
-    for k, e in enumerate(lock["datasets"]):
-        if not isinstance(e, dict) or not isinstance(e.get("path"), str):
-            raise BuildError(f"{path}: field 'datasets/{k}/path': missing or not a string")
-        d = Path(e["path"])
-        out.append((d if d.is_absolute() else p.parent / d, e, tok))
+    for entry, raw in zip(lock.datasets, lock.raw["datasets"]):
+        d = Path(entry.path)
+        out.append((d if d.is_absolute() else p.parent / d, raw, lock.tokenizer))
     return out
 
 

@@ -115,6 +115,25 @@ class DatasetError(BuildError):
     """A built dir (or one of its shards) that is refused; the message names it and the fault."""
 
 
+@dataclass(frozen=True)
+class BuiltMeta:
+    """A built dir's meta.json, read and validated once (`read_meta`), with the fields the
+    pipeline's commands read typed; every other field is in `raw` (the dict as read)."""
+    dir: Path
+    raw: dict
+    key: str
+    dataset_name: str
+    nlines: int  # source records (FM9G nlines)
+    n_samples: int  # what the shards hold (segment: more than nlines)
+    n_tokens: int
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "BuiltMeta":
+        raw = read_meta(directory)
+        return cls(Path(directory), raw, raw["key"], raw.get("dataset_name") or Path(directory).name,
+                   int(raw.get("nlines", raw["n_samples"])), int(raw["n_samples"]), int(raw["n_tokens"]))
+
+
 def write_meta(directory: str | Path, meta: dict, *, sort_keys: bool | None = None) -> Path:
     """Write meta.json atomically: indent 2, trailing newline, byte-deterministic. Keys are
     written in the order given when `sort_keys=False`; the default (None) sorts them, which

@@ -1,6 +1,7 @@
 """Readers: source paths → work units → raw records with provenance.
 
-A *work unit* is a file or a byte range of a large line-oriented file. Units depend only on
+A *work unit* is a file, a byte range of a large line-oriented file, or a run of whole record
+batches of an Arrow IPC file (HF datasets on disk: stages/hf_datasets.py). Units depend only on
 the data (never on the worker count), so the shards they become are identical however the
 work is spread. Records are numbered within their file (0-based line / element / row), which
 is the provenance stored in every shard.
@@ -24,8 +25,9 @@ from .errors import BuildError, RecordError
 LINE_SUFFIXES = (".jsonl", ".txt", ".text", ".ndjson")
 JSON_SUFFIXES = (".json",)
 PARQUET_SUFFIXES = (".parquet",)
+ARROW_SUFFIXES = (".arrow",)  # Arrow IPC, as HF datasets writes it (stages/hf_datasets.py)
 COMPRESSED = (".gz", ".zst")
-KNOWN = LINE_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES
+KNOWN = LINE_SUFFIXES + JSON_SUFFIXES + PARQUET_SUFFIXES + ARROW_SUFFIXES
 # Plain line files are split into ~8 MiB units (one shard each): small enough to spread one
 # large file over every core, large enough for sequential writes. Part of the dataset key.
 UNIT_BYTES = int(os.environ.get("TOKENMILL_UNIT_BYTES", 8 << 20))
@@ -58,6 +60,10 @@ def expand_source(path: str) -> list[str]:
         from .fm9g_index import is_fm9g_index_dir
         if is_fm9g_index_dir(path):
             return [path]
+        from .hf_datasets import hf_dataset_files
+        hf = hf_dataset_files(path)  # save_to_disk dir / hub snapshot: its data files only
+        if hf is not None:
+            return hf
         root = Path(path)
         files = sorted(str(p) for p in root.rglob("*")
                        if not _hidden(p.relative_to(root)) and p.is_file() and base_suffix(str(p)) in KNOWN)
@@ -77,7 +83,7 @@ class WorkUnit:
     start: int = 0  # byte range for plain line files; whole file otherwise
     end: int = -1
     first_record: int = 0  # record number of the first line in this range
-    kind: str = "lines"  # lines | txt-paragraphs | json | parquet | fm9g
+    kind: str = "lines"  # lines | txt-paragraphs | json | parquet | arrow | fm9g
 
 
 def file_stamp(st: os.stat_result) -> list[int]:
@@ -156,6 +162,13 @@ def plan_units(files: list[str], *, txt_paragraphs: bool = False,
         suffix, compressed = base_suffix(path), path.lower().endswith(COMPRESSED)
         if suffix in PARQUET_SUFFIXES:
             units.append(WorkUnit(len(units), path, kind="parquet"))
+        elif suffix in ARROW_SUFFIXES and compressed:
+            raise BuildError(f"{path}: a compressed Arrow file: decompress it first (Arrow is read "
+                             "memory-mapped, batch by batch)")
+        elif suffix in ARROW_SUFFIXES:
+            from .hf_datasets import arrow_ranges  # whole record batches, ~unit_bytes a unit
+            units.extend(WorkUnit(len(units) + k, path, start, end, first, "arrow")
+                         for k, (start, end, first) in enumerate(arrow_ranges(path, unit_bytes)))
         elif suffix in JSON_SUFFIXES:
             units.append(WorkUnit(len(units), path, kind="json"))
         elif suffix in (".txt", ".text") and txt_paragraphs:
@@ -289,6 +302,9 @@ def iter_unit(unit: WorkUnit) -> Iterator[RawRecord]:
             yield _json_record(raw, src, i)
     elif unit.kind == "parquet":
         yield from _iter_parquet(src)
+    elif unit.kind == "arrow":
+        from .hf_datasets import iter_arrow
+        yield from iter_arrow(src, unit.start, unit.end, unit.first_record)
     elif unit.kind == "json":
         yield from _iter_json_file(src)
     elif unit.kind == "txt-paragraphs":

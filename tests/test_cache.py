@@ -131,6 +131,47 @@ def test_cache_list_and_gc(tmp_path, sample_tokenizer):
     assert gc.returncode == 0 and {d.name for d in cache.iterdir() if d.is_dir()} == kept
 
 
+def test_gc_never_empties_the_cache_by_accident(tmp_path, sample_tokenizer, capsys):
+    """An unset shell variable after --keep, a manifest given as the lock, a negative age or a
+    lock of another cache: refused (exit 2, one line) with every built dir still there."""
+    import pytest
+
+    from pipeline.cli import main
+    mix = write_manifest(tmp_path, sample_tokenizer)
+    build_mixture(mix, workers=1)
+    cache = tmp_path / "build" / "cache"
+    lock = tmp_path / "build" / "mixture.lock.json"
+    before = sorted(d.name for d in cache.iterdir() if d.is_dir())
+    assert len(before) == 2
+    other = json.loads(lock.read_text())
+    for d in other["datasets"]:
+        d["key"] = "0" * 64
+    (tmp_path / "other.lock.json").write_text(json.dumps(other))
+    base = ["cache", "gc", "--cache", str(cache)]
+    for argv in (["--keep"], ["--keep", ""], ["--keep", mix], ["--keep", str(tmp_path / "none.json")],
+                 ["--older-than", "-1"], ["--older-than", "nan"], ["--keep", str(tmp_path / "other.lock.json")]):
+        capsys.readouterr()
+        try:
+            code = main(base + argv)
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2, (argv, err)
+        assert "Traceback" not in err and "error:" in err, (argv, err)
+        assert sorted(d.name for d in cache.iterdir() if d.is_dir()) == before, argv
+    # nothing to remove is said, not silent
+    assert main(base + ["--keep", str(lock)]) == 0
+    assert "nothing to remove" in capsys.readouterr().out
+    assert sorted(d.name for d in cache.iterdir() if d.is_dir()) == before
+    # a dir whose meta.json is broken is listed as such and never removed (its key is unknown)
+    (cache / "odd-0123456789abcdef").mkdir()
+    (cache / "odd-0123456789abcdef" / "meta.json").write_text("{")
+    assert main(["cache", "list", "--cache", str(cache)]) == 0
+    assert "INVALID" in capsys.readouterr().out
+    assert main(base + ["--older-than", "0"]) == 0  # emptying on purpose
+    assert sorted(d.name for d in cache.iterdir() if d.is_dir()) == ["odd-0123456789abcdef"]
+
+
 def test_shard_target_size_is_part_of_the_key():
     from pipeline.cache import dataset_key
     base = dict(sources=[{"name": "a.jsonl", "bytes": 10, "hash": "h"}], format="text", transform_sha256=None,

@@ -159,3 +159,41 @@ def test_read_lock_checks_probabilities_sum(tmp_path: Path):
     with pytest.raises(LockError, match="sums to"):
         read_lock(tmp_path / "l.json")
 
+
+
+def test_token_weighting_shares_follow_built_tokens(tmp_path: Path):
+    """`weights: tokens`: share ∝ abs_weight × built tokens (numpy), the lock's abs_weight as given."""
+    from dataclasses import replace
+    weights = np.array([1.0, 1.0, 2.0])
+    nlines, n_tokens = np.array([100, 7, 40]), np.array([255_000, 7_000, 40_000])
+    pairs = [(spec(f"d{i}", float(w)), meta(int(n), int(t), key=f"{i}" * 64))
+             for i, (w, n, t) in enumerate(zip(weights, nlines, n_tokens))]
+    built = [(s, str(tmp_path / s.dataset_name), m) for s, m in pairs]
+    lock, _ = make_lock(replace(mixture(*[s for s, _ in pairs]), weights="tokens"), built)
+    share = weights * n_tokens / (weights * n_tokens).sum()
+    ave = n_tokens / nlines
+    prob = (share / ave) / (share / ave).sum()
+    np.testing.assert_allclose([d["token_share"] for d in lock["datasets"]], share, rtol=1e-12)
+    np.testing.assert_allclose([d["sample_probability"] for d in lock["datasets"]], prob, rtol=1e-12)
+    assert [d["abs_weight"] for d in lock["datasets"]] == weights.tolist()
+
+
+def test_load_lock_is_the_validated_lock_typed(tmp_path: Path):
+    from mixtures.lock import Lock, LockEntry, load_lock
+    pairs = [(spec("a", 0.7), meta(10, 1000, key="a" * 64)), (spec("b", 0.3, allow_repeat=False),
+                                                              meta(5, 200, key="b" * 64))]
+    lock, _ = lock_for(pairs, tmp_path)
+    write_lock(lock, tmp_path / "l.json")
+    typed = load_lock(tmp_path / "l.json")
+    assert isinstance(typed, Lock) and typed.raw == lock
+    assert (typed.seed, typed.max_length, typed.tokenizer) == (lock["seed"], lock["max_length"], lock["tokenizer"])
+    assert all(isinstance(e, LockEntry) for e in typed.datasets)
+    for e, d in zip(typed.datasets, lock["datasets"]):
+        assert {k: getattr(e, k) for k in d} == d  # every field the writer writes, typed
+    assert typed.entry("b").allow_repeat is False
+    with pytest.raises(LockError, match="no dataset 'c'"):
+        typed.entry("c")
+    bad = dict(lock, datasets=[dict(lock["datasets"][0], key=5)] + lock["datasets"][1:])
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(LockError, match=r"bad.json: datasets\[0\].key"):
+        load_lock(tmp_path / "bad.json")

@@ -103,7 +103,7 @@ def test_fm9g_readme_example_loads_verbatim(tree: Path):
     assert med.path == str(indexed / "medical_train")
     assert med.transforms == str(tree / "add_template.py")
     assert alp.transforms == str(tree / "script_cpmc.py")
-    assert (med.abs_weight, med.allow_repeat, med.overflow, med.format) == (0.5, True, "segment", "auto")
+    assert (med.abs_weight, med.allow_repeat, med.overflow, med.format) == (0.5, True, None, "auto")  # overflow: by format
     assert (alp.declared_nlines, alp.declared_ave_tokens_per_line, alp.declared_total_tokens) == (48818, 204, 0.001)
     assert med.incontext_weight == (1.0,)
 

@@ -51,7 +51,10 @@ def test_torch_engine_matches_deepspeed_single_rank(runs):
     a, b = load_file(runs["deepspeed"] / "model.safetensors"), load_file(runs["torch"] / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+        # atol 1e-5 (0.3 % of one lr-3e-3 Adam step): Adam's m / (sqrt(v) + eps) turns ulp-level
+        # differences of near-zero gradients (ZeRO's flat fp32 buffer vs per-tensor AdamW) into
+        # update differences of a few 1e-6; the losses and grad norms above are equal to 1e-6
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
     flags = json.loads((runs["torch"] / "train_args.json").read_text())
     assert flags["resolved_engine"] == "torch"
     assert (runs["torch"] / "checkpoint-3" / "torch_engine_state.pt").is_file()

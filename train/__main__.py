@@ -30,6 +30,8 @@ def data_source(cfg) -> str | None:
     if not path.is_file():
         raise TrainError(f"--mixture {cfg.mixture}: no such lock file (build one with "
                          "`python -m pipeline build MANIFEST`)")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return "manifest"  # a YAML manifest (locks are always JSON)
     try:
         doc = json.loads(path.read_text("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -63,6 +65,8 @@ def _manifest_for(cfg, tokenizer_dir: str, chat_template: bool, out: Path) -> Pa
     manifest = {"tokenizer": str(Path(tokenizer_dir).resolve()),
                 "template": "tokenizer" if chat_template else "none",
                 "max_length": int(cfg.max_seq_length or DEFAULT_BUILD_MAX_LENGTH), "datasets": datasets}
+    if cfg.dataset_dir and getattr(cfg, "dataset_dir_shares", "tokens") == "tokens":
+        manifest["weights"] = "tokens"  # share = the file's tokens, as concatenating the files gives
     out.mkdir(parents=True, exist_ok=True)
     path = out / "manifest.json"
     path.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -99,7 +103,8 @@ def build_data(cfg, tokenizer_dir: str, tokenizer) -> Path:
     for w in warnings:
         log.warning("%s", w)
     lock = json.loads(Path(lock_path).read_text())
-    parts = [f"{d['dataset_name']} {d['nlines']:,} samples / {d['n_tokens']:,} tokens"
+    parts = [f"{d['dataset_name']} {d['nlines']:,} samples / {d['n_tokens']:,} tokens, "
+             f"token share {d['token_share']:.2%}"
              if isinstance(d.get("nlines"), int) and isinstance(d.get("n_tokens"), int) else d["dataset_name"]
              for d in lock["datasets"]]
     log.info("built %s into %s: %d datasets (%s)", given, lock_path, len(parts), "; ".join(parts))

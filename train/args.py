@@ -76,7 +76,10 @@ def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     g.add_argument("--train_data_file", help="a .jsonl/.json/.txt file or a dir of them; built into "
                    "shards (or reused from the cache) through the pipeline, then trained as a lock")
     g.add_argument("--dataset_dir", help="Chinese-LLaMA-Alpaca: a dir whose *.txt / *.json / *.jsonl files "
-                   "become one dataset each (equal token shares), built through the pipeline")
+                   "become one dataset each, built through the pipeline; shares per --dataset_dir_shares")
+    g.add_argument("--dataset_dir_shares", choices=["tokens", "equal"], default=d("tokens"),
+                   help="--dataset_dir: each file's token share is its built tokens (tokens: as the seed's "
+                        "concatenation of the files) or the same for every file (equal) (default: tokens)")
     g.add_argument("--max_seq_length", "--model_max_length", dest="max_seq_length", type=int,
                    help="sequence length; default: the lock's max_length")
     g.add_argument("--block_size", type=int, help="Chinese-LLaMA-Alpaca: concat packing at this length "

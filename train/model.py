@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from stages.constants import IGNORE
 
 from .args import TrainError
+from .head_loss import trained_position_head
 
 log = logging.getLogger("train")
 DEFAULT_MOE_PATTERN = re.compile(r"(MoE|Moe|MoeBlock|SparseMoeBlock)$")
@@ -233,6 +234,13 @@ def loss_sum(model, batch: dict, use_varlen: bool = False, per_token: bool = Fal
     with per_token: (the [B, L] token losses, 0 where untrained, and the targets). The caller
     divides by the global token count of the step (see train/loop.py)."""
     target = shift_labels(batch)
+    head = trained_position_head(model) if per_token else None
+    if head is not None:  # the head and cross-entropy at trained positions only (train/head_loss.py)
+        head.target = target
+        try:
+            return model(**model_inputs(batch, use_varlen)).logits, target
+        finally:
+            head.target = None
     logits = model(**model_inputs(batch, use_varlen)).logits
     losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), target.reshape(-1),
                              ignore_index=IGNORE, reduction="none" if per_token else "sum")
