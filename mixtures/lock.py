@@ -18,6 +18,7 @@ import orjson
 from jsonschema import Draft202012Validator
 
 from stages.fsutil import atomic_write_bytes
+from stages.markup import template_markup_warnings
 
 from .manifest import DatasetSpec, Mixture, format_json_path, schema_problems
 
@@ -120,6 +121,7 @@ def make_lock(mixture: Mixture, built: list[tuple[DatasetSpec, str, dict]]) -> t
         ave = n_tokens / nlines if nlines else 0.0
         total = n_tokens / 1e9
         warnings += _declared_mismatches(spec, nlines, ave, total)
+        warnings += template_markup_warnings(spec.dataset_name, meta, mixture.template)  # stages/markup.py
         if nlines == 0 or n_tokens == 0:
             warnings.append(f"dataset {spec.dataset_name!r}: the built data has no tokens; "
                             "it is never drawn (sample_probability 0)")

@@ -31,7 +31,8 @@ from typing import Any
 from jsonschema import Draft202012Validator
 
 from stages import constants
-from stages.columns import COLUMN_KEYS, TAG_KEYS, folded_format, mapping_problems
+from stages.columns import COLUMN_KEYS, TAG_KEYS, DatasetFormat, mapping_problems
+from stages.fm9g_index import index_language
 from stages.constants import DEFAULT_SEED, DEFAULT_SHARD_TOKENS, LOSS_MODES, OVERFLOW_MODES
 
 from .manifest_io import (MAX_FLOAT, ManifestError, _find_duplicate_keys, _json_type, _parse_json,  # noqa: F401
@@ -47,6 +48,9 @@ OVERSIZE_RULES = {"segment": "segment", "head": "truncate", "truncate": "truncat
 AVE_TOKENS_KEYS = ("ave_tokens_per_line", "avg_tokens_per_line", "ave_tokens", "avg_tokens")
 
 DEFAULT_TEMPLATE = "tokenizer"
+# The FM9G list form's input/output strings are already the training text (FM9G trains
+# tok(input) + tok(output)): no chat template unless --template names one.
+DEFAULT_FM9G_TEMPLATE = "none"
 DEFAULT_MAX_LENGTH = 4096
 FORMATTINGS = ("alpaca", "sharegpt")  # LLaMA-Factory's `formatting` values
 # How abs_weight becomes a token share: as given (FM9G), or times each dataset's built tokens
@@ -69,7 +73,7 @@ class DatasetSpec:
     task_name: str
     abs_weight: float
     path: str  # absolute; may be a file, a dir (FM9G index dir or a folder of sources) or a glob
-    format: str = "auto"
+    format: DatasetFormat = DatasetFormat("auto")  # base "auto": detected at build time
     language: str | None = None
     transforms: str | None = None  # absolute path of the transform script
     allow_repeat: bool = True
@@ -267,7 +271,8 @@ def load_manifest(
     cwd = Path.cwd()
     tok = _resolve(cwd, tokenizer) if tokenizer is not None else (
         _resolve(base, settings["tokenizer"]) if "tokenizer" in settings else None)
-    tmpl = template if template is not None else settings.get("template", DEFAULT_TEMPLATE)
+    tmpl = template if template is not None else settings.get(
+        "template", DEFAULT_FM9G_TEMPLATE if form == "fm9g" else DEFAULT_TEMPLATE)
     tmpl_base = cwd if template is not None else base
     if tmpl not in templates:
         tmpl = _resolve(tmpl_base, tmpl)
@@ -365,7 +370,8 @@ def _dataset_spec(entry: dict, manifest: Path, at: list, shard_tokens: int,
         abs_weight=float(entry["abs_weight"]),
         path=data_path,
         format=_format(entry, registry, data_path, at, problems),
-        language=entry.get("language"),
+        # the manifest's word, else what an FM9G index dir's own meta.json says
+        language=entry["language"] if "language" in entry else index_language(data_path),
         transforms=transforms,
         allow_repeat=entry.get("allow_repeat", True),
         overflow=overflow,
@@ -423,9 +429,9 @@ def _source(entry: dict, manifest: Path, at: list, problems: list, notes: list):
     return data_path, None
 
 
-def _format(entry: dict, registry, data_path: str, at: list, problems: list) -> str:
-    """The dataset's format string: its base format, with the column mapping folded in
-    (stages/columns.py). The manifest's formatting/columns/tags replace the registry's."""
+def _format(entry: dict, registry, data_path: str, at: list, problems: list) -> DatasetFormat:
+    """The dataset's format: its base format and column mapping (stages/columns.py). The
+    manifest's formatting/columns/tags replace the registry's."""
     formatting = entry.get("formatting", registry.formatting if registry else None)
     columns = entry.get("columns", registry.columns if registry else {})
     tags = entry.get("tags", registry.tags if registry else {})
@@ -439,7 +445,7 @@ def _format(entry: dict, registry, data_path: str, at: list, problems: list) -> 
         fmt = "alpaca"
     for key, problem in mapping_problems(fmt, columns, tags) if (columns or tags) else []:
         problems.append((format_json_path(at + key.split(".")), problem))
-    return folded_format(fmt, columns, tags)
+    return DatasetFormat.of(fmt, columns, tags)
 
 
 def _opt_float(value: float | None) -> float | None:

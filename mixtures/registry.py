@@ -70,13 +70,20 @@ def registry_entry(registry: str, name: str, dataset_dir: str | None = None) -> 
     notes = []
     if hub:
         notes.append(f"{at}: {', '.join(hub)} ignored; building the local file_name")
+    if not isinstance(info["file_name"], str) or not info["file_name"]:
+        raise RegistryError(f"{at}: file_name must be a non-empty string, got {_json_value(info['file_name'])}")
     formatting = info.get("formatting")
     if formatting is not None and formatting not in ("alpaca", "sharegpt"):
-        raise RegistryError(f"{at}: formatting {formatting!r} is not supported (alpaca, sharegpt)")
+        raise RegistryError(f"{at}: formatting {_json_value(formatting)} is not supported (alpaca, sharegpt)")
+    for key in ("columns", "tags"):
+        value = info.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise RegistryError(f"{at}: {key} must be a JSON object of names, got {_json_value(value)}")
+        for name, v in (value or {}).items():
+            if not isinstance(v, str) or not v:
+                raise RegistryError(f"{at}: {key}.{name} must be a non-empty string, got {_json_value(v)}")
     columns = dict(info.get("columns") or {})
     tags = dict(info.get("tags") or {})
-    if not isinstance(columns, dict) or not isinstance(tags, dict):
-        raise RegistryError(f"{at}: columns and tags must be JSON objects")
     media = [c for c in columns if c in MULTIMODAL_COLUMNS]
     if media:
         raise RegistryError(f"{at}: multimodal column {media[0]!r} is not supported (tokenmill builds text)")
@@ -101,6 +108,12 @@ def registry_entry(registry: str, name: str, dataset_dir: str | None = None) -> 
     if not os.path.exists(path):
         raise RegistryError(f"{at}: file_name {info['file_name']!r} not found in {base}")
     return RegistryEntry(name, path, formatting, columns, tags, tuple(notes))
+
+
+def _json_value(value) -> str:
+    """A registry value as the user wrote it (JSON), shortened for one error line."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def mapped_base_format(formatting: str | None, columns: dict, tags: dict, path: str,

@@ -10,6 +10,15 @@ worker count. Records handed to a transform are canonical dicts:
 * ``{"messages": [{"role", "content", ...}], ...}`` for chats.
 
 The record dict is handed over as is (no copy); a transform may change it in place.
+
+Markup (stages/markup.py): the transform is called a second time, with the same ``r``, on a
+copy of the record whose data strings are placeholders. When putting the data back into that
+result gives the real result, the text the transform added is its own: the renderer encodes
+its control-token text (FM9G's ``<|im_start|>``, ``<|im_end|>``) as control tokens, and the
+data's as text. When it does not (the transform rewrites, cuts or branches on its data), the
+record is unattributed: all its text is data, and it is refused (``transform_markup_unknown``)
+if that text holds control-token text. A transform is therefore called twice per record; it
+must not count its calls.
 """
 from __future__ import annotations
 
@@ -24,7 +33,19 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable
 
+from stages import markup
 from stages.formats import validate_canonical
+
+
+# Part of a transformed dataset's cache key: bump when the markup rules (stages/markup.py)
+# would give a transform's records other ids.
+MARKUP_RULES = "markup-1"
+
+
+def transform_cache_id(sha256: str | None) -> str | None:
+    """What a dataset's cache key holds for its transform: the script's sha256 and the rules
+    that turn its output into tokens (None: no transform)."""
+    return None if sha256 is None else f"{sha256}:{MARKUP_RULES}"
 
 
 class TransformError(RuntimeError):
@@ -149,9 +170,19 @@ def apply_transform(
     """
     if transform is None:
         return data
-    r = record_rng(seed, dataset_name, record_index)
     where = f"{source}:{(record_index if source_record is None else source_record) + 1}"
     head = f"transform {transform.path} failed on dataset {dataset_name!r}, record {where}"
+    placeholders = markup.placeholder_record(data)  # before the real call, which may change data
+    result = _run(transform, data, num_sample, record_rng(seed, dataset_name, record_index), head)
+    if result is None:
+        return None
+    result = validate_canonical(result, f"output of transform {transform.path}")
+    return markup.attach(result, *_markup_of(transform, placeholders, result, num_sample,
+                                              record_rng(seed, dataset_name, record_index)))
+
+
+def _run(transform: Transform, data: dict, num_sample: int, r: random.Random, head: str) -> dict | None:
+    """One call, with FM9G's result rules applied; None: skip the record."""
     try:
         result = transform(data, num_sample, r)
     except (Exception, SystemExit) as e:
@@ -172,4 +203,25 @@ def apply_transform(
             return None
         if "input" not in result:
             result = {**result, "input": ""}
-    return validate_canonical(result, f"output of transform {transform.path}")
+    return result
+
+
+def _markup_of(transform: Transform, placeholders, result: dict, num_sample: int, r: random.Random):
+    """(markup, why) of ``result``: the transform run again on the placeholder copy of its
+    input, with the same ``r`` (stages/markup.py); markup None (and why) when that cannot show
+    which text the transform wrote."""
+    if placeholders is None:
+        return None, "was given data holding reserved characters"
+    ph_data, values = placeholders
+    try:
+        ph_result = _run(transform, ph_data, num_sample, r, "")
+        if ph_result is not None:
+            ph_result = validate_canonical(ph_result, "")
+    except (Exception, SystemExit):  # it cannot run on placeholders: it reads its data's value
+        return None, "fails on placeholder data (it reads the data's value)"
+    if ph_result is None:
+        return None, "skips placeholder data (it reads the data's value)"
+    found = markup.derive(ph_result, result, values)
+    if found is None:
+        return None, "rewrites, cuts or branches on its data"
+    return found, ""

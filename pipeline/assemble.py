@@ -127,7 +127,7 @@ def make_meta(plan, totals: _Totals, shards: list[dict], tok, template, mixture,
         "sources": [{"path": s["path"], "bytes": s["bytes"], "hash": s["hash"]} for s in plan.sources],
         "transform": ({"path": spec.transforms, "sha256": plan.transform_sha256}
                       if spec.transforms else None),
-        "build": {"format": plan.job.format, "max_length": mixture.max_length,
+        "build": {"format": str(plan.job.format), "max_length": mixture.max_length,
                   "overflow": plan.job.overflow, "loss": plan.job.loss, "seed": plan.job.seed,
                   "encoder": encoder, "shard_tokens": shard_tokens},
         "skipped": dict(sorted(totals.skipped.items())),

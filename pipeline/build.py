@@ -16,11 +16,13 @@ from pathlib import Path
 
 from mixtures.lock import LockError, make_lock, write_lock
 from mixtures.manifest import DatasetSpec, Mixture, default_overflow, load_manifest
-from mixtures.transforms import load_transform
+from mixtures.transforms import load_transform, transform_cache_id
 from stages.built_dataset import read_meta
+from stages.column_scan import check_mapped_keys
+from stages.columns import DatasetFormat
 from stages.constants import DEFAULT_SHARD_TOKENS
 from stages.errors import BuildError, RecordError
-from stages.formats import base_format, detect_format
+from stages.formats import detect_format
 from stages.readers import expand_source, iter_unit, plan_units
 
 from .assemble import assemble
@@ -106,12 +108,13 @@ def plan_dataset(spec: DatasetSpec, mixture: Mixture, tok, template, cache: Path
     sources = source_entries(files, memo)
     paragraphs = spec.text_unit == "paragraph"
     units = plan_units(files, txt_paragraphs=paragraphs, memo=memo)
-    fmt = spec.format if spec.format != "auto" else _detect(units, spec)
+    fmt = spec.format if spec.format.base != "auto" else DatasetFormat(_detect(units, spec))
+    check_mapped_keys(spec.dataset_name, fmt.column_map, units)  # stages/column_scan.py
     transform_sha = load_transform(spec.transforms).sha256 if spec.transforms else None
     loss = spec.loss
-    overflow = spec.overflow or default_overflow(base_format(fmt))
+    overflow = spec.overflow or default_overflow(fmt.base)
     target = shard_tokens_of(spec, shard_tokens)
-    key = dataset_key(sources=sources, format=fmt, transform_sha256=transform_sha,
+    key = dataset_key(sources=sources, format=str(fmt), transform_sha256=transform_cache_id(transform_sha),
                       seed=mixture.seed, template_sha256=template.sha256,
                       tokenizer_sha256=tok.sha256, max_length=mixture.max_length,
                       overflow=overflow, loss=loss, txt_paragraphs=paragraphs,

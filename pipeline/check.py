@@ -35,7 +35,6 @@ from dataclasses import dataclass, field
 
 from mixtures.transforms import TransformError
 from stages.errors import BuildError
-from stages.formats import base_format
 from stages.jinja_env import ChatTemplate
 from stages.render import Renderer
 from stages.template_check import TemplateCheck, check_template
@@ -149,7 +148,7 @@ def first_records(plan, n: int) -> tuple[list[dict], list[tuple[str, int]], Coun
 def check_dataset(plan, tok, template: ChatTemplate, template_setting: str, n: int,
                   against: str = "tokenizer") -> DatasetCheck:
     name = plan.spec.dataset_name
-    if base_format(plan.job.format) == "text":
+    if plan.job.format.is_text:
         return DatasetCheck(name, "skipped", "none (text format)")
     reference, described, note = reference_for(tok, template, template_setting, against)
     records, where, passed = first_records(plan, n)

@@ -22,7 +22,7 @@ from mixtures.lock import load_lock
 from mixtures.manifest import DEFAULT_SEED
 from stages.built_dataset import BuiltMeta, Provenance, open_built
 from stages.errors import BuildError, RecordError
-from stages.formats import base_format
+from stages.columns import DatasetFormat
 from stages.jinja_env import available_templates
 from stages.overflow import stored_piece_starts
 from stages.render import Encoded, Explained
@@ -209,7 +209,7 @@ def show(path: str, index: int = 0, dataset: str | None = None, color: bool | No
           f"({len(spans) if spans is not None else 1} span(s)), source record "
           f"{prov.record} of {prov.file or 'its source file'}")
     labels = None
-    if base_format(meta["build"]["format"]) == "text" or spans is None:
+    if DatasetFormat.parse(meta["build"]["format"]).is_text or spans is None:
         print("a document: every token trains")
     else:
         seed = meta["build"].get("seed")  # the seed the transform ran with (older builds: the lock's)

@@ -18,7 +18,8 @@ import orjson
 from mixtures.transforms import TransformError, apply_transform, load_transform
 from stages import stats
 from stages.errors import POLICY_REASONS, RecordError
-from stages.formats import ADAPTERS, base_format  # a column-mapped format is "alpaca {json}"
+from stages.columns import DatasetFormat
+from stages.formats import ADAPTERS
 from stages.overflow import apply_overflow
 from stages.readers import WorkUnit, iter_unit
 from stages.render import Renderer, resolve_template
@@ -31,7 +32,7 @@ BATCH = 512  # records tokenized per encode_batch call: bounds memory, amortises
 @dataclass(frozen=True)
 class DatasetJob:
     dataset_name: str
-    format: str  # resolved, never "auto"
+    format: DatasetFormat  # resolved, never "auto" (its string form is read back)
     tokenizer: str
     template: str
     max_length: int
@@ -43,6 +44,9 @@ class DatasetJob:
     work_dir: str  # the dataset's partial dir
     trust_remote_code: bool = False  # run the tokenizer dir's own loader (not in the cache key)
     encoder: str = "default"  # "tiktoken": the fast path for an HF byte-level BPE (pipeline/encoders.py)
+
+    def __post_init__(self):
+        object.__setattr__(self, "format", DatasetFormat.parse(self.format))  # meta.json's string form too
 
 
 @lru_cache(maxsize=4)
@@ -205,7 +209,7 @@ class _Accumulator:
         tokens = np.concatenate(self.tokens).astype(dtype) if self.tokens else np.zeros(0, dtype)
         offsets = np.zeros(len(self.lengths) + 1, dtype=np.int64)
         np.cumsum(self.lengths, out=offsets[1:])
-        with_spans = base_format(self.job.format) != "text"
+        with_spans = not self.job.format.is_text
         arrays = ShardArrays(tokens, offsets, np.array(self.source_record, dtype=np.int64))
         if with_spans:
             arrays.loss_spans = (np.concatenate(self.spans) if self.spans

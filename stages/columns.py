@@ -10,15 +10,16 @@ it is written:
   (the role values).
 
 The mapping is one step applied to each raw record before the adapter; it renames, it never
-reshapes. It travels inside the dataset's format string (``folded_format``), so the cache key,
-meta.json ``build.format`` and every ``ADAPTERS[format]`` lookup carry it without a separate
-field. A mapped key missing from a record is a ``missing_field`` naming the file's own key,
+reshapes. It travels in the dataset's ``DatasetFormat`` (base + columns + tags, as
+LLaMA-Factory's DatasetAttr); its ``str()`` is what the cache key and meta.json ``build.format``
+hold, and ``ADAPTERS[format]`` applies the mapping before the base adapter. A mapped key missing from a record is a ``missing_field`` naming the file's own key,
 and the adapter's own errors are renamed back to the file's keys too.
 """
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import RecordError
@@ -75,31 +76,76 @@ def mapping_problems(base: str, columns: dict | None, tags: dict | None) -> list
     return out
 
 
-def folded_format(base: str, columns: dict | None = None, tags: dict | None = None) -> str:
-    """The format string a mapped dataset carries: ``base`` alone when nothing is mapped, else
-    ``base {"columns": {...}, "tags": {...}}`` (sorted, compact JSON: one mapping, one string)."""
-    # A column or tag that names what the adapter reads anyway changes nothing: leave it out,
-    # so `{"prompt": "text"}` on a text dataset is plain `text` (same key, same meta).
-    keys = CANONICAL_KEYS.get(base, {})
-    columns = {c: k for c, k in (columns or {}).items() if keys.get(c) != k}
-    tags = {t: v for t, v in (tags or {}).items() if DEFAULT_TAGS.get(t) != v}
-    spec = {}
-    if columns:
-        spec["columns"] = dict(sorted(columns.items()))
-    if tags:
-        spec["tags"] = dict(sorted(tags.items()))
-    if not spec:
-        return base
-    return f"{base} {json.dumps(spec, sort_keys=True, ensure_ascii=False, separators=(',', ':'))}"
+@dataclass(frozen=True, eq=False)
+class DatasetFormat:
+    """A dataset's format as a value with fields, as LLaMA-Factory's ``DatasetAttr``: the
+    adapter (``base``: a FORMATS name, or "auto" before detection) and the column mapping
+    (``columns``: column → file key, ``tags``), sorted, without entries that name what the
+    adapter reads anyway (so ``{"prompt": "text"}`` on a text dataset is plain ``text``).
 
+    ``str()`` is its one serialised form — ``base`` alone, or ``base {"columns":…,"tags":…}``
+    (compact sorted JSON) — which the cache key hashes and meta.json ``build.format`` records
+    (the same bytes as before the type existed); ``parse`` reads it back. It equals (and hashes
+    as) that string, so ``fmt == "text"`` and ``ADAPTERS[fmt]`` work on either form."""
 
-def split_format(fmt: str) -> tuple[str, dict, dict]:
-    """Inverse of folded_format: (base, columns, tags)."""
-    base, _, rest = fmt.partition(" ")
-    if not rest:
-        return base, {}, {}
-    spec = json.loads(rest)
-    return base, spec.get("columns", {}), spec.get("tags", {})
+    base: str
+    columns: tuple[tuple[str, str], ...] = ()
+    tags: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def of(cls, base: str, columns: dict | None = None, tags: dict | None = None) -> "DatasetFormat":
+        keys = CANONICAL_KEYS.get(base, {})
+        cols = tuple(sorted((c, k) for c, k in (columns or {}).items() if keys.get(c) != k))
+        tgs = tuple(sorted((t, v) for t, v in (tags or {}).items() if DEFAULT_TAGS.get(t) != v))
+        return cls(base, cols, tgs)
+
+    @classmethod
+    def parse(cls, text: "str | DatasetFormat") -> "DatasetFormat":
+        """The inverse of ``str()`` (a DatasetFormat is returned as it is)."""
+        if isinstance(text, DatasetFormat):
+            return text
+        base, _, rest = text.partition(" ")
+        if not rest:
+            return cls(base)
+        spec = json.loads(rest)
+        return cls.of(base, spec.get("columns", {}), spec.get("tags", {}))
+
+    @property
+    def column_map(self) -> dict[str, str]:
+        return dict(self.columns)
+
+    @property
+    def tag_map(self) -> dict[str, str]:
+        return dict(self.tags)
+
+    @property
+    def mapped(self) -> bool:
+        return bool(self.columns or self.tags)
+
+    @property
+    def is_text(self) -> bool:
+        """Plain documents (no chat, no loss spans)."""
+        return self.base == "text"
+
+    def __str__(self) -> str:
+        spec = {}
+        if self.columns:
+            spec["columns"] = dict(self.columns)
+        if self.tags:
+            spec["tags"] = dict(self.tags)
+        if not spec:
+            return self.base
+        return f"{self.base} {json.dumps(spec, sort_keys=True, ensure_ascii=False, separators=(',', ':'))}"
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, DatasetFormat):
+            return (self.base, self.columns, self.tags) == (other.base, other.columns, other.tags)
+        if isinstance(other, str):
+            return str(self) == other
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(str(self))
 
 
 class ColumnMap:
@@ -140,13 +186,17 @@ class ColumnMap:
         role_tag, content_tag = self.tags["role_tag"], self.tags["content_tag"]
         if role_tag not in turn:
             raise RecordError("missing_field", "missing", field=f"{where}.{role_tag}")
-        if content_tag not in turn:
-            raise RecordError("missing_field", "missing", field=f"{where}.{content_tag}")
         role = turn[role_tag]
         if not isinstance(role, str) or role not in self.roles:
             raise RecordError("unknown_role", f"unknown role {role!r} (tags: "
                               f"{', '.join(f'{v}' for v in self.roles)})", field=f"{where}.{role_tag}")
-        return {"from": self.roles[role], "value": turn[content_tag]}
+        # the turn's other fields (reasoning_content, tool_calls, loss_weight, …) are kept: the
+        # adapter reads them as it reads a messages turn's, so a registry entry loses nothing
+        out = {k: v for k, v in turn.items() if k not in (role_tag, content_tag)}
+        out["from"] = self.roles[role]
+        if content_tag in turn:  # else the adapter decides (an assistant turn with tool calls needs none)
+            out["value"] = turn[content_tag]
+        return out
 
     def file_field(self, field: str | None) -> str | None:
         """An adapter's error field (canonical keys) in the file's own keys."""
@@ -159,5 +209,5 @@ class ColumnMap:
         head = self.to_file.get(head, head)
         if self.tags and m.group(1) == "conversations":
             rest = re.sub(r"\.from$", f".{self.tags['role_tag']}", rest)
-            rest = re.sub(r"\.value$", f".{self.tags['content_tag']}", rest)
+            rest = re.sub(r"\.value(?=$|\[)", f".{self.tags['content_tag']}", rest)
         return head + rest

@@ -36,6 +36,20 @@ def is_fm9g_index_dir(path: str | os.PathLike) -> bool:
             and ((p / INDEX_TEXT).is_file() or (p / INDEX_H5).is_file()))
 
 
+def index_language(path: str | os.PathLike) -> str | None:
+    """The ``language`` an FM9G index dir's meta.json records (convert_json2index.py's
+    ``--language``), or None: not an index dir, no such field, or an unreadable meta.json (the
+    build reads data.jsonl and the index, never this file's other fields)."""
+    if not is_fm9g_index_dir(path):
+        return None
+    try:
+        meta = orjson.loads((Path(path) / META_FILE).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    language = meta.get("language") if isinstance(meta, dict) else None
+    return language if isinstance(language, str) and language else None
+
+
 def _load_raw_offsets(d: Path) -> np.ndarray:
     if (d / INDEX_TEXT).is_file():
         try:
@@ -131,4 +145,4 @@ def write_fm9g_index(jsonl_path: str | os.PathLike, out_dir: str | os.PathLike,
     return offsets
 
 
-__all__ = ["LegacyIndexWarning", "is_fm9g_index_dir", "read_fm9g_offsets", "iter_fm9g_records", "write_fm9g_index"]
+__all__ = ["LegacyIndexWarning", "index_language", "is_fm9g_index_dir", "read_fm9g_offsets", "iter_fm9g_records", "write_fm9g_index"]

@@ -14,7 +14,9 @@ What each source format becomes:
 * alpaca: `system`, `history` [[query, response], …], then `instruction` + "\\n" + `input` → `output`.
 * sharegpt: `conversations[{from, value}]` with human/gpt/system/function_call/observation
   (function_call → an assistant turn with `tool_calls`, observation → a `tool` turn);
-  top-level `system` and `tools`.
+  top-level `system`, `tools` and `reasoning_effort`. Every other turn field is read as a
+  messages turn's is (`_message`: reasoning, tool_calls, loss_weight, name, typed parts), so a
+  messages file read as sharegpt through column `tags` loses nothing.
 * messages: plain string content or typed parts `[{type, value}]` (`text` → content,
   `reasoning` → reasoning_content, `tool_call` / `tool_calls` → tool_calls, and on the system
   turn `tools` → the record's tools, LLaMA-Factory's typed-part schema), per-message `loss_weight`,
@@ -26,7 +28,7 @@ What each source format becomes:
 Tool-call `arguments` and tool schemas given as JSON strings (the OpenAI API form) are parsed
 into objects, so string and object forms render the same tokens; a string that is not a JSON
 object stays a string.
-A format string may carry a column mapping (stages/columns.py): `ADAPTERS[fmt]` applies it first.
+A DatasetFormat may carry a column mapping (stages/columns.py): `ADAPTERS[fmt]` applies it first.
 Adapters never reshape a conversation silently: a wrong type, an unknown role, a conversation
 that is odd-length, does not alternate, or does not end with an assistant turn raises
 RecordError naming the field (the build fails there, or counts it under `--on-error skip`).
@@ -36,7 +38,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from . import constants
-from .columns import ColumnMap, split_format
+from .columns import ColumnMap, DatasetFormat
+from .conversation import check_conversation
 from .constants import FORMATS
 from .errors import RecordError
 from .tool_calls import _openai_tool_calls, _tool_call, _tool_calls, parse_tools
@@ -165,7 +168,7 @@ def adapt_sharegpt(raw: Any) -> dict:
     if "conversations" not in raw:
         raise RecordError("missing_field", "missing", field="conversations")
     turns = _list(raw["conversations"], "conversations")
-    messages = []
+    messages, part_tools, dropped = [], None, 0
     if raw.get("system"):
         messages.append({"role": "system", "content": _str(raw["system"], "system")})
     for t, turn in enumerate(turns):
@@ -174,17 +177,29 @@ def adapt_sharegpt(raw: Any) -> dict:
         who = turn.get("from", turn.get("role"))
         if who not in SHAREGPT_ROLES:
             raise RecordError("unknown_role", f"unknown role {who!r}", field=f"{field}.from")
-        value = _str(turn.get("value", turn.get("content")), f"{field}.value")
+        key = "content" if "value" not in turn and "content" in turn else "value"
         if who == "function_call":
+            value = _str(turn.get(key), f"{field}.{key}")
             messages.append({"role": "assistant", "content": "",
-                             "tool_calls": _tool_calls(value, f"{field}.value")})
-        else:
-            messages.append({"role": SHAREGPT_ROLES[who], "content": value})
-    out = {"messages": check_conversation(messages, "conversations", offset=len(messages) - len(turns))}
-    tools = parse_tools(raw.get("tools"))
-    if tools:
-        out["tools"] = tools
-    return _template_vars(raw, out)
+                             "tool_calls": _tool_calls(value, f"{field}.{key}")})
+            continue
+        # the turn's other fields (reasoning, tool calls, loss_weight, …) as a messages turn has them
+        msg = {k: v for k, v in turn.items() if k not in ("from", "value", "role", "content")}
+        msg["role"] = SHAREGPT_ROLES[who]
+        if key in turn:
+            msg["content"] = turn[key]
+        out, tools = _message(msg, field, f"{field}.{key}")
+        if tools is not None:
+            if part_tools is not None:
+                raise RecordError("bad_tools", "tools given twice (two tools parts)", field=f"{field}.{key}")
+            part_tools = tools
+            if not out["content"] and t == 0 and out["role"] == "system" and not messages:
+                dropped = 1
+                continue
+        messages.append(out)
+    out = {"messages": check_conversation(messages, "conversations",
+                                          offset=len(messages) - len(turns) + dropped)}
+    return _chat_extras(raw, out, part_tools)
 
 
 def _content(value: Any, field: str, role: str) -> tuple[str, str | None, list | None, list | None]:
@@ -230,6 +245,50 @@ def _type(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
+def _message(msg: dict, field: str, content_field: str) -> tuple[dict, list | None]:
+    """One chat turn whose role is a CHAT_ROLES name → (canonical message, the tools of a
+    typed `tools` part or None). The one reading of a turn's fields, for messages and sharegpt."""
+    role = msg["role"]
+    content = msg.get("content")
+    if content is None:
+        # OpenAI: an assistant turn that only calls tools has content null (or none).
+        if not (role == "assistant" and msg.get("tool_calls")):
+            if "content" not in msg:
+                raise RecordError("missing_field", "missing", field=content_field)
+            raise RecordError("wrong_type", "must be a string or a list of parts, got null", field=content_field)
+        content = ""
+    text, reasoning, calls, tools = _content(content, content_field, role)
+    out: dict = {"role": role, "content": text}
+    for key in REASONING_KEYS:
+        if msg.get(key) is not None:
+            if reasoning is not None:
+                raise RecordError("bad_reasoning", "reasoning given twice (typed parts and a field)",
+                                  field=f"{field}.{key}")
+            reasoning = _str(msg[key], f"{field}.{key}")
+    if reasoning is not None:
+        if role != "assistant":
+            raise RecordError("bad_reasoning", f"reasoning on a {role} turn", field=field)
+        if text.lstrip().startswith("<think>"):
+            raise RecordError("bad_reasoning", "reasoning given both inline (<think>) and as a field",
+                              field=content_field)
+        out["reasoning_content"] = reasoning
+    if msg.get("tool_calls") is not None:
+        if calls:
+            raise RecordError("bad_tool_call", "tool calls given twice (typed parts and tool_calls)",
+                              field=f"{field}.tool_calls")
+        calls = _openai_tool_calls(msg["tool_calls"], f"{field}.tool_calls")
+    if calls:
+        if role != "assistant":
+            raise RecordError("bad_tool_call", f"tool calls on a {role} turn", field=field)
+        out["tool_calls"] = calls
+    if msg.get("loss_weight") is not None:
+        out["loss_weight"] = _loss_weight(msg["loss_weight"], role, f"{field}.loss_weight")
+    for key in PASSTHROUGH_KEYS:
+        if msg.get(key) is not None:
+            out[key] = msg[key]
+    return out, tools
+
+
 def adapt_messages(raw: Any) -> dict:
     raw = _dict(raw)
     if "messages" not in raw:
@@ -241,53 +300,22 @@ def adapt_messages(raw: Any) -> dict:
         role = msg.get("role")
         if role not in CHAT_ROLES:
             raise RecordError("unknown_role", f"unknown role {role!r}", field=f"{field}.role")
-        content = msg.get("content")
-        if content is None:
-            # OpenAI: an assistant turn that only calls tools has content null (or none).
-            if not (role == "assistant" and msg.get("tool_calls")):
-                if "content" not in msg:
-                    raise RecordError("missing_field", "missing", field=f"{field}.content")
-                raise RecordError("wrong_type", "must be a string or a list of parts, got null",
-                                  field=f"{field}.content")
-            content = ""
-        text, reasoning, calls, tools = _content(content, f"{field}.content", role)
+        out, tools = _message(msg, field, f"{field}.content")
         if tools is not None:
             if part_tools is not None:
                 raise RecordError("bad_tools", "tools given twice (two tools parts)", field=f"{field}.content")
             part_tools = tools
-            if not text and m == 0:  # a system turn that only carried the tools
+            if not out["content"] and m == 0:  # a system turn that only carried the tools
                 dropped = 1
                 continue
-        out: dict = {"role": role, "content": text}
-        for key in REASONING_KEYS:
-            if msg.get(key) is not None:
-                if reasoning is not None:
-                    raise RecordError("bad_reasoning", "reasoning given twice (typed parts and a field)",
-                                      field=f"{field}.{key}")
-                reasoning = _str(msg[key], f"{field}.{key}")
-        if reasoning is not None:
-            if role != "assistant":
-                raise RecordError("bad_reasoning", f"reasoning on a {role} turn", field=field)
-            if text.lstrip().startswith("<think>"):
-                raise RecordError("bad_reasoning", "reasoning given both inline (<think>) and as a field",
-                                  field=f"{field}.content")
-            out["reasoning_content"] = reasoning
-        if msg.get("tool_calls") is not None:
-            if calls:
-                raise RecordError("bad_tool_call", "tool calls given twice (typed parts and tool_calls)",
-                                  field=f"{field}.tool_calls")
-            calls = _openai_tool_calls(msg["tool_calls"], f"{field}.tool_calls")
-        if calls:
-            if role != "assistant":
-                raise RecordError("bad_tool_call", f"tool calls on a {role} turn", field=field)
-            out["tool_calls"] = calls
-        if msg.get("loss_weight") is not None:
-            out["loss_weight"] = _loss_weight(msg["loss_weight"], role, f"{field}.loss_weight")
-        for key in PASSTHROUGH_KEYS:
-            if msg.get(key) is not None:
-                out[key] = msg[key]
         messages.append(out)
     out = {"messages": check_conversation(messages, "messages", offset=-dropped)}
+    return _chat_extras(raw, out, part_tools)
+
+
+def _chat_extras(raw: dict, out: dict, part_tools: list | None) -> dict:
+    """A chat record's top-level fields: tools (a field, or a typed `tools` part), reasoning_effort,
+    template variables."""
     tools = parse_tools(raw.get("tools"))
     if part_tools is not None:
         if tools and tools != part_tools:
@@ -332,59 +360,21 @@ def adapt_firefly(raw: Any) -> dict:
     return _template_vars(raw, {"messages": check_conversation(messages, "conversation")})
 
 
-def _has_output(msg: dict) -> bool:
-    return bool(msg["content"].strip() or msg.get("tool_calls") or (msg.get("reasoning_content") or "").strip())
-
-
-def check_conversation(messages: list[dict], field: str, offset: int = 0) -> list[dict]:
-    """At most a leading system turn, then a user turn, then assistant turns that alternate
-    with user turns (or with the tool results answering them), ending with an assistant turn.
-    `offset`: messages added in front of the source list (a top-level system prompt), so error
-    fields name the source position."""
-    start = 1 if messages and messages[0]["role"] == "system" else 0
-    body = messages[start:]
-    if not body:
-        raise RecordError("empty_sample", "has no user or assistant turn", field=field)
-
-    def where(i: int) -> str:
-        return f"{field}[{start + i - offset}]"
-
-    prev = None
-    for i, msg in enumerate(body):
-        role = msg["role"]
-        if role == "system":
-            raise RecordError("bad_conversation", "system turn after the start", field=where(i))
-        if prev is None and role != "user":
-            raise RecordError("bad_conversation", f"starts with a {role} turn, not a user turn", field=where(i))
-        if role == "user" and prev == "user":
-            raise RecordError("bad_conversation", "two user turns in a row (not alternating)", field=where(i))
-        if role == "assistant" and prev == "assistant":
-            raise RecordError("bad_conversation", "two assistant turns in a row (not alternating)", field=where(i))
-        if role == "tool" and prev not in ("assistant", "tool"):
-            raise RecordError("bad_conversation", "a tool result that answers no assistant turn", field=where(i))
-        if role == "user" and prev == "tool":
-            raise RecordError("bad_conversation", "a user turn after tool results (the assistant never "
-                              "answered them)", field=where(i))
-        prev = role
-    if body[-1]["role"] != "assistant":
-        raise RecordError("bad_conversation", f"does not end with an assistant turn (ends with {body[-1]['role']}"
-                          f"{', odd-length conversation' if len(body) % 2 else ''})", field=field)
-    if not any(m["role"] == "assistant" and _has_output(m) for m in body):
-        raise RecordError("empty_sample", "has no assistant content to train on", field=field)
-    return messages
-
-
 class _AdapterTable(dict):
-    """format → adapter. A folded format string (a base format with a column mapping, see
-    stages/columns.py) resolves to the mapping followed by the base adapter, so every
+    """format → adapter. A mapped format (a DatasetFormat with columns or tags, or its string
+    form; stages/columns.py) resolves to the mapping followed by the base adapter, so every
     `ADAPTERS[job.format]` lookup applies a dataset's mapping without knowing about it."""
 
-    def __missing__(self, fmt: str) -> Callable[[Any], dict]:
-        base, columns, tags = split_format(fmt)
-        if base == fmt or base not in self:
+    def __missing__(self, fmt) -> Callable[[Any], dict]:
+        parsed = DatasetFormat.parse(fmt)
+        if not parsed.mapped:
+            if parsed.base in self:  # a DatasetFormat without a mapping: the base adapter
+                return self[parsed.base]
             raise KeyError(fmt)
-        adapter = _mapped(self[base], ColumnMap(base, columns, tags))
-        self[fmt] = adapter
+        if parsed.base not in self:
+            raise KeyError(fmt)
+        adapter = _mapped(self[parsed.base], ColumnMap(parsed.base, parsed.column_map, parsed.tag_map))
+        self[str(parsed)] = adapter
         return adapter
 
 
@@ -403,11 +393,6 @@ ADAPTERS: dict[str, Callable[[Any], dict]] = _AdapterTable({
     "text": adapt_text, "input-output": adapt_input_output, "alpaca": adapt_alpaca,
     "sharegpt": adapt_sharegpt, "messages": adapt_messages, "firefly": adapt_firefly,
 })
-
-
-def base_format(fmt: str) -> str:
-    """The adapter format of a (possibly folded) format string: what `== "text"` checks need."""
-    return fmt.partition(" ")[0]
 
 
 def validate_canonical(record: Any, where: str) -> dict:

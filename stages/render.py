@@ -38,6 +38,7 @@ import re
 
 import numpy as np
 
+from . import markup
 from .constants import LOSS_MODES, RECORD_TEMPLATE_VARS
 from .encoded import Encoded, Explained, Layout, assemble, mask_to_spans, strip_generation_marks
 from .errors import BuildError, RecordError
@@ -91,14 +92,13 @@ class Renderer:
         self.generation = template.has_generation_blocks
         self.unk_id = tokenizer.unk_id
         self.directives = template_directives(template.text)
+        # the template's own control tokens: text that already holds them is wrapped twice
+        self.template_markup_re = markup.controls_re(tokenizer.control_tokens, template_literal_text(template.text))
 
     # -- record → placeholder messages ------------------------------------------------
     def messages(self, record: dict) -> list[dict]:
         """The record's conversation as the template sees it (input-output → user + assistant)."""
-        if record_kind(record) == "input-output":
-            return [{"role": "user", "content": record["input"]},
-                    {"role": "assistant", "content": record["output"]}]
-        return record["messages"]
+        return markup.messages_of(record)  # each turn with the transform's markup, if any
 
     def template_vars(self, record: dict) -> dict:
         """Template variables for this record: the tokenizer's, the dataset's, the record's own."""
@@ -144,6 +144,8 @@ class Renderer:
         norm = self.tok.normalize_data
         for i, m in enumerate(messages):
             ph, real = dict(m), dict(m)
+            ph.pop(markup.MARKUP_KEY, None)
+            real.pop(markup.MARKUP_KEY, None)
             for key in DATA_FIELDS:
                 v = m.get(key)
                 if v is None:
@@ -154,14 +156,24 @@ class Renderer:
                 if RESERVED_RE.search(v):
                     raise RecordError("reserved_char", "contains a reserved Unicode noncharacter "
                                       "(U+FDD0–U+FDD5)", field=f"messages[{i}].{key}")
-                v = norm(v)
-                real[key] = v
-                core = v.strip()
-                if core:  # empty / blank stays as is: templates test truthiness
-                    lead = v[: len(v) - len(v.lstrip())]
-                    trail = v[len(v.rstrip()):]
-                    ph[key] = f"{lead}{PH_OPEN}{len(data)}{PH_CLOSE}{trail}"
-                    data.append((core, i, key))
+                ph_parts, real_parts = [], []
+                # text a transform wrote (stages/markup.py) is template text; the rest is data
+                for v, written in markup.segments(m, key, v, self.control_re):
+                    if written:
+                        markup.check_written(v, self.tok.control_tokens, key)
+                        ph_parts.append(v)
+                        real_parts.append(v)
+                        continue
+                    v = norm(v)
+                    real_parts.append(v)
+                    core = v.strip()
+                    if core:  # empty / blank stays as is: templates test truthiness
+                        lead = v[: len(v) - len(v.lstrip())]
+                        trail = v[len(v.rstrip()):]
+                        v = f"{lead}{PH_OPEN}{len(data)}{PH_CLOSE}{trail}"
+                        data.append((core, i, key))
+                    ph_parts.append(v)
+                real[key], ph[key] = "".join(real_parts), "".join(ph_parts)
             for key in ("tool_calls", "name", "tool_call_id"):
                 if key in m:
                     self._check_structured(m[key], f"messages[{i}].{key}")
@@ -199,7 +211,7 @@ class Renderer:
             ph_regions = self._prefix_regions(ph_messages, ph_text, tools, extra)
 
         layout = self._to_real(ph_text, data, ph_regions)
-        layout.notes = notes
+        layout.notes = notes + markup.template_markup_note(messages, self.template_markup_re)
         expected = render(self.template, real_messages, tools, extra, False, False)
         if expected != layout.text:
             raise RecordError("template_round_trip", "the template changes message text (e.g. splits "
@@ -397,6 +409,11 @@ class Renderer:
         continued: list[bool] = []
         for i, rec in enumerate(records):
             if record_kind(rec) == "text":
+                try:
+                    markup.check_text(rec, self.control_re)
+                except RecordError as e:
+                    out[i] = e
+                    continue
                 text = rec["text"]
                 doc_idx.append(i)
                 doc_texts.append(self.tok.normalize_data(text))

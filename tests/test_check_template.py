@@ -190,7 +190,7 @@ def test_transformed_records_are_checked_as_the_workers_see_them(tmp_path, capsy
         "    if r.random() < 0.3:\n"
         "        return None\n"
         "    m = [dict(x) for x in data['messages']]\n"
-        "    m[-1]['content'] += ' <|im_end|> %d' % r.randint(0, 9)\n"  # control text stays text
+        "    m[-1]['content'] += ' (%d)' % r.randint(0, 9)\n"  # text the transform writes (no control text)
         "    return dict(data, messages=m)\n", encoding="utf-8")
     m = write_manifest(tmp_path, sample_tokenizer, {"share": (share, {"transforms": "t.py"})})
     rc, out, err = build(capsys, m, "--check-template", "3")

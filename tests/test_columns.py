@@ -11,9 +11,9 @@ import pytest
 
 from mixtures.manifest import ManifestError, load_manifest
 from pipeline.build import build_mixture
-from stages.columns import folded_format, split_format
+from stages.columns import DatasetFormat
 from stages.errors import RecordError
-from stages.formats import ADAPTERS, base_format
+from stages.formats import ADAPTERS
 from stages.shard import read_shard
 
 from conftest import SAMPLE
@@ -76,7 +76,7 @@ def test_alpaca_mappings_build_like_canonical_alpaca(tmp_path, layout, columns):
         {"dataset_name": "canon", "abs_weight": 1, "path": str(write_jsonl(tmp_path / "c.jsonl", canonical)),
          "format": "alpaca"}])
     assert_same_build(plans, "mapped", "canon")
-    assert base_format(plans["mapped"].job.format) == "alpaca"
+    assert plans["mapped"].job.format.base == "alpaca"
 
 
 def test_query_system_history_columns(tmp_path):
@@ -118,7 +118,7 @@ def test_content_text_mapping(tmp_path):
     assert [ids for ids, _ in got] == [ids for ids, _ in want]
     for ids, spans in got:  # every token trains (a text dataset has no spans, or one full span)
         assert spans in (None, [[0, len(ids)]])
-    assert base_format(plans["mapped"].job.format) == "text"
+    assert plans["mapped"].job.format.base == "text"
 
 
 def test_mapping_is_part_of_the_cache_key(tmp_path):
@@ -132,7 +132,7 @@ def test_mapping_is_part_of_the_cache_key(tmp_path):
 
 
 def test_missing_mapped_key_names_the_files_key():
-    fmt = folded_format("alpaca", {"prompt": "question", "response": "answer"})
+    fmt = DatasetFormat.of("alpaca", {"prompt": "question", "response": "answer"})
     with pytest.raises(RecordError) as info:
         ADAPTERS[fmt]({"question": "q"})
     assert info.value.reason == "missing_field" and info.value.field == "answer"
@@ -140,7 +140,7 @@ def test_missing_mapped_key_names_the_files_key():
         ADAPTERS[fmt]({"question": 5, "answer": "a"})
     assert info.value.reason == "wrong_type" and info.value.field == "question"
     tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
-    sg = folded_format("sharegpt", {"messages": "dialog"}, tags)
+    sg = DatasetFormat.of("sharegpt", {"messages": "dialog"}, tags)
     for turns, field, reason in (
         ([{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}], "dialog[1].role", "unknown_role"),
         ([{"role": "user", "content": "q"}, {"role": "assistant"}], "dialog[1].content", "missing_field"),
@@ -154,16 +154,20 @@ def test_missing_mapped_key_names_the_files_key():
 
 
 def test_a_same_named_key_is_not_read_when_its_column_is_remapped():
-    fmt = folded_format("alpaca", {"prompt": "input", "response": "label"})
+    fmt = DatasetFormat.of("alpaca", {"prompt": "input", "response": "label"})
     got = ADAPTERS[fmt]({"input": "Q", "label": "A", "instruction": "not me"})
     assert got["messages"] == [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
 
 
-def test_folded_format_round_trip_and_identity_columns_drop_out():
-    fmt = folded_format("sharegpt", {"messages": "m"}, {"role_tag": "role", "user_tag": "human"})
-    assert split_format(fmt) == ("sharegpt", {"messages": "m"}, {"role_tag": "role"})
-    assert folded_format("text", {"prompt": "text"}) == "text"
-    assert folded_format("alpaca", {"prompt": "instruction", "response": "output"}) == "alpaca"
+def test_format_value_round_trip_and_identity_columns_drop_out():
+    fmt = DatasetFormat.of("sharegpt", {"messages": "m"}, {"role_tag": "role", "user_tag": "human"})
+    assert (fmt.base, fmt.column_map, fmt.tag_map) == ("sharegpt", {"messages": "m"}, {"role_tag": "role"})
+    # the serialised form the cache key and meta.json hold (compact sorted JSON), read back equal
+    assert str(fmt) == 'sharegpt {"columns":{"messages":"m"},"tags":{"role_tag":"role"}}'
+    assert DatasetFormat.parse(str(fmt)) == fmt and hash(fmt) == hash(str(fmt))
+    assert DatasetFormat.of("text", {"prompt": "text"}) == "text" and DatasetFormat.of("text").is_text
+    assert str(DatasetFormat.of("alpaca", {"prompt": "instruction", "response": "output"})) == "alpaca"
+    assert not DatasetFormat.of("alpaca", {"prompt": "instruction"}).mapped
 
 
 def write_manifest(tmp: Path, entry: dict) -> Path:
@@ -194,6 +198,7 @@ def test_mapping_keys_are_validated(tmp_path, entry, where, text):
 
 def test_mapping_travels_in_the_spec_format(tmp_path):
     spec = load_manifest(write_manifest(tmp_path, {"columns": {"prompt": "a", "response": "b"}})).datasets[0]
-    assert split_format(spec.format) == ("alpaca", {"prompt": "a", "response": "b"}, {})
+    assert (spec.format.base, spec.format.column_map, spec.format.tag_map) == (
+        "alpaca", {"prompt": "a", "response": "b"}, {})
     assert ADAPTERS[spec.format]({"a": "x", "b": "y"})["messages"][1] == {"role": "assistant", "content": "y"}
     assert np.array_equal([1], [1])

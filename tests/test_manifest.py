@@ -94,7 +94,8 @@ def test_fm9g_readme_example_loads_verbatim(tree: Path):
 
     mix = load_manifest(path, tokenizer=str(tree / "tok"))
     assert mix.form == "fm9g"
-    assert (mix.template, mix.max_length, mix.seed) == ("tokenizer", 4096, 1234)
+    # the list form's input/output strings are the training text: no chat template by default
+    assert (mix.template, mix.max_length, mix.seed) == ("none", 4096, 1234)
     assert mix.tokenizer == str(tree / "tok")
     assert len(mix.manifest_sha256) == 64
     med, alp = mix.datasets
