@@ -40,6 +40,8 @@ def merge(base_model_path: str, adapter_model_path: str, output_path: str, save_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .model import save_pretrained_fused
+
     base, adapter, out = Path(base_model_path), Path(adapter_model_path), Path(output_path)
     if not (base / "config.json").is_file():
         raise FileNotFoundError(f"--base_model_path {base}: not a Hugging Face model dir (no config.json)")
@@ -59,7 +61,7 @@ def merge(base_model_path: str, adapter_model_path: str, output_path: str, save_
     merged = model.merge_and_unload()
     merged.to(dtype)
     out.mkdir(parents=True, exist_ok=True)
-    merged.save_pretrained(str(out), safe_serialization=True)
+    save_pretrained_fused(merged, out)
     # Non-weight files of the base (custom code, generation config, …), then the tokenizer.
     for f in base.iterdir():
         if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in WEIGHT_INDEXES \

@@ -241,6 +241,18 @@ def loss_sum(model, batch: dict, use_varlen: bool = False, per_token: bool = Fal
     return losses, int((target != IGNORE).sum())
 
 
+def save_pretrained_fused(module, out, state_dict=None) -> None:
+    """save_pretrained that keeps the layout the model trains in. transformers 5 writes a fused
+    MoE model (experts as [E, 2I, H] gate_up_proj / [E, H, I] down_proj) back per expert unless
+    told `save_original_format=False`, even given `state_dict=`; the fused files load directly
+    (train/check_converted.py checks them). A PEFT adapter is saved as PEFT writes it."""
+    import inspect
+    kw = dict(state_dict=state_dict, safe_serialization=True)
+    if "save_original_format" in inspect.signature(module.save_pretrained).parameters:
+        kw["save_original_format"] = False
+    module.save_pretrained(str(out), **kw)
+
+
 def copy_model_code(model_dir: str | None, out_dir: Path) -> None:
     """Custom modeling files (trust_remote_code models) travel with saved models."""
     if not model_dir or not Path(model_dir).is_dir():
