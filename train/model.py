@@ -89,15 +89,28 @@ def build_model(args, config, tokenizer, *, dtype: torch.dtype, zero_stage: int)
     attn = attn_implementation(args.use_flash_attn)
     config.use_cache = False  # a cache would also switch off packed-sequence masking
     kw = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=args.trust_remote_code)
-    try:
+
+    def load():
         if args.model_name_or_path:
-            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config, **kw)
-        else:
-            torch.manual_seed(args.seed)  # same initial weights for the same seed
-            model = AutoModelForCausalLM.from_config(config, **kw)
+            return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config, **kw)
+        torch.manual_seed(args.seed)  # same initial weights for the same seed
+        return AutoModelForCausalLM.from_config(config, **kw)
+    try:
+        try:
+            model = load()
+        except ValueError as e:
+            if "does not support an attention implementation" not in str(e):
+                raise
+            # e.g. Mamba, or a model without an sdpa kernel: its own default attention instead
+            log.info("%s does not support %s attention: using the model's default", config.model_type, attn)
+            config._attn_implementation = None
+            kw.pop("attn_implementation")
+            model = load()
+            attn = model.config._attn_implementation
     except Exception as e:
         where = args.model_name_or_path or args.model_config
-        raise TrainError(f"cannot build the model from {where}: {e}") from e
+        hint = " (pass --trust_remote_code for custom model code)" if "trust_remote_code" in str(e) else ""
+        raise TrainError(f"cannot build the model from {where}: {' '.join(str(e).split())}{hint}") from e
 
     resized = resize_embeddings(model, len(tokenizer))
     if args.gradient_checkpointing:
@@ -200,6 +213,60 @@ def mark_moe_leaf_modules(model, names: str | None = None) -> list[type]:
     set_z3_leaf_modules(model, classes)
     log.info("ZeRO-3 leaf modules: %s", ", ".join(c.__name__ for c in classes))
     return classes
+
+
+# ---------------------------------------------------------------- packed rows
+# Layers that carry state along the sequence whatever position_ids say: a packed row would
+# leak document A into document B. Named in the refusal; the check below is what decides.
+STATEFUL_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "falcon_h1", "jamba", "zamba", "zamba2", "bamba",
+                        "qwen3_next", "lfm2", "lfm2_moe", "granitemoehybrid", "nemotron_h", "rwkv",
+                        "recurrent_gemma", "xlstm", "minimax", "plamo2")
+
+
+@torch.no_grad()
+def check_packing(model, packing: str, use_varlen: bool = False, n_a: int = 13, n_b: int = 11) -> float | None:
+    """Before step 0 (every rank, same inputs): the logits of document B packed after document A
+    in one row (position_ids restarting at 0, as the stream builds them) must equal B's logits
+    alone. Raises TrainError naming --packing padded when they do not (a recurrent, convolutional
+    or linear-attention layer, or an attention path that ignores the document boundary).
+    Returns the relative difference found (None when rows are not packed)."""
+    if packing != "packed":
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0) or 32
+    device = next(iter(base.parameters())).device
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(min(3, vocab - 1), vocab, (n_a,), generator=g)
+    b = torch.randint(min(3, vocab - 1), vocab, (n_b,), generator=g)
+
+    def row(docs):
+        ids = torch.cat(docs)[None].to(device)
+        pos = torch.cat([torch.arange(len(d)) for d in docs])[None].to(device)
+        cu = torch.tensor([0] + [len(d) for d in docs]).cumsum(0).to(device=device, dtype=torch.int32)
+        batch = {"input_ids": ids, "position_ids": pos, "cu_seqlens": cu,
+                 "max_seqlen": torch.tensor(max(len(d) for d in docs))}
+        return model(**model_inputs(batch, use_varlen)).logits.float()
+
+    was_training = model.training
+    model.eval()  # no dropout
+    try:
+        packed = row([a, b])[0, n_a:]
+        alone = row([b])[0]
+    finally:
+        model.train(was_training)
+    rel = float((packed - alone).abs().mean() / alone.abs().mean().clamp_min(1e-6))
+    half = next(iter(base.parameters())).dtype in (torch.float16, torch.bfloat16)
+    if rel > (3e-2 if half else 1e-3):
+        kind = getattr(cfg, "model_type", type(base).__name__)
+        why = (" (its layers carry state along the sequence: recurrent / convolutional / linear attention)"
+               if kind in STATEFUL_MODEL_TYPES else "")
+        raise TrainError(f"packed rows leak between documents in this {kind} model{why}: the logits of a "
+                         f"document packed after another differ from the document alone (mean relative "
+                         f"difference {rel:.3g}); train it with --packing padded")
+    log.info("packed rows: a document packed after another has the logits it has alone (relative "
+             "difference %.2g)", rel)
+    return rel
 
 
 # ---------------------------------------------------------------- loss
