@@ -20,22 +20,13 @@ import torch.nn.functional as F
 from stages.constants import IGNORE
 
 from .args import TrainError
+from .tokenizer import load_tokenizer  # noqa: F401  (the trainer's tokenizer: train/tokenizer.py)
 
 log = logging.getLogger("train")
 DEFAULT_MOE_PATTERN = re.compile(r"(MoE|Moe|MoeBlock|SparseMoeBlock)$")
 
 
-# ---------------------------------------------------------------- tokenizer and config
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-    if not Path(path).exists():
-        raise TrainError(f"tokenizer {path}: no such directory")
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as e:  # the library's message says what is missing
-        raise TrainError(f"tokenizer {path}: cannot load: {e}") from e
-
-
+# ---------------------------------------------------------------- config
 def load_config(args, fallback_dir: str | None = None, vocab_size: int | None = None):
     """The model config: from --model_name_or_path, --model_config (a JSON file or a dir),
     or, when resuming without either, the config saved in the checkpoint. A --model_config
