@@ -41,6 +41,7 @@ def test_qwen2_still_packs_and_a_leaking_attention_is_caught():
     model.train()
     assert check_packing(model, "packed") < 1e-4
     assert model.training  # mode restored
+    assert check_packing(tiny(QWEN2, attn_implementation="sdpa", dtype=torch.bfloat16), "packed") < 5e-2
     # The same model fed one causal mask over the whole row (documents see each other): caught.
     leaky = tiny(QWEN2, attn_implementation="sdpa")
     forward = leaky.forward

@@ -248,7 +248,7 @@ def check_packing(model, packing: str, use_varlen: bool = False, n_a: int = 13, 
         model.train(was_training)
     rel = float((packed - alone).abs().mean() / alone.abs().mean().clamp_min(1e-6))
     half = next(iter(base.parameters())).dtype in (torch.float16, torch.bfloat16)
-    if rel > (3e-2 if half else 1e-3):
+    if rel > (5e-2 if half else 1e-3):  # a leak moves B's logits by tens of percent
         kind = getattr(cfg, "model_type", type(base).__name__)
         why = (" (its layers carry state along the sequence: recurrent / convolutional / linear attention)"
                if kind in STATEFUL_MODEL_TYPES else "")
