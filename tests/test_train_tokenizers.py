@@ -34,11 +34,17 @@ def build_lock(root, tokenizer):
     return lock, json.loads(open(lock).read())["tokenizer"]
 
 
-def same_encoding(saved_dir, source):
+def same_encoding(saved_dir, source, lock=None):
+    """The saved files are the source tokenizer: same encoding, and a run resuming from them
+    accepts the lock (the vocabularies are compared, as the trainer does on resume)."""
     from stages.tokenizer import load_tokenizer
+    from train.data import check_tokenizer
+    from train.tokenizer import load_tokenizer as train_tokenizer
     a, b = load_tokenizer(str(saved_dir)), load_tokenizer(str(source))
     assert a.vocab_size == b.vocab_size
     assert a.encode_texts([TEXT]) == b.encode_texts([TEXT])
+    if lock is not None:
+        check_tokenizer(json.loads(open(lock).read()), str(saved_dir), train_tokenizer(str(saved_dir)), False)
     return a
 
 
@@ -56,7 +62,7 @@ def test_sentencepiece_model_lock_trains(tmp_path):
     assert sorted(steps) == [1, 2]
     assert json.loads((out / "config.json").read_text())["vocab_size"] == info["vocab_size"] == 32000
     assert load_file(out / "model.safetensors")["model.embed_tokens.weight"].shape[0] == 32000
-    tok = same_encoding(out, MISTRAL)
+    tok = same_encoding(out, MISTRAL, lock)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(MISTRAL))  # the library itself
     assert tok.encode_texts(["Hello world, tokens."]) == [sp.encode("Hello world, tokens.")]
     assert (info["bos_id"], info["eos_id"]) == (sp.bos_id(), sp.eos_id())
@@ -80,7 +86,7 @@ def test_hunyuan_tiktoken_lock_trains_lora_and_merges(tmp_path):
     steps, _ = read_log(out)
     assert sorted(steps) == [1, 2]
     assert (out / "hy.tiktoken").is_file() and (out / "adapter_model.safetensors").is_file()
-    same_encoding(out, HUNYUAN)
+    same_encoding(out, HUNYUAN, lock)
     merged = tmp_path / "merged"
     assert merge_main(["--base_model_path", str(base), "--adapter_model_path", str(out),
                        "--output_path", str(merged), "--save_dtype", "bf16"]) == 0

@@ -172,7 +172,9 @@ def convert(input_dir: str, output_dir: str, workers: int = 8, profile_name: str
     jobs = [(str(inp), str(out), name, profile, owned.get(name, {})) for name in sorted(set(weight_map.values()))]
     written: dict = {}
     if workers > 1 and len(jobs) > 1:
-        # fork: workers share the parent's imports (spawn re-imports torch per worker, seconds each)
+        # fork after importing (not running) torch: workers share the import (seconds each otherwise)
+        import safetensors.torch  # noqa: F401
+        import torch  # noqa: F401
         ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
         with ctx.Pool(min(workers, len(jobs))) as pool:
             for part in pool.imap_unordered(convert_shard, jobs):

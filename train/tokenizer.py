@@ -37,8 +37,12 @@ class TrainTokenizer:
         return f"<TrainTokenizer {self.kind} {self.path} vocab={self.vocab_size}>"
 
     def get_vocab(self) -> dict:
+        """{token: id}; a tiktoken token is its bytes (hex), special tokens their text."""
         hf = getattr(self.tok, "hf", None)
-        return hf.get_vocab() if hf is not None else {}
+        if hf is not None:
+            return hf.get_vocab()
+        enc = self.tok._enc
+        return {**{b.hex(): i for b, i in enc._mergeable_ranks.items()}, **enc._special_tokens}
 
     def save_pretrained(self, out: str) -> None:
         """The tokenizer's files into `out`: a HF tokenizer writes its own (tokenizer.json, config,
