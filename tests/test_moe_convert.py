@@ -265,10 +265,10 @@ def test_wrong_gate_up_order_is_caught_only_by_logits(hy3, tmp_path, monkeypatch
     assert delta > 1e-2
 
 
-def test_abbreviated_flags_are_usage_errors(tmp_path):
+def test_abbreviated_flags_are_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         conv.main(["--input", str(tmp_path), "--output_dir", str(tmp_path / "o")])
-    assert e.value.code == 2
+    assert e.value.code == 2 and "unrecognized argument --input (did you mean --input_dir?)" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:
         check_main([str(tmp_path), "--spot", "1"])
-    assert e.value.code == 2
+    assert e.value.code == 2 and "(did you mean --spot-check?)" in capsys.readouterr().err

@@ -18,7 +18,6 @@ no NaN/Inf; dtypes are reported. Exit 0 PASS, 1 FAIL, 2 usage.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import Counter
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from .convert_ckpt_to_outer import INDEX, SINGLE, _headers
 from .moe_layout import ANY_EXPERT_RE, expert_width, mtp_layers, num_experts
+from .strict_argparse import StrictParser
 
 EMPTY_RESIDUE_BYTES = 128
 MTP_EXTRAS = {"hy_v3": ("eh_proj.weight", "enorm.weight", "hnorm.weight", "final_layernorm.weight")}
@@ -201,8 +201,8 @@ def _spot_check(d: Path, found: dict, n: int, E, width, hidden, r: Report) -> No
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.check_converted", allow_abbrev=False,
-                                description="Check a fused MoE checkpoint (exit 0 PASS, 1 FAIL).")
+    p = StrictParser(prog="python -m train.check_converted",
+                     description="Check a fused MoE checkpoint (exit 0 PASS, 1 FAIL).")
     p.add_argument("dir", help="converted model dir")
     p.add_argument("--spot-check", "--spot_check", dest="spot_check", type=int, default=3,
                    help="read this many shards holding expert tensors in full (default: 3)")

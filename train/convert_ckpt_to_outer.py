@@ -16,7 +16,6 @@ copy. Exit 0 done, 1 bad input, 2 usage.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ import multiprocessing
 from pathlib import Path
 
 from .moe_layout import EXPERT_ROLES, expert_width, fuse, num_experts, profile_for
+from .strict_argparse import StrictParser
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -207,9 +207,9 @@ def _copy_other_files(inp: Path, out: Path) -> None:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m train.convert_ckpt_to_outer", allow_abbrev=False,
-                                description="Fuse a per-expert MoE checkpoint into transformers 5's "
-                                            "[E, 2I, H] gate_up_proj / [E, H, I] down_proj layout.")
+    p = StrictParser(prog="python -m train.convert_ckpt_to_outer",
+                     description="Fuse a per-expert MoE checkpoint into transformers 5's "
+                                 "[E, 2I, H] gate_up_proj / [E, H, I] down_proj layout.")
     p.add_argument("--input_dir", required=True, help="HF model dir with per-expert weights")
     p.add_argument("--output_dir", required=True, help="new dir for the converted model")
     p.add_argument("--workers", type=int, default=8, help="shards converted in parallel (default: 8)")

@@ -10,7 +10,6 @@ the base model's.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .args import TrainError
+from .strict_argparse import StrictParser
 
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -25,8 +25,7 @@ WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json"
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m train.merge_lora", description=__doc__.split("\n")[0],
-                                allow_abbrev=False)
+    p = StrictParser(prog="python -m train.merge_lora", description=__doc__.split("\n")[0])
     p.add_argument("--base_model_path", required=True, help="HF dir of the base model")
     p.add_argument("--adapter_model_path", required=True, help="dir with adapter_config.json")
     p.add_argument("--output_path", required=True, help="dir for the merged model")
