@@ -60,7 +60,9 @@ def test_sentencepiece_model_lock_trains(tmp_path):
     run_train(["--mixture", str(lock), "--model_config", str(cfg), "--output_dir", str(out), *COMMON])
     steps, _ = read_log(out)
     assert sorted(steps) == [1, 2]
-    assert json.loads((out / "config.json").read_text())["vocab_size"] == info["vocab_size"] == 32000
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["vocab_size"] == info["vocab_size"] == 32000
+    assert (saved["bos_token_id"], saved["eos_token_id"]) == (info["bos_id"], info["eos_id"])
     assert load_file(out / "model.safetensors")["model.embed_tokens.weight"].shape[0] == 32000
     tok = same_encoding(out, MISTRAL, lock)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(MISTRAL))  # the library itself
@@ -114,3 +116,26 @@ def test_merge_lora_faults_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         merge_main(["--base_model", str(base), "--adapter_model_path", str(adapter), "--output_path", "x"])
     assert e.value.code == 2
+
+
+def test_model_from_config_json_takes_the_tokenizers_special_ids(tmp_path):
+    """A from-scratch model gets the lock tokenizer's ids, not its model type's defaults."""
+    from types import SimpleNamespace
+
+    from train.model import build_model
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(json.dumps({**TINY, "vocab_size": 300, "bos_token_id": 7}))
+    from transformers import AutoConfig
+    spec = {**TINY, "vocab_size": 300, "bos_token_id": 7}
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    args = SimpleNamespace(use_flash_attn=False, trust_remote_code=False, model_name_or_path=None,
+                           model_config=str(cfg_path), seed=0, gradient_checkpointing=False, use_lora=False,
+                           train_attention_params_only=False, make_moe_param_leaf_module=False)
+
+    class Tok(SimpleNamespace):
+        def __len__(self):
+            return 300
+    tok = Tok(bos_id=5, eos_id=260, pad_id=261)
+    model = build_model(args, config, tok, dtype=torch.float32, zero_stage=0)
+    assert (model.config.bos_token_id, model.config.eos_token_id, model.config.pad_token_id) == (7, 260, 261)
+    assert (model.generation_config.eos_token_id, model.generation_config.pad_token_id) == (260, 261)

@@ -104,6 +104,7 @@ def build_model(args, config, tokenizer, *, dtype: torch.dtype, zero_stage: int)
         raise TrainError(f"cannot build the model from {where}: {' '.join(str(e).split())}{hint}") from e
 
     resized = resize_embeddings(model, len(tokenizer))
+    set_special_ids(model, args, tokenizer)
     if args.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable({"use_reentrant": False})  # non-reentrant: no input-grad hack needed for LoRA
@@ -124,6 +125,22 @@ def build_model(args, config, tokenizer, *, dtype: torch.dtype, zero_stage: int)
     if n_train == 0:
         raise TrainError("no trainable parameters left (check --train_attention_params_only / LoRA targets)")
     return model
+
+
+def set_special_ids(model, args, tokenizer) -> None:
+    """A model built from a --model_config JSON gets the tokenizer's bos/eos/pad ids (the ids the
+    lock records, the stream pads with) where the JSON names none, so the saved config and
+    generation_config describe the vocabulary it was trained on (not the model type's defaults)."""
+    src = Path(args.model_config) if args.model_config and not args.model_name_or_path else None
+    if src is None or not src.is_file():
+        return
+    given = json.loads(src.read_text())
+    for key in ("bos", "eos", "pad"):
+        v = getattr(tokenizer, f"{key}_id", None)
+        if v is not None and f"{key}_token_id" not in given:
+            for cfg in (model.config, getattr(model, "generation_config", None)):
+                if cfg is not None:
+                    setattr(cfg, f"{key}_token_id", int(v))
 
 
 def _numel(p) -> int:
