@@ -272,3 +272,10 @@ def test_abbreviated_flags_are_usage_errors(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         check_main([str(tmp_path), "--spot", "1"])
     assert e.value.code == 2 and "(did you mean --spot-check?)" in capsys.readouterr().err
+
+
+def test_checker_fails_transposed_down_proj(hy3, capsys):
+    _, d = hy3
+    key = "model.layers.2.mlp.experts.down_proj"
+    _rewrite(d, key, lambda t: t.update({key: t[key].transpose(1, 2).contiguous()}))
+    _check_fails(d, capsys, f"{key} has shape [6, 16, 32], the model's is [6, 32, 16]")
