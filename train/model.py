@@ -1,5 +1,8 @@
-"""Model side of training: tokenizer, config, model build (pretrained or from scratch),
-embedding resize, LoRA, parameter freezing, MoE leaf modules, and the packed-batch loss.
+"""Model side of training: config, model build (pretrained or from scratch; a model without an
+sdpa kernel gets its own default attention), embedding resize, the tokenizer's special ids,
+LoRA, parameter freezing, MoE leaf modules, the packed-row leak check run before step 0
+(`check_packing`), the packed-batch loss, and saving in the layout the model trains in (fused
+MoE experts stay fused: `save_pretrained_fused`). The tokenizer is train/tokenizer.py's.
 
 Attention on packed rows: transformers ≥ 4.53 derives per-document masks itself when it gets
 `position_ids` that restart at 0 and no `attention_mask` / cache (masking_utils
