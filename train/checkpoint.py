@@ -221,7 +221,8 @@ class Checkpointer:
         state = gathered_state_dict(module, trainable_only=is_lora, zero3=zero_stage == 3, rank=self.rank)
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
-            module.save_pretrained(str(out), state_dict=state, safe_serialization=True)
+            from .model import save_pretrained_fused  # fused MoE experts stay fused
+            save_pretrained_fused(module, out, state)
             self.save_tokenizer(out)
             if not is_lora:
                 from .model import copy_model_code

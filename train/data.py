@@ -58,12 +58,12 @@ def check_tokenizer(lock: dict, tokenizer_dir: str, tokenizer, allow_mismatch: b
 def _same_vocab(lock_tokenizer_dir: str | None, tokenizer) -> bool:
     if not lock_tokenizer_dir or not Path(lock_tokenizer_dir).exists():
         return False
-    from transformers import AutoTokenizer
+    from .tokenizer import load_tokenizer  # the pipeline's loader: .model / .tiktoken / HF alike
     try:
-        other = AutoTokenizer.from_pretrained(lock_tokenizer_dir)
-    except Exception:
+        other = load_tokenizer(lock_tokenizer_dir)
+    except TrainError:
         return False
-    return other.get_vocab() == tokenizer.get_vocab()
+    return len(other) == len(tokenizer) and other.get_vocab() == tokenizer.get_vocab()
 
 
 def heldout_counts(stream) -> dict[str, tuple[int, int]]:

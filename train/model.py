@@ -1,5 +1,8 @@
-"""Model side of training: tokenizer, config, model build (pretrained or from scratch),
-embedding resize, LoRA, parameter freezing, MoE leaf modules, and the packed-batch loss.
+"""Model side of training: config, model build (pretrained or from scratch; a model without an
+sdpa kernel gets its own default attention), embedding resize, the tokenizer's special ids,
+LoRA, parameter freezing, MoE leaf modules, the packed-row leak check run before step 0
+(`check_packing`), the packed-batch loss, and saving in the layout the model trains in (fused
+MoE experts stay fused: `save_pretrained_fused`). The tokenizer is train/tokenizer.py's.
 
 Attention on packed rows: transformers ≥ 4.53 derives per-document masks itself when it gets
 `position_ids` that restart at 0 and no `attention_mask` / cache (masking_utils
@@ -21,22 +24,13 @@ from stages.constants import IGNORE
 
 from .args import TrainError
 from .head_loss import trained_position_head
+from .tokenizer import load_tokenizer  # noqa: F401  (the trainer's tokenizer: train/tokenizer.py)
 
 log = logging.getLogger("train")
 DEFAULT_MOE_PATTERN = re.compile(r"(MoE|Moe|MoeBlock|SparseMoeBlock)$")
 
 
-# ---------------------------------------------------------------- tokenizer and config
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-    if not Path(path).exists():
-        raise TrainError(f"tokenizer {path}: no such directory")
-    try:
-        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except Exception as e:  # the library's message says what is missing
-        raise TrainError(f"tokenizer {path}: cannot load: {e}") from e
-
-
+# ---------------------------------------------------------------- config
 def load_config(args, fallback_dir: str | None = None, vocab_size: int | None = None):
     """The model config: from --model_name_or_path, --model_config (a JSON file or a dir),
     or, when resuming without either, the config saved in the checkpoint. A --model_config
@@ -90,17 +84,31 @@ def build_model(args, config, tokenizer, *, dtype: torch.dtype, zero_stage: int)
     attn = "eager" if getattr(args, "flash_attn", "auto") == "disabled" else attn_implementation(args.use_flash_attn)
     config.use_cache = False  # a cache would also switch off packed-sequence masking
     kw = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=args.trust_remote_code)
-    try:
+
+    def load():
         if args.model_name_or_path:
-            model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config, **kw)
-        else:
-            torch.manual_seed(args.seed)  # same initial weights for the same seed
-            model = AutoModelForCausalLM.from_config(config, **kw)
+            return AutoModelForCausalLM.from_pretrained(args.model_name_or_path, config=config, **kw)
+        torch.manual_seed(args.seed)  # same initial weights for the same seed
+        return AutoModelForCausalLM.from_config(config, **kw)
+    try:
+        try:
+            model = load()
+        except ValueError as e:
+            if "does not support an attention implementation" not in str(e):
+                raise
+            # e.g. Mamba, or a model without an sdpa kernel: its own default attention instead
+            log.info("%s does not support %s attention: using the model's default", config.model_type, attn)
+            config._attn_implementation = None
+            kw.pop("attn_implementation")
+            model = load()
+            attn = model.config._attn_implementation
     except Exception as e:
         where = args.model_name_or_path or args.model_config
-        raise TrainError(f"cannot build the model from {where}: {e}") from e
+        hint = " (pass --trust_remote_code for custom model code)" if "trust_remote_code" in str(e) else ""
+        raise TrainError(f"cannot build the model from {where}: {' '.join(str(e).split())}{hint}") from e
 
     resized = resize_embeddings(model, len(tokenizer))
+    set_special_ids(model, args, tokenizer)
     if args.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         kwargs = getattr(args, "gradient_checkpointing_kwargs", None) or {"use_reentrant": False}
@@ -124,6 +132,22 @@ def build_model(args, config, tokenizer, *, dtype: torch.dtype, zero_stage: int)
     if n_train == 0:
         raise TrainError("no trainable parameters left (check --train_attention_params_only / LoRA targets)")
     return model
+
+
+def set_special_ids(model, args, tokenizer) -> None:
+    """A model built from a --model_config JSON gets the tokenizer's bos/eos/pad ids (the ids the
+    lock records, the stream pads with) where the JSON names none, so the saved config and
+    generation_config describe the vocabulary it was trained on (not the model type's defaults)."""
+    src = Path(args.model_config) if args.model_config and not args.model_name_or_path else None
+    if src is None or not src.is_file():
+        return
+    given = json.loads(src.read_text())
+    for key in ("bos", "eos", "pad"):
+        v = getattr(tokenizer, f"{key}_id", None)
+        if v is not None and f"{key}_token_id" not in given:
+            for cfg in (model.config, getattr(model, "generation_config", None)):
+                if cfg is not None:
+                    setattr(cfg, f"{key}_token_id", int(v))
 
 
 def _numel(p) -> int:
@@ -211,6 +235,60 @@ def mark_moe_leaf_modules(model, names: str | None = None) -> list[type]:
     return classes
 
 
+# ---------------------------------------------------------------- packed rows
+# Layers that carry state along the sequence whatever position_ids say: a packed row would
+# leak document A into document B. Named in the refusal; the check below is what decides.
+STATEFUL_MODEL_TYPES = ("mamba", "mamba2", "falcon_mamba", "falcon_h1", "jamba", "zamba", "zamba2", "bamba",
+                        "qwen3_next", "lfm2", "lfm2_moe", "granitemoehybrid", "nemotron_h", "rwkv",
+                        "recurrent_gemma", "xlstm", "minimax", "plamo2")
+
+
+@torch.no_grad()
+def check_packing(model, packing: str, use_varlen: bool = False, n_a: int = 13, n_b: int = 11) -> float | None:
+    """Before step 0 (every rank, same inputs): the logits of document B packed after document A
+    in one row (position_ids restarting at 0, as the stream builds them) must equal B's logits
+    alone. Raises TrainError naming --packing padded when they do not (a recurrent, convolutional
+    or linear-attention layer, or an attention path that ignores the document boundary).
+    Returns the relative difference found (None when rows are not packed)."""
+    if packing != "packed":
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = base.config
+    vocab = int(getattr(cfg, "vocab_size", 0) or 0) or 32
+    device = next(iter(base.parameters())).device
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(min(3, vocab - 1), vocab, (n_a,), generator=g)
+    b = torch.randint(min(3, vocab - 1), vocab, (n_b,), generator=g)
+
+    def row(docs):
+        ids = torch.cat(docs)[None].to(device)
+        pos = torch.cat([torch.arange(len(d)) for d in docs])[None].to(device)
+        cu = torch.tensor([0] + [len(d) for d in docs]).cumsum(0).to(device=device, dtype=torch.int32)
+        batch = {"input_ids": ids, "position_ids": pos, "cu_seqlens": cu,
+                 "max_seqlen": torch.tensor(max(len(d) for d in docs))}
+        return model(**model_inputs(batch, use_varlen)).logits.float()
+
+    was_training = model.training
+    model.eval()  # no dropout
+    try:
+        packed = row([a, b])[0, n_a:]
+        alone = row([b])[0]
+    finally:
+        model.train(was_training)
+    rel = float((packed - alone).abs().mean() / alone.abs().mean().clamp_min(1e-6))
+    half = next(iter(base.parameters())).dtype in (torch.float16, torch.bfloat16)
+    if rel > (5e-2 if half else 1e-3):  # a leak moves B's logits by tens of percent
+        kind = getattr(cfg, "model_type", type(base).__name__)
+        why = (" (its layers carry state along the sequence: recurrent / convolutional / linear attention)"
+               if kind in STATEFUL_MODEL_TYPES else "")
+        raise TrainError(f"packed rows leak between documents in this {kind} model{why}: the logits of a "
+                         f"document packed after another differ from the document alone (mean relative "
+                         f"difference {rel:.3g}); train it with --packing padded")
+    log.info("packed rows: a document packed after another has the logits it has alone (relative "
+             "difference %.2g)", rel)
+    return rel
+
+
 # ---------------------------------------------------------------- loss
 def shift_labels(batch: dict) -> torch.Tensor:
     """Targets aligned with the logits: target[t] = labels[t+1], and -100 where t+1 starts a
@@ -255,6 +333,18 @@ def loss_sum(model, batch: dict, use_varlen: bool = False, per_token: bool = Fal
     if per_token:
         return losses.view(target.shape), target
     return losses, int((target != IGNORE).sum())
+
+
+def save_pretrained_fused(module, out, state_dict=None) -> None:
+    """save_pretrained that keeps the layout the model trains in. transformers 5 writes a fused
+    MoE model (experts as [E, 2I, H] gate_up_proj / [E, H, I] down_proj) back per expert unless
+    told `save_original_format=False`, even given `state_dict=`; the fused files load directly
+    (train/check_converted.py checks them). A PEFT adapter is saved as PEFT writes it."""
+    import inspect
+    kw = dict(state_dict=state_dict, safe_serialization=True)
+    if "save_original_format" in inspect.signature(module.save_pretrained).parameters:
+        kw["save_original_format"] = False
+    module.save_pretrained(str(out), **kw)
 
 
 def copy_model_code(model_dir: str | None, out_dir: Path) -> None:

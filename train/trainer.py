@@ -26,7 +26,7 @@ from .data import check_tokenizer, check_validation_split, make_streams, read_lo
 from .ds_config import choose_engine, load_ds_config, resolve_ds_config
 from .loop import evaluate, train
 from .metrics import Metrics
-from .model import build_model, load_config, load_tokenizer
+from .model import build_model, check_packing, load_config, load_tokenizer
 from .schedule import build_scheduler, check_schedule, warmup_steps_for
 from .torch_engine import is_torch_checkpoint
 
@@ -334,6 +334,7 @@ def run(cfg, build=None) -> str:
                             dtype=dtype if cfg.model_name_or_path else torch.float32)
         use_varlen = getattr(plan.config, "_attn_implementation", None) == "flash_attention_2"
         engine = init_engine(model, plan.ds_config, cfg, warmup, plan.engine)
+        check_packing(engine.module, cfg.packing, use_varlen)  # packed rows must not leak (train/model.py)
         checkpointer = Checkpointer(out, rank=rank, world_size=world_size, save_total_limit=cfg.save_total_limit,
                                     tokenizer=plan.tokenizer, tokenizer_dir=plan.tok_dir,
                                     model_dir=cfg.model_name_or_path)
