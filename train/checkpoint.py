@@ -87,6 +87,7 @@ class Checkpointer:
         self.rank, self.world_size = rank, world_size
         self.limit = save_total_limit
         self.tokenizer, self.tokenizer_dir, self.model_dir = tokenizer, tokenizer_dir, model_dir
+        self.last_saved: int | None = None  # step of the last checkpoint this run wrote
 
     # ------------------------------------------------------------ save
     def _file(self, ckpt: Path, name: str, rank: int | None = None) -> Path:
@@ -123,6 +124,7 @@ class Checkpointer:
             os.replace(tmp, self.out / "latest")
             self.rotate(keep=tag)
         _barrier()
+        self.last_saved = step
         return ckpt
 
     def rotate(self, keep: str) -> None:
@@ -211,6 +213,8 @@ class Checkpointer:
                 part.load_state_dict(json.loads(f.read_text()))
             else:
                 part.load_state_dict(torch.load(f, weights_only=True))
+        if ckpt.parent.resolve() == self.out.resolve():  # not written again by a run with nothing to do
+            self.last_saved = state["step"]
         log.info("resumed from %s at step %d", ckpt, state["step"])
         return state
 

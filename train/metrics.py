@@ -16,6 +16,7 @@ class Metrics:
         self.every = cfg.logging_steps
         self.quiet = cfg.logging_strategy == "no"
         self.bar = self.tb = self.jsonl = None
+        self.last_eval: int | None = None  # step of the last evaluation reported
         if not self.enabled:
             return
         if sys.stderr.isatty():
@@ -50,6 +51,7 @@ class Metrics:
                         + (f"  | {per}" if per else ""))
 
     def eval(self, step: int, m: dict) -> None:
+        self.last_eval = step
         if not self.enabled:
             return
         self._write({"step": step, **m})

@@ -24,7 +24,7 @@ from .checkpoint import Checkpointer, RNGState
 from .data import check_tokenizer, check_validation_split, make_streams, read_lock_once, resolve_lock, \
     steps_for_epochs
 from .ds_config import choose_engine, load_ds_config, resolve_ds_config
-from .loop import evaluate, train
+from .loop import Tasks, evaluate, train
 from .metrics import Metrics
 from .model import build_model, load_config, load_tokenizer
 from .schedule import build_scheduler, check_schedule, warmup_steps_for
@@ -163,6 +163,9 @@ class Plan:
     engine_why: str = ""
 
 
+FINAL_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+
+
 def check_output_dir(cfg, out: Path) -> None:
     """A finished or checkpointed run in OUTPUT_DIR is not silently overwritten."""
     done = [f for f in ("train_log.jsonl", "latest", "model.safetensors", "adapter_model.safetensors")
@@ -290,6 +293,13 @@ def run(cfg, build=None) -> str:
     setup_logging(int(os.environ.get("RANK", 0)))
     plan = prepare(cfg, int(os.environ.get("WORLD_SIZE", 1)), build)
     cfg = plan.cfg
+    if plan.resume is not None and cfg.max_steps is not None:
+        saved = int(json.loads((plan.resume / "trainer_state.json").read_text())["step"])
+        final = next((f for f in FINAL_MODEL_FILES if (plan.out / f).is_file()), None)
+        if saved >= cfg.max_steps and final:
+            log.info("%s is at step %d and --max_steps is %d: nothing left to train, the final model is %s "
+                     "(raise --max_steps to train further)", plan.resume, saved, cfg.max_steps, plan.out / final)
+            return "done"
     if plan.engine == "torch":  # one process: no process group, no DeepSpeed import
         rank, world_size = 0, 1
     else:
@@ -320,8 +330,7 @@ def run(cfg, build=None) -> str:
     except ValueError as e:
         raise UsageError(str(e)) from None
     # per-dataset metrics are per task (FM9G's tensorboard_all_tasks): datasets may share one
-    names = list(dict.fromkeys(ds.task for ds in train_stream.datasets))
-    task_of = torch.tensor([names.index(ds.task) for ds in train_stream.datasets], dtype=torch.long)
+    tasks = Tasks.of_datasets([ds.task for ds in train_stream.datasets])
 
     dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
     hf_ds = None
@@ -365,11 +374,15 @@ def run(cfg, build=None) -> str:
         metrics = Metrics(cfg, rank, state.step)
         try:
             why = train(engine, loader, eval_stream, checkpointer, metrics, cfg, state, parts,
-                        world_size=world_size, use_varlen=use_varlen, names=names, task_of=task_of)
-            if why == "exhausted" and eval_stream is not None:
-                metrics.eval(state.step, evaluate(engine, eval_stream, cfg.max_eval_batches, use_varlen, names, task_of))
+                        world_size=world_size, use_varlen=use_varlen, tasks=tasks)
             if why != "stopped":
+                # Saved before the final evaluation: no later fault can lose the run (HF Trainer
+                # also checkpoints the last step under --save_strategy steps).
+                if cfg.save_strategy != "no" and state.step > 0 and checkpointer.last_saved != state.step:
+                    checkpointer.save(engine, state.step, parts)
                 checkpointer.save_final(engine, out, is_lora=cfg.use_lora, zero_stage=zero_stage)
+                if eval_stream is not None and metrics.last_eval != state.step:
+                    metrics.eval(state.step, evaluate(engine, eval_stream, cfg.max_eval_batches, use_varlen, tasks))
         finally:
             metrics.close()
         if rank == 0:
