@@ -169,7 +169,12 @@ class Checkpointer:
         """Fail before any model is built when DeepSpeed could not load the checkpoint. Another
         world size goes through DeepSpeed's universal checkpoint (train/universal.py), whose
         failed conversion is its own one-line refusal; without it, a ZeRO checkpoint is refused."""
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+        f = ckpt / "trainer_state.json"
+        try:
+            state = json.loads(f.read_text())
+            int(state["step"]), int(state["world_size"])
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise TrainError(f"{f}: cannot resume from it ({type(e).__name__}: {e})") from None
         if state["world_size"] != self.world_size and zero_stage > 0 and not allow_universal:
             raise TrainError(
                 f"{ckpt} was saved by {state['world_size']} ranks, this run has {self.world_size}: ZeRO "
@@ -185,8 +190,11 @@ class Checkpointer:
         on another, every rank reads all of them and re-plans (train/stream_state)."""
         state = self.check_resumable(ckpt, zero_stage, allow_universal=load_dir is not None)
         if load_dir is not None:  # universal: per-group optimizer state un-shared (train/universal.py)
-            from .universal import load_universal
-            path, _ = load_universal(engine, load_dir)
+            from .universal import UniversalError, load_universal
+            try:
+                path, _ = load_universal(engine, load_dir)
+            except UniversalError as e:
+                raise TrainError(str(e)) from None
         else:
             path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
@@ -200,7 +208,7 @@ class Checkpointer:
                          else sorted(ckpt.glob(f"{PART_FILES[name][0]}_rank*.json")))
                 if not files:
                     raise TrainError(f"{ckpt}: no {PART_FILES[name][0]}_rank*.json")
-                part.load_state_dict([json.loads(x.read_text()) for x in files])
+                _load_part(part, files, lambda fs: [json.loads(x.read_text()) for x in fs])
                 continue
             f = self._file(ckpt, name)
             if per_rank and not f.is_file():
@@ -209,10 +217,8 @@ class Checkpointer:
                 if name == "rng":
                     continue  # a different world size: the new ranks seed afresh
                 raise TrainError(f"{ckpt}: {f.name} missing")
-            if fmt == "json":
-                part.load_state_dict(json.loads(f.read_text()))
-            else:
-                part.load_state_dict(torch.load(f, weights_only=True))
+            _load_part(part, [f], (lambda fs: json.loads(fs[0].read_text())) if fmt == "json"
+                       else (lambda fs: torch.load(fs[0], weights_only=True)))
         if ckpt.parent.resolve() == self.out.resolve():  # not written again by a run with nothing to do
             self.last_saved = state["step"]
         log.info("resumed from %s at step %d", ckpt, state["step"])
@@ -232,6 +238,17 @@ class Checkpointer:
                 copy_model_code(self.model_dir, out)
             log.info("saved the final %s to %s", "LoRA adapter" if is_lora else "model", out)
         _barrier()
+
+
+def _load_part(part, files: list[Path], read) -> None:
+    """part.load_state_dict(read(files)); a damaged file, or a state that does not fit this run
+    (another lock, another version), is one line naming the file(s), not a traceback."""
+    try:
+        part.load_state_dict(read(files))
+    except Exception as e:  # JSON, unpickling and shape faults, StreamError: all the file's
+        where = str(files[0]) + (f" (and {len(files) - 1} more)" if len(files) > 1 else "")
+        msg = " ".join(str(e).split()).replace("pass allow_lock_change=True", "pass --allow_lock_change")
+        raise TrainError(f"{where}: cannot resume from it ({type(e).__name__}: {msg[:400]})") from None
 
 
 def base_config(module):

@@ -319,6 +319,7 @@ def run(cfg, build=None) -> str:
         log.warning("--max_seq_length %d < the lock's max_length %d: longer samples go through their "
                     "overflow policy", cfg.max_seq_length, lock["max_length"])
     train_stream, eval_stream = make_streams(cfg, lock_path, seq_len, rank=rank, world_size=world_size)
+    from .stream import StreamError  # (imported by make_streams)
     check_validation_split(cfg, train_stream, wants_eval=bool(cfg.do_eval or cfg.eval_steps))
     if cfg.eval_strategy == "no":
         eval_stream = None
@@ -383,6 +384,8 @@ def run(cfg, build=None) -> str:
                 checkpointer.save_final(engine, out, is_lora=cfg.use_lora, zero_stage=zero_stage)
                 if eval_stream is not None and metrics.last_eval != state.step:
                     metrics.eval(state.step, evaluate(engine, eval_stream, cfg.max_eval_batches, use_varlen, tasks))
+        except StreamError as e:  # damage found reading a batch (bad offsets, token id >= vocab)
+            raise TrainError(stream_fault(e)) from None
         finally:
             metrics.close()
         if rank == 0:
@@ -392,6 +395,16 @@ def run(cfg, build=None) -> str:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
             unset_hf_deepspeed_config()
     return why
+
+
+def stream_fault(e: Exception) -> str:
+    """The one line of a StreamError, also when a DataLoader worker raised it (torch re-raises it
+    with the worker's whole traceback in the message: its last line is the error)."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        last = [ln for ln in msg.splitlines() if ln.strip()][-1]
+        msg = last.split("StreamError: ", 1)[-1]
+    return " ".join(msg.split())
 
 
 def _manifest_tokenizer(manifest: Path) -> str | None:
