@@ -66,6 +66,9 @@ def setup_distributed(timeout_s: int) -> tuple[int, int, int]:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
+    elif int(os.environ.get("WORLD_SIZE", 1)) > 1:  # said once: nothing else is printed while it builds
+        log.info("DeepSpeed: loading its shm op for CPU collectives (compiled on first use into "
+                 "~/.cache/torch_extensions, ~40 s; loaded from there afterwards)")
     if not dist.is_initialized():
         deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))  # nccl / gloo
     return dist.get_rank(), dist.get_world_size(), local_rank
@@ -94,7 +97,24 @@ def setup_logging(rank: int) -> None:
     # warnings: one line each, once, without the source line
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {cat.__name__}: " + \
         " ".join(str(msg).split()) + "\n"
-    warnings.filterwarnings("once", category=DeprecationWarning)  # torch's: one line, once
+    # torch's DeprecationWarnings and ZeRO-3's FutureWarning (raised on every forward of every
+    # rank): one line, once, from rank 0
+    for category in (DeprecationWarning, FutureWarning):
+        warnings.filterwarnings("once" if rank == 0 else "ignore", category=category)
+
+
+def warm_kernels() -> None:
+    """Load the data stream's numba kernels now (train/kernels.py), saying so when they are not in
+    numba's cache yet: the compile is a silent ~15-30 s, on every rank at once."""
+    from .kernels import kernels, warm_up
+    try:  # numba's per-function cache index (a private attribute: unknown -> say it anyway)
+        cold = not all(Path(k._cache._cache_file._index_path).is_file() for k in kernels().values())
+    except AttributeError:
+        cold = True
+    if cold:
+        log.info("compiling the data stream's numba kernels into their cache (once per machine and "
+                 "version, ~15-30 s; `python -m train.kernels` does it ahead of a run)")
+    warm_up()
 
 
 def seed_everything(seed: int) -> None:
@@ -133,6 +153,9 @@ def init_engine(model, ds_config: dict, cfg, warmup: int, engine: str = "deepspe
     optimizer = None
     if "optimizer" not in ds_config:  # a torch optimizer needs no JIT-compiled op
         optimizer = make_optimizer(groups)
+    else:
+        log.info("DeepSpeed: building its %s optimizer op (compiled on first use into ~/.cache/torch_extensions, "
+                 "a minute or more; loaded from there afterwards)", ds_config["optimizer"].get("type", ""))
     try:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                           lr_scheduler=scheduler, config=ds_config)
@@ -318,6 +341,7 @@ def run(cfg, build=None) -> str:
     if cfg.max_seq_length and cfg.max_seq_length < int(lock["max_length"]):
         log.warning("--max_seq_length %d < the lock's max_length %d: longer samples go through their "
                     "overflow policy", cfg.max_seq_length, lock["max_length"])
+    warm_kernels()
     train_stream, eval_stream = make_streams(cfg, lock_path, seq_len, rank=rank, world_size=world_size)
     from .stream import StreamError  # (imported by make_streams)
     check_validation_split(cfg, train_stream, wants_eval=bool(cfg.do_eval or cfg.eval_steps))
