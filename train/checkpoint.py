@@ -34,6 +34,10 @@ from .args import TrainError
 log = logging.getLogger("train")
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+# what a run writes into OUTPUT_DIR beside the final model: records of the run, not of the model
+# (a tool copying "the model's other files" out of such a dir skips them: train/merge_lora.py)
+RUN_RECORDS = ("train_log.jsonl", "train_args.json", "ds_config.json", "mixture.lock.json",
+               "training_curves.png", "latest", "adapter_config.json", "adapter_model.safetensors")
 TOKENIZER_EXTRA = ("*.tiktoken", "tokenization_*.py", "*.model", "*.jinja", "special_tokens_map.json",
                    "generation_config.json")
 

@@ -60,10 +60,12 @@ def merge(base_model_path: str, adapter_model_path: str, output_path: str, save_
     merged.to(dtype)
     out.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(str(out), safe_serialization=True)
-    # Non-weight files of the base (custom code, generation config, …), then the tokenizer.
+    # Non-weight files of the base (custom code, generation config, …), then the tokenizer; not the
+    # logs of a run whose output dir is the base (a full fine-tune merged with a LoRA on top).
+    from .checkpoint import RUN_RECORDS
     for f in base.iterdir():
         if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in WEIGHT_INDEXES \
-                and f.name != "config.json" and not (out / f.name).exists():
+                and f.name not in RUN_RECORDS and f.name != "config.json" and not (out / f.name).exists():
             shutil.copy2(f, out / f.name)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
