@@ -97,10 +97,19 @@ def setup_logging(rank: int) -> None:
     # warnings: one line each, once, without the source line
     warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {cat.__name__}: " + \
         " ".join(str(msg).split()) + "\n"
-    # torch's DeprecationWarnings and ZeRO-3's FutureWarning (raised on every forward of every
-    # rank): one line, once, from rank 0
+    # torch's DeprecationWarnings and ZeRO-3's FutureWarnings (raised by every collective of every
+    # step on every rank): from rank 0 only, and each message once. (The "once" filter is not
+    # enough: any catch_warnings() clears the registries it keeps, and torch enters one per step.)
     for category in (DeprecationWarning, FutureWarning):
-        warnings.filterwarnings("once" if rank == 0 else "ignore", category=category)
+        warnings.filterwarnings("always" if rank == 0 else "ignore", category=category)
+    shown, show = set(), warnings.showwarning
+
+    def show_once(message, category, *args, **kwargs):
+        key = (category, str(message))
+        if key not in shown:
+            shown.add(key)
+            show(message, category, *args, **kwargs)
+    warnings.showwarning = show_once
 
 
 def warm_kernels() -> None:
