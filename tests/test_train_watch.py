@@ -48,7 +48,7 @@ def test_step_line_has_step_of_total_eta_and_samples(tmp_path, caplog, monkeypat
 
 @pytest.mark.parametrize("rank,shown", [(0, 1), (1, 0)])
 def test_a_warning_of_every_step_and_rank_prints_once(rank, shown):
-    code = ("import warnings\nfrom train.trainer import setup_logging\n"
+    code = ("import warnings\nfrom train.process import setup_logging\n"
             f"setup_logging({rank})\n"
             "def forward():\n"
             "    with warnings.catch_warnings():\n"  # as torch does every step: resets the registries
