@@ -13,6 +13,7 @@ No torch import here (plotting a log must be instant).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -154,6 +155,22 @@ def figure(output_dir: str | Path):
 
 
 plot = plot_run  # the name an earlier draft of the trainer used
+
+
+def plot_at_end(output_dir: str | Path) -> Path | None:
+    """The trainer's call at the end of a run (rank 0): a plotting problem is one line, never the
+    run's failure (the model is saved by then)."""
+    log = logging.getLogger("train")
+    try:
+        path = plot_run(output_dir)
+    except ImportError as e:
+        log.info("no training-curves plot (%s); pip install matplotlib, then python -m train.plot %s", e, output_dir)
+        return None
+    except Exception as e:  # PlotError, a matplotlib fault
+        log.warning("no training-curves plot: %s", " ".join(str(e).split()) or type(e).__name__)
+        return None
+    log.info("training curves: %s", path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
-"""The training run: `run(cfg, build)` decides everything it can before any process group
-exists (bad inputs fail fast, identically, on every rank), then builds the components and
-runs train/loop.py. `build` (from train/__main__.py) makes the lock when the data still has to
+"""The training run: `Trainer(cfg, build)` decides everything it can before any process group
+exists (`prepare`: bad inputs fail fast, identically, on every rank), then builds the components;
+`Trainer.train()` runs train/loop.py and the end of the run; `run(cfg, build)` does both. `build` (from train/__main__.py) makes the lock when the data still has to
 be built; this module never imports the pipeline."""
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from .data import check_tokenizer, check_validation_split, make_streams, read_lo
 from .ds_config import choose_engine, load_ds_config, resolve_ds_config
 from .loop import Tasks, evaluate, train
 from .metrics import Metrics
+from .plot import plot_at_end
 from .model import build_model, load_config, load_tokenizer
 from .schedule import build_scheduler, check_schedule, warmup_steps_for
 from .process import seed_everything, setup_distributed, setup_logging, warm_kernels
@@ -236,70 +237,100 @@ def _accelerator(cfg, world_size: int):
     return get_accelerator()
 
 
-def run(cfg, build=None) -> str:
-    setup_logging(int(os.environ.get("RANK", 0)))
-    plan = prepare(cfg, int(os.environ.get("WORLD_SIZE", 1)), build)
-    cfg = plan.cfg
-    if plan.resume is not None and cfg.max_steps is not None:
+class Trainer:
+    """One training run (torchtitan's Trainer): `__init__` decides everything it can before any
+    process group exists (`prepare`), then sets up the process, the data, the model and engine,
+    and resumes; `train()` runs train/loop.py and the end of the run (last checkpoint, final model,
+    then the final evaluation); `state_dict()` is every stateful part's state, as a checkpoint
+    holds it beside the engine's own files. `close()` releases what __init__ set up."""
+
+    def __init__(self, cfg, build=None):
+        setup_logging(int(os.environ.get("RANK", 0)))
+        self.plan = plan = prepare(cfg, int(os.environ.get("WORLD_SIZE", 1)), build)
+        self.cfg = cfg = plan.cfg
+        self._hf_ds = None
+        self.finished = self._finished_already()
+        if self.finished:
+            return
+        if plan.engine == "torch":  # one process: no process group, no DeepSpeed import
+            self.rank, self.world_size = 0, 1
+        else:
+            self.rank, self.world_size, _ = setup_distributed(cfg.ddp_timeout)
+        seed_everything(cfg.seed)
+        plan.out.mkdir(parents=True, exist_ok=True)
+        self._setup_data(build)
+        try:
+            self._setup_model()
+        except BaseException:
+            self.close()
+            raise
+
+    def _finished_already(self) -> bool:
+        """A resumed run already at --max_steps with its final model written: nothing to do."""
+        plan, cfg = self.plan, self.cfg
+        if plan.resume is None or cfg.max_steps is None:
+            return False
         saved = int(json.loads((plan.resume / "trainer_state.json").read_text())["step"])
         final = next((f for f in FINAL_MODEL_FILES if (plan.out / f).is_file()), None)
         if saved >= cfg.max_steps and final:
             log.info("%s is at step %d and --max_steps is %d: nothing left to train, the final model is %s "
                      "(raise --max_steps to train further)", plan.resume, saved, cfg.max_steps, plan.out / final)
-            return "done"
-    if plan.engine == "torch":  # one process: no process group, no DeepSpeed import
-        rank, world_size = 0, 1
-    else:
-        rank, world_size, _ = setup_distributed(cfg.ddp_timeout)
-    seed_everything(cfg.seed)
-    out, zero_stage = plan.out, plan.zero_stage
-    out.mkdir(parents=True, exist_ok=True)
+            return True
+        return False
 
-    lock_path = plan.lock_path
-    if lock_path is None:  # rank 0 builds through the pipeline (train/__main__.py), the others wait
-        lock_path, lock = resolve_lock(cfg, plan.tok_dir, plan.tokenizer, rank=rank, build=build)
-        check_tokenizer(lock, plan.tok_dir, plan.tokenizer, cfg.allow_tokenizer_mismatch)
-    else:
-        lock = read_lock_once(lock_path)
-    seq_len = cfg.max_seq_length or int(lock["max_length"])
-    if cfg.max_seq_length and cfg.max_seq_length < int(lock["max_length"]):
-        log.warning("--max_seq_length %d < the lock's max_length %d: longer samples go through their "
-                    "overflow policy", cfg.max_seq_length, lock["max_length"])
-    warm_kernels()
-    train_stream, eval_stream = make_streams(cfg, lock_path, seq_len, rank=rank, world_size=world_size)
-    from .stream import StreamError  # (imported by make_streams)
-    check_validation_split(cfg, train_stream, wants_eval=bool(cfg.do_eval or cfg.eval_steps))
-    if cfg.eval_strategy == "no":
-        eval_stream = None
-    if cfg.max_steps is None:
-        cfg = cfg.replace(max_steps=steps_for_epochs(cfg, lock, train_stream, seq_len, world_size))
-    warmup = warmup_steps_for(cfg.max_steps, cfg.warmup_ratio, cfg.warmup_steps)
-    try:
-        check_schedule(cfg.learning_rate, cfg.min_lr, cfg.max_steps, warmup)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    # per-dataset metrics are per task (FM9G's tensorboard_all_tasks): datasets may share one
-    tasks = Tasks.of_datasets([ds.task for ds in train_stream.datasets])
+    def _setup_data(self, build) -> None:
+        """The lock (built first when needed), the train and eval streams, max_steps and warmup."""
+        plan, cfg, rank, world_size = self.plan, self.cfg, self.rank, self.world_size
+        lock_path = plan.lock_path
+        if lock_path is None:  # rank 0 builds through the pipeline (train/__main__.py), the others wait
+            lock_path, lock = resolve_lock(cfg, plan.tok_dir, plan.tokenizer, rank=rank, build=build)
+            check_tokenizer(lock, plan.tok_dir, plan.tokenizer, cfg.allow_tokenizer_mismatch)
+        else:
+            lock = read_lock_once(lock_path)
+        seq_len = cfg.max_seq_length or int(lock["max_length"])
+        if cfg.max_seq_length and cfg.max_seq_length < int(lock["max_length"]):
+            log.warning("--max_seq_length %d < the lock's max_length %d: longer samples go through their "
+                        "overflow policy", cfg.max_seq_length, lock["max_length"])
+        warm_kernels()
+        train_stream, eval_stream = make_streams(cfg, lock_path, seq_len, rank=rank, world_size=world_size)
+        check_validation_split(cfg, train_stream, wants_eval=bool(cfg.do_eval or cfg.eval_steps))
+        if cfg.eval_strategy == "no":
+            eval_stream = None
+        if cfg.max_steps is None:
+            cfg = cfg.replace(max_steps=steps_for_epochs(cfg, lock, train_stream, seq_len, world_size))
+        warmup = warmup_steps_for(cfg.max_steps, cfg.warmup_ratio, cfg.warmup_steps)
+        try:
+            check_schedule(cfg.learning_rate, cfg.min_lr, cfg.max_steps, warmup)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        self.cfg = cfg
+        self.lock_path, self.seq_len, self.warmup = lock_path, seq_len, warmup
+        self.train_stream, self.eval_stream = train_stream, eval_stream
+        # per-dataset metrics are per task (FM9G's tensorboard_all_tasks): datasets may share one
+        self.tasks = Tasks.of_datasets([ds.task for ds in train_stream.datasets])
 
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
-    hf_ds = None
-    if zero_stage == 3:  # transformers then builds/loads the model partitioned (zero.Init)
-        from transformers.integrations import HfDeepSpeedConfig
-        hf_ds = HfDeepSpeedConfig(plan.ds_config)  # kept alive: transformers holds a weakref
-    try:
+    def _setup_model(self) -> None:
+        """Model, engine, checkpointer, the stateful parts; resumed when asked."""
+        plan, cfg, rank, world_size = self.plan, self.cfg, self.rank, self.world_size
+        out, zero_stage = plan.out, plan.zero_stage
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+        if zero_stage == 3:  # transformers then builds/loads the model partitioned (zero.Init)
+            from transformers.integrations import HfDeepSpeedConfig
+            self._hf_ds = HfDeepSpeedConfig(plan.ds_config)  # kept alive: transformers holds a weakref
         # From scratch: initialise in fp32 (DeepSpeed casts); pretrained: load in the train dtype.
         model = build_model(cfg, plan.config, plan.tokenizer, zero_stage=zero_stage,
                             dtype=dtype if cfg.model_name_or_path else torch.float32)
-        use_varlen = getattr(plan.config, "_attn_implementation", None) == "flash_attention_2"
-        engine = init_engine(model, plan.ds_config, cfg, warmup, plan.engine)
-        checkpointer = Checkpointer(out, rank=rank, world_size=world_size, save_total_limit=cfg.save_total_limit,
-                                    tokenizer=plan.tokenizer, tokenizer_dir=plan.tok_dir,
-                                    model_dir=cfg.model_name_or_path)
+        self.use_varlen = getattr(plan.config, "_attn_implementation", None) == "flash_attention_2"
+        self.engine = engine = init_engine(model, plan.ds_config, cfg, self.warmup, plan.engine)
+        self.checkpointer = Checkpointer(out, rank=rank, world_size=world_size,
+                                         save_total_limit=cfg.save_total_limit, tokenizer=plan.tokenizer,
+                                         tokenizer_dir=plan.tok_dir, model_dir=cfg.model_name_or_path)
         if rank == 0:
-            _write_run_files(out, cfg, plan.ds_config, lock_path, warmup, seq_len, plan.engine)
-        loader = train_stream.loader(num_workers=cfg.num_workers)
-        state = TrainState(world_size)
-        parts = {"trainer": state, "stream": loader, "rng": RNGState()}
+            _write_run_files(out, cfg, plan.ds_config, self.lock_path, self.warmup, self.seq_len, plan.engine)
+        self.loader = self.train_stream.loader(num_workers=cfg.num_workers)
+        self.state = state = TrainState(world_size)
+        # the stateful parts beside the engine's own states; train/checkpoint.py PARTS says how each is kept
+        self.parts = {"trainer": state, "stream": self.loader, "rng": RNGState()}
         if plan.resume is not None:
             load_dir = None
             if plan.universal:
@@ -308,41 +339,64 @@ def run(cfg, build=None) -> str:
                     load_dir = plan.resume if is_universal(plan.resume) else to_universal(plan.resume, rank=rank)
                 except UniversalError as e:
                     raise TrainError(str(e)) from None
-            checkpointer.load(engine, plan.resume, parts, zero_stage=zero_stage, load_dir=load_dir)
+            self.checkpointer.load(engine, plan.resume, self.parts, zero_stage=zero_stage, load_dir=load_dir)
             if state.saved.get("max_steps") not in (None, cfg.max_steps):
                 log.warning("--max_steps changed from %s to %d: the lr schedule changes shape",
                             state.saved["max_steps"], cfg.max_steps)
-        state.extra = {"max_steps": cfg.max_steps, "seq_len": seq_len, "engine": plan.engine}
+        state.extra = {"max_steps": cfg.max_steps, "seq_len": self.seq_len, "engine": plan.engine}
 
+    def state_dict(self) -> dict:
+        """{part: its state_dict()}, what a checkpoint holds beside the engine's files."""
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def train(self) -> str:
+        """The loop, then (unless stopped early) the last step's checkpoint and the final model, and
+        only then the final evaluation: no fault after the last step loses the run. Returns why the
+        loop stopped ("done", "exhausted", "stopped")."""
+        if self.finished:
+            return "done"
+        from .stream import StreamError  # (imported by make_streams)
+        cfg, plan, state, engine = self.cfg, self.plan, self.state, self.engine
+        checkpointer, eval_stream, tasks, use_varlen = self.checkpointer, self.eval_stream, self.tasks, self.use_varlen
         log.info("training %d steps: %d ranks × %d micro-batches × %d rows × %d tokens, %s, %s",
-                 cfg.max_steps, world_size, cfg.gradient_accumulation_steps,
-                 cfg.per_device_train_batch_size, seq_len,
-                 f"DeepSpeed ZeRO-{zero_stage}" if plan.engine == "deepspeed" else "plain-PyTorch engine",
+                 cfg.max_steps, self.world_size, cfg.gradient_accumulation_steps,
+                 cfg.per_device_train_batch_size, self.seq_len,
+                 f"DeepSpeed ZeRO-{plan.zero_stage}" if plan.engine == "deepspeed" else "plain-PyTorch engine",
                  "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32")
         log.info("engine: %s (%s)", plan.engine, plan.engine_why)
-        metrics = Metrics(cfg, rank, state.step)
+        metrics = Metrics(cfg, self.rank, state.step)
         try:
-            why = train(engine, loader, eval_stream, checkpointer, metrics, cfg, state, parts,
-                        world_size=world_size, use_varlen=use_varlen, tasks=tasks)
+            why = train(engine, self.loader, eval_stream, checkpointer, metrics, cfg, state, self.parts,
+                        world_size=self.world_size, use_varlen=use_varlen, tasks=tasks)
             if why != "stopped":
-                # Saved before the final evaluation: no later fault can lose the run (HF Trainer
-                # also checkpoints the last step under --save_strategy steps).
+                # (HF Trainer also checkpoints the last step under --save_strategy steps)
                 if cfg.save_strategy != "no" and state.step > 0 and checkpointer.last_saved != state.step:
-                    checkpointer.save(engine, state.step, parts)
-                checkpointer.save_final(engine, out, is_lora=cfg.use_lora, zero_stage=zero_stage)
+                    checkpointer.save(engine, state.step, self.parts)
+                checkpointer.save_final(engine, plan.out, is_lora=cfg.use_lora, zero_stage=plan.zero_stage)
                 if eval_stream is not None and metrics.last_eval != state.step:
                     metrics.eval(state.step, evaluate(engine, eval_stream, cfg.max_eval_batches, use_varlen, tasks))
         except StreamError as e:  # damage found reading a batch (bad offsets, token id >= vocab)
             raise TrainError(stream_fault(e)) from None
         finally:
             metrics.close()
-        if rank == 0:
-            draw_curves(out)
-    finally:
-        if hf_ds is not None:
+        if self.rank == 0:
+            plot_at_end(plan.out)
+        return why
+
+    def close(self) -> None:
+        if self._hf_ds is not None:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
             unset_hf_deepspeed_config()
-    return why
+            self._hf_ds = None
+
+
+def run(cfg, build=None) -> str:
+    """`python -m train`: Trainer(cfg, build).train(); returns why the loop stopped."""
+    trainer = Trainer(cfg, build)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
 
 
 def stream_fault(e: Exception) -> str:
@@ -371,22 +425,6 @@ def _model_tokenizer_dir(cfg, resume: Path | None) -> str | None:
         if d and any((Path(d) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             return d
     return None
-
-
-def draw_curves(out: Path) -> Path | None:
-    """OUTPUT_DIR/training_curves.png (train/plot.py) at the end of a run; a plotting problem is
-    one line, never the run's failure."""
-    try:
-        from .plot import plot_run
-        path = plot_run(out)
-    except ImportError as e:
-        log.info("no training-curves plot (%s); pip install matplotlib, then python -m train.plot %s", e, out)
-        return None
-    except Exception as e:  # PlotError, a matplotlib fault: the run itself is done and saved
-        log.warning("no training-curves plot: %s", " ".join(str(e).split()) or type(e).__name__)
-        return None
-    log.info("training curves: %s", path)
-    return path
 
 
 def _write_run_files(out: Path, cfg, ds_config: dict, lock_path: Path, warmup: int, seq_len: int,
