@@ -21,7 +21,6 @@ from .data import check_tokenizer, check_validation_split, make_streams, read_lo
 from .ds_config import choose_engine, load_ds_config, resolve_ds_config
 from .loop import Tasks, evaluate, train
 from .metrics import Metrics
-from .plot import plot_at_end
 from .model import build_model, load_config, load_tokenizer
 from .schedule import build_scheduler, check_schedule, warmup_steps_for
 from .process import seed_everything, setup_distributed, setup_logging, warm_kernels
@@ -380,6 +379,7 @@ class Trainer:
         finally:
             metrics.close()
         if self.rank == 0:
+            from .plot import plot_at_end
             plot_at_end(plan.out)
         return why
 
