@@ -170,3 +170,21 @@ def test_damage_found_at_the_first_batch_is_one_error_line(tmp_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert lines[-1].startswith("error: ") and shard["file"] in lines[-1] and "vocab" in lines[-1], lines[-1]
     assert sum(ln.startswith("error:") for ln in lines) == 1
+
+
+def test_a_stream_fault_from_a_dataloader_worker_is_its_own_line():
+    """torch re-raises a worker's StreamError with the worker's traceback in the message; the
+    trainer's `error:` line is the fault itself."""
+    from torch._utils import ExceptionWrapper
+
+    from train.stream import StreamError
+    from train.trainer import stream_fault
+    line = "/data/ds/shard-00000.h5: token id 65535 >= vocab size 6000 in sample 3 of dataset 'pt'"
+    try:
+        raise StreamError(line)
+    except StreamError:
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(StreamError) as e:
+        wrapped.reraise()
+    assert "Traceback" in str(e.value) and stream_fault(e.value) == line
+    assert stream_fault(StreamError(line)) == line
