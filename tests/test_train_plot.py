@@ -173,3 +173,38 @@ def test_plot_does_not_import_torch():
     code = "import sys, train.plot; print('torch' in sys.modules)"
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert p.stdout.strip() == "False", p.stderr
+
+
+def test_a_single_eval_point_is_drawn_and_a_task_keeps_its_colour(tmp_path):
+    """One evaluation (the usual short run) is a visible marker, not an invisible one-point line;
+    a task has the same colour in the train and eval panels even when it is listed, or first
+    trains, in another order there."""
+    from matplotlib.colors import to_hex
+
+    from train.plot import figure
+    out = tmp_path / "run"
+    out.mkdir()
+    lines = [{"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3,
+              "datasets": {"sft": {"samples": 1, "trained_tokens": 9, "loss": 3.1 - 0.1 * s},
+                           **({"pt": {"samples": 1, "trained_tokens": 9, "loss": 2.9}} if s > 1 else {})}}
+             for s in (1, 2, 3)]
+    lines.append({"step": 3, "eval_loss": 2.5, "eval_tokens": 9,
+                  "datasets": {"pt": {"eval_samples": 1, "eval_trained_tokens": 4, "eval_loss": 2.4},
+                               "zz": {"eval_samples": 1, "eval_trained_tokens": 2, "eval_loss": 2.0},
+                               "sft": {"eval_samples": 1, "eval_trained_tokens": 3, "eval_loss": 2.6}}})
+    (out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    fig = figure(out)
+    train_ax, eval_ax = fig.axes[0], fig.axes[1]
+    colour = {}
+    for ax in (train_ax, eval_ax):
+        for line in ax.get_lines():
+            label = line.get_label()
+            if label.startswith("_"):  # the faint raw curve of a labelled one
+                continue
+            assert colour.setdefault(label, to_hex(line.get_color())) == to_hex(line.get_color()), label
+    assert len({colour[n] for n in ("sft", "pt", "zz")}) == 3
+    evals = {ln.get_label(): ln for ln in eval_ax.get_lines() if not ln.get_label().startswith("_")}
+    assert set(evals) == {"all datasets", "sft", "pt", "zz"}
+    for name, ln in evals.items():
+        assert len(ln.get_xdata()) == 1 and ln.get_marker() not in ("None", "", None), name
+    _is_png(plot_run(out))

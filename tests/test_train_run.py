@@ -95,6 +95,18 @@ def test_resume_gives_the_same_losses_exactly(setup, full_run):
     assert all(torch.equal(final[k], final_ref[k]) for k in final_ref)
 
 
+def test_resuming_a_finished_run_says_so_and_exits(setup, full_run):
+    """Issue 25: a run already at --max_steps, resumed, trains nothing, writes nothing and says so
+    (before any model is built)."""
+    lock, cfg, _ = setup
+    files = {p.name: p.read_bytes() for p in full_run.iterdir() if p.is_file()}
+    p = run_train(common(lock, cfg, full_run, 20, "--save_steps", "10", "--save_total_limit", "1",
+                         "--resume_from_checkpoint", "latest"))
+    assert "checkpoint-20 is at step 20 and --max_steps is 20: nothing left to train" in p.stderr, p.stderr
+    assert "engine:" not in p.stderr and "training 20 steps" not in p.stderr
+    assert {p.name: p.read_bytes() for p in full_run.iterdir() if p.is_file()} == files
+
+
 def test_validation_split_and_gradient_accumulation(setup):
     lock, cfg, root = setup
     out = root / "eval"

@@ -64,6 +64,43 @@ def test_cla_run_pt_flag_set(setup, base_model):
     assert sorted(steps) == [1, 2, 3] and steps[3]["tokens"] == 3 * 64 and evals[-1]["eval_tokens"] > 0
 
 
+CLA_RUN_PT = ["--per_device_train_batch_size", "1", "--per_device_eval_batch_size", "1", "--do_train",
+              "--seed", "1234", "--fp16", "--max_steps", "3", "--lr_scheduler_type", "cosine",
+              "--learning_rate", "2e-4", "--warmup_ratio", "0.05", "--weight_decay", "0.01",
+              "--logging_strategy", "steps", "--logging_steps", "10", "--save_strategy", "steps",
+              "--save_total_limit", "3", "--save_steps", "500", "--gradient_accumulation_steps", "1",
+              "--preprocessing_num_workers", "1", "--block_size", "64", "--overwrite_output_dir",
+              "--ddp_timeout", "30000", "--logging_first_step", "True", "--lora_rank", "8", "--lora_alpha", "32",
+              "--trainable", "q_proj,v_proj,k_proj,o_proj", "--modules_to_save", "embed_tokens,lm_head",
+              "--lora_dropout", "0.05", "--torch_dtype", "float16", "--gradient_checkpointing",
+              "--ddp_find_unused_parameters", "False"]
+
+
+@pytest.mark.slow
+def test_cla_run_pt_flag_set_over_five_datasets_in_two_tasks(setup, base_model):
+    """Issue 25: run_pt.sh's flags with a held-out split over sample_data/mixture.json (5 datasets,
+    tasks pretrain and sft) once crashed at the final evaluation and saved nothing. It trains,
+    saves the adapter and the last step's checkpoint, then evaluates every held-out sample per task."""
+    _, _, root = setup
+    (root / "cla_ds5.json").write_text(json.dumps(CLA_DS))
+    out = root / "cla_mix_out"
+    p = run_train(["--deepspeed", str(root / "cla_ds5.json"), "--model_name_or_path", str(base_model),
+                   "--tokenizer_name_or_path", str(TOKENIZER), "--mixture", str(SAMPLE / "mixture.json"),
+                   "--data_cache_dir", str(root / "cla_cache5"), "--validation_split_percentage", "0.05",
+                   "--output_dir", str(out), *CLA_RUN_PT])
+    err = p.stderr
+    assert "5 datasets" in err
+    assert (out / "adapter_model.safetensors").is_file() and (out / "latest").read_text() == "checkpoint-3"
+    assert err.index("saved the final LoRA adapter") < err.index("eval_loss")  # saved before evaluating
+    steps, evals = read_log(out)
+    assert sorted(steps) == [1, 2, 3] and len(evals) == 1 and evals[0]["step"] == 3
+    per = evals[0]["datasets"]
+    manifest = json.loads((SAMPLE / "mixture.json").read_text())
+    assert set(per) == {d["task_name"] for d in manifest["datasets"]} == {"pretrain", "sft"}
+    assert sum(d["eval_trained_tokens"] for d in per.values()) == evals[0]["eval_tokens"] > 0
+    assert all(d["eval_samples"] > 0 and d["eval_loss"] > 0 for d in per.values())
+
+
 @pytest.mark.slow
 def test_hunyuan_train_sh_flag_set(setup, base_model):
     _, _, root = setup
@@ -83,9 +120,11 @@ def test_hunyuan_train_sh_flag_set(setup, base_model):
     lrs = [steps[s]["lr"] for s in (1, 2, 3)]
     # warmup ceil(0.01 * 3) = 1 step, then cosine that would reach min_lr at step max_steps (HF)
     assert lrs[0] == lrs[1] == pytest.approx(1e-5) and 1e-6 < lrs[2] < lrs[1]
-    assert (out / "checkpoint-2" / "rng_state_rank00000.pt").is_file()
+    # save_steps 2, max_steps 3: the last step is checkpointed too (as HF Trainer does); limit 1 keeps it
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-3"]
+    assert (out / "checkpoint-3" / "rng_state_rank00000.pt").is_file()
     import torch
-    torch.load(out / "checkpoint-2" / "rng_state_rank00000.pt", weights_only=True)  # no pickled objects
+    torch.load(out / "checkpoint-3" / "rng_state_rank00000.pt", weights_only=True)  # no pickled objects
 
 
 @pytest.mark.slow

@@ -148,8 +148,8 @@ if __name__ == "__main__":
 # ---------------------------------------------------------------------------- tests
 import pytest  # noqa: E402
 
-from train.universal import (MARKER, UniversalError, convert_to_universal, needs_universal,  # noqa: E402
-                             refusal, saved_world_size)
+from train.universal import (MARKER, UniversalError, convert_to_universal, missing_state_file,  # noqa: E402
+                             needs_universal, refusal, saved_world_size)
 
 
 def _fp32(ckpt: Path) -> dict:
@@ -170,6 +170,8 @@ def test_two_rank_checkpoint_resumes_on_one_rank(tmp_path, stage, n_groups):
     (ck3 / "stream_state_rank00000.json").write_text("{}")
     uni = convert_to_universal(ck3)
     assert uni == out / "checkpoint-3-universal"
+    # every parameter's state is where train.universal.load_universal checks for it (names as DeepSpeed's)
+    assert missing_state_file(uni, [n for n, _ in _model().named_parameters()]) is None
     assert json.loads((uni / MARKER).read_text()) == {"source": "checkpoint-3", "world_size": 2,
                                                         "zero_stage": stage}
     assert (uni / "trainer_state.json").is_file() and (uni / "stream_state_rank00000.json").is_file()

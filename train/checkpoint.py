@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,10 @@ from .args import TrainError
 log = logging.getLogger("train")
 
 CKPT_RE = re.compile(r"^checkpoint-(\d+)$")
+# what a run writes into OUTPUT_DIR beside the final model: records of the run, not of the model
+# (a tool copying "the model's other files" out of such a dir skips them: train/merge_lora.py)
+RUN_RECORDS = ("train_log.jsonl", "train_args.json", "ds_config.json", "mixture.lock.json",
+               "training_curves.png", "latest", "adapter_config.json", "adapter_model.safetensors")
 TOKENIZER_EXTRA = ("*.tiktoken", "tokenization_*.py", "*.model", "*.jinja", "special_tokens_map.json",
                    "generation_config.json")
 
@@ -75,9 +80,35 @@ class RNGState:
             torch.cuda.set_rng_state(state["cuda"])
 
 
-# part name -> (file stem, per rank, format)
-PART_FILES = {"trainer": ("trainer_state", False, "json"), "stream": ("stream_state", True, "json"),
-              "rng": ("rng_state", True, "pt")}
+@dataclass(frozen=True)
+class Part:
+    """How one stateful part (state_dict / load_state_dict) is kept in a checkpoint. Every part
+    goes through the same save and load; what differs is data here, not code keyed on a name."""
+    stem: str
+    per_rank: bool  # one file per rank (else one, written by rank 0)
+    fmt: str  # "json" or "pt" (torch.save; read back with weights_only=True)
+    reads_all_ranks: bool = False  # on another world size: gets the list of every rank's states
+    optional: bool = False  # a missing file leaves the part as it is (new ranks: RNGs seeded afresh)
+
+    def file(self, ckpt: Path, rank: int) -> Path:
+        return ckpt / (f"{self.stem}_rank{rank:05d}.{self.fmt}" if self.per_rank else f"{self.stem}.{self.fmt}")
+
+    def write(self, path: Path, state) -> None:
+        if self.fmt == "json":
+            _write_json(path, state)
+            return
+        tmp = path.with_name(f".{path.name}.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def read(self, path: Path):
+        return json.loads(path.read_text()) if self.fmt == "json" else torch.load(path, weights_only=True)
+
+
+# the stateful parts beside the engine's own states (the model, optimizer and lr schedule)
+PARTS = {"trainer": Part("trainer_state", per_rank=False, fmt="json"),
+         "stream": Part("stream_state", per_rank=True, fmt="json", reads_all_ranks=True),
+         "rng": Part("rng_state", per_rank=True, fmt="pt", optional=True)}
 
 
 class Checkpointer:
@@ -87,32 +118,18 @@ class Checkpointer:
         self.rank, self.world_size = rank, world_size
         self.limit = save_total_limit
         self.tokenizer, self.tokenizer_dir, self.model_dir = tokenizer, tokenizer_dir, model_dir
+        self.last_saved: int | None = None  # step of the last checkpoint this run wrote
 
     # ------------------------------------------------------------ save
-    def _file(self, ckpt: Path, name: str, rank: int | None = None) -> Path:
-        stem, per_rank, fmt = PART_FILES[name]
-        rank = self.rank if rank is None else rank
-        return ckpt / (f"{stem}_rank{rank:05d}.{fmt}" if per_rank else f"{stem}.{fmt}")
-
     def save(self, engine, step: int, parts: dict) -> Path:
-        """DeepSpeed's states, then each stateful part's state_dict() (see PART_FILES)."""
+        """The engine's states, then each stateful part's state_dict() (see PARTS)."""
         tag = f"checkpoint-{step}"
         ckpt = self.out / tag
         engine.save_checkpoint(str(self.out), tag=tag, client_state={"step": step}, save_latest=False)
         for name, part in parts.items():
-            per_rank, fmt = PART_FILES[name][1:]
-            if not per_rank and self.rank != 0:
-                continue
-            state = part.state_dict()
-            if name == "trainer":
-                state = {**state, "step": step, "world_size": self.world_size}
-            path = self._file(ckpt, name)
-            if fmt == "json":
-                _write_json(path, state)
-            else:
-                tmp = path.with_name(f".{path.name}.tmp")
-                torch.save(state, tmp)
-                os.replace(tmp, path)
+            spec = PARTS[name]
+            if spec.per_rank or self.rank == 0:
+                spec.write(spec.file(ckpt, self.rank), part.state_dict())
         if self.rank == 0:
             base_config(engine.module).save_pretrained(ckpt)
             self.save_tokenizer(ckpt)
@@ -123,6 +140,7 @@ class Checkpointer:
             os.replace(tmp, self.out / "latest")
             self.rotate(keep=tag)
         _barrier()
+        self.last_saved = step
         return ckpt
 
     def rotate(self, keep: str) -> None:
@@ -167,7 +185,12 @@ class Checkpointer:
         """Fail before any model is built when DeepSpeed could not load the checkpoint. Another
         world size goes through DeepSpeed's universal checkpoint (train/universal.py), whose
         failed conversion is its own one-line refusal; without it, a ZeRO checkpoint is refused."""
-        state = json.loads((ckpt / "trainer_state.json").read_text())
+        f = ckpt / "trainer_state.json"
+        try:
+            state = json.loads(f.read_text())
+            int(state["step"]), int(state["world_size"])
+        except (OSError, ValueError, TypeError, KeyError) as e:
+            raise TrainError(f"{f}: cannot resume from it ({type(e).__name__}: {e})") from None
         if state["world_size"] != self.world_size and zero_stage > 0 and not allow_universal:
             raise TrainError(
                 f"{ckpt} was saved by {state['world_size']} ranks, this run has {self.world_size}: ZeRO "
@@ -183,34 +206,35 @@ class Checkpointer:
         on another, every rank reads all of them and re-plans (train/stream_state)."""
         state = self.check_resumable(ckpt, zero_stage, allow_universal=load_dir is not None)
         if load_dir is not None:  # universal: per-group optimizer state un-shared (train/universal.py)
-            from .universal import load_universal
-            path, _ = load_universal(engine, load_dir)
+            from .universal import UniversalError, load_universal
+            try:
+                path, _ = load_universal(engine, load_dir)
+            except UniversalError as e:
+                raise TrainError(str(e)) from None
         else:
             path, _ = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_optimizer_states=True,
                                              load_lr_scheduler_states=True)
         if path is None:
             raise TrainError(f"{ckpt}: DeepSpeed could not load this checkpoint")
+        same_world = state["world_size"] == self.world_size
         for name, part in parts.items():
-            per_rank, fmt = PART_FILES[name][1:]
-            if name == "stream":  # another world size re-plans from every rank's position
-                own = self._file(ckpt, name)
-                files = ([own] if state["world_size"] == self.world_size and own.is_file()
-                         else sorted(ckpt.glob(f"{PART_FILES[name][0]}_rank*.json")))
-                if not files:
-                    raise TrainError(f"{ckpt}: no {PART_FILES[name][0]}_rank*.json")
-                part.load_state_dict([json.loads(x.read_text()) for x in files])
-                continue
-            f = self._file(ckpt, name)
-            if per_rank and not f.is_file():
-                f = self._file(ckpt, name, rank=0)
-            if not f.is_file():
-                if name == "rng":
-                    continue  # a different world size: the new ranks seed afresh
-                raise TrainError(f"{ckpt}: {f.name} missing")
-            if fmt == "json":
-                part.load_state_dict(json.loads(f.read_text()))
+            spec = PARTS[name]
+            own = spec.file(ckpt, self.rank)
+            if spec.reads_all_ranks and not (same_world and own.is_file()):
+                # another world size: every rank's state, to re-plan from (train/stream_state.py)
+                files = sorted(ckpt.glob(f"{spec.stem}_rank*.{spec.fmt}"))
             else:
-                part.load_state_dict(torch.load(f, weights_only=True))
+                files = [own if own.is_file() or not spec.per_rank else spec.file(ckpt, 0)]
+                files = [f for f in files if f.is_file()]
+            if not files:
+                if spec.optional:
+                    continue
+                raise TrainError(f"{ckpt}: {own.name if not spec.reads_all_ranks else spec.stem + '_rank*.' + spec.fmt}"
+                                 " missing")
+            _load_part(part, files, (lambda fs, sp=spec: [sp.read(f) for f in fs]) if spec.reads_all_ranks
+                       else (lambda fs, sp=spec: sp.read(fs[0])))
+        if ckpt.parent.resolve() == self.out.resolve():  # not written again by a run with nothing to do
+            self.last_saved = state["step"]
         log.info("resumed from %s at step %d", ckpt, state["step"])
         return state
 
@@ -229,6 +253,17 @@ class Checkpointer:
                 copy_model_code(self.model_dir, out)
             log.info("saved the final %s to %s", "LoRA adapter" if is_lora else "model", out)
         _barrier()
+
+
+def _load_part(part, files: list[Path], read) -> None:
+    """part.load_state_dict(read(files)); a damaged file, or a state that does not fit this run
+    (another lock, another version), is one line naming the file(s), not a traceback."""
+    try:
+        part.load_state_dict(read(files))
+    except Exception as e:  # JSON, unpickling and shape faults, StreamError: all the file's
+        where = str(files[0]) + (f" (and {len(files) - 1} more)" if len(files) > 1 else "")
+        msg = " ".join(str(e).split()).replace("pass allow_lock_change=True", "pass --allow_lock_change")
+        raise TrainError(f"{where}: cannot resume from it ({type(e).__name__}: {msg[:400]})") from None
 
 
 def base_config(module):

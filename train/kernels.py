@@ -459,10 +459,16 @@ def kernels() -> dict:
     return {n: f for n, f in globals().items() if hasattr(f, "stats") and hasattr(f, "py_func")}
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     """`python -m train.kernels`: compile (or load) every kernel into numba's cache now, e.g.
     right after `pip install`, so the first training run - every rank of it - only loads them."""
+    import argparse
     import time
+    argparse.ArgumentParser(prog="python -m train.kernels", allow_abbrev=False, description=(
+        "Compile the data stream's numba kernels into their on-disk cache now (about 10-30 s once per "
+        "machine and tokenmill/numba version), so that a training run - every rank of it - only loads them. "
+        "Run it after installing or updating; it prints how many were compiled and where the cache is.")
+    ).parse_args(argv)
     t = time.perf_counter()
     warm_up()
     took, ks = time.perf_counter() - t, kernels().values()

@@ -4,14 +4,20 @@ One optimizer step = `gradient_accumulation_steps` micro-batches per rank. The l
 token mean over the *global* step (every rank, every micro-batch): each micro-batch's summed
 cross-entropy is scaled by gas * world / (predicted tokens of the step, all ranks), which
 DeepSpeed's 1/gas and rank averaging turn into exactly that mean, whatever the packing.
-Per dataset: every predicted token is attributed to the dataset of the sample it belongs to
-(`label_datasets`); the step loss is the sum of the per-dataset loss sums over the step's
-predicted tokens, so the per-dataset means weighted by their tokens give it back exactly.
+Per task: every predicted token is attributed to the dataset of the sample it belongs to
+(`label_datasets`), and the dataset to its task (`Tasks`, FM9G's tensorboard_all_tasks: datasets
+may share one); the step loss is the sum of the per-task loss sums over the step's predicted
+tokens, so the per-task means weighted by their tokens give it back exactly. Training and
+evaluation both report through `StepTotals`, which cannot be built without the task map.
+
+The loop ends at max_steps, at the end of the data or at --stop_after_steps; what is written at
+the end (checkpoint, final model, then the final evaluation) is train/trainer.py's.
 """
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -71,20 +77,34 @@ def label_datasets(batch: dict) -> torch.Tensor | None:
     return seg_ds[seg_id].view(B, L)
 
 
-class StepTotals:
-    """Sums over one step (or one evaluation): loss, predicted tokens, per dataset, float64."""
+@dataclass(frozen=True)
+class Tasks:
+    """The reported groups: `names` (tasks, first-seen order) and `of[d]`, the task index of the
+    lock's dataset d."""
+    names: list[str]
+    of: torch.Tensor
 
-    def __init__(self, n_datasets: int, task_of: torch.Tensor | None = None):
-        self.nd = n_datasets
-        self.task_of = task_of  # lock dataset index -> reported group (task) index
-        self.v = torch.zeros(2 + 3 * n_datasets, dtype=torch.float64)
+    @classmethod
+    def of_datasets(cls, task_names: list[str]) -> Tasks:
+        """From each lock dataset's task name, in lock order."""
+        names = list(dict.fromkeys(task_names))
+        return cls(names, torch.tensor([names.index(t) for t in task_names], dtype=torch.long))
+
+
+class StepTotals:
+    """Sums over one step (or one evaluation): loss, predicted tokens, per task, float64."""
+
+    def __init__(self, tasks: Tasks):
+        self.names, self.task_of = tasks.names, tasks.of
+        self.nd = nd = len(tasks.names)
+        self.v = torch.zeros(2 + 3 * nd, dtype=torch.float64)
         self.split_ok = True
 
     def add(self, batch: dict, per_token: torch.Tensor, target: torch.Tensor) -> None:
         nd = self.nd
         self.v[1] += float((target != IGNORE).sum())
         smp = batch.get("samples")
-        remap = (lambda d: d) if self.task_of is None else (lambda d: self.task_of[d])
+        remap = self.task_of.__getitem__  # lock dataset index -> task index
         if smp is not None and len(smp):
             self.v[2 + 2 * nd:] += torch.bincount(remap(smp[:, 0]), minlength=nd)[:nd].double()
         dmap = label_datasets(batch)
@@ -113,10 +133,12 @@ class StepTotals:
         both = all_reduce(torch.cat([self.v, flag]), device)
         self.v, self.split_ok = both[:-1], both[-1].item() == 0
 
-    def per_dataset(self, names: list[str], prefix: str = "") -> dict:
+    def per_dataset(self, prefix: str = "") -> dict:
+        """{task: {samples, trained_tokens, loss}} (the last two only where every token was
+        attributed)."""
         nd = self.nd
         out = {}
-        for k, name in enumerate(names):
+        for k, name in enumerate(self.names):
             tok = int(self.v[2 + nd + k])
             smp = int(self.v[2 + 2 * nd + k])
             rec = {f"{prefix}samples": smp}
@@ -128,9 +150,11 @@ class StepTotals:
 
 
 def train(engine, loader, eval_stream, checkpointer, metrics, cfg, state, parts, *,
-          world_size: int, use_varlen: bool, names: list[str], task_of=None) -> str:
-    """Optimizer steps until max_steps, the end of the data, or --stop_after_steps.
-    Returns why it stopped: "done", "exhausted" or "stopped"."""
+          world_size: int, use_varlen: bool, tasks: Tasks) -> str:
+    """Optimizer steps until max_steps, the end of the data, or --stop_after_steps, with the
+    --eval_steps evaluations and --save_steps checkpoints on the way; the last step's checkpoint
+    and evaluation are the caller's (after the final model is saved). Returns why it stopped:
+    "done", "exhausted" or "stopped"."""
     device = engine.device
     gas = cfg.gradient_accumulation_steps
     batches = iter(loader)
@@ -151,7 +175,7 @@ def train(engine, loader, eval_stream, checkpointer, metrics, cfg, state, parts,
         micro += [_dummy_batch() for _ in range(gas - len(micro))]
         lr = engine.get_lr()[0]  # the lr this step uses (DeepSpeed advances it in step())
         scale = gas * world_size / max(n_pred, 1.0)
-        totals = StepTotals(len(names), task_of)
+        totals = StepTotals(tasks)
         for batch in micro:
             per_token, target = loss_sum(engine, _to(batch, device), use_varlen, per_token=True)
             engine.backward(per_token.sum() * scale)
@@ -168,12 +192,13 @@ def train(engine, loader, eval_stream, checkpointer, metrics, cfg, state, parts,
             "loss": float(totals.v[0]) / max(n_pred, 1.0), "lr": lr, "grad_norm": _grad_norm(engine),
             "tokens_per_s": n_tok / seconds, "trained_tokens_step": int(n_pred),
             "trained_tokens": state.trained_tokens, "tokens": state.tokens,
-            "datasets": totals.per_dataset(names)})
+            "datasets": totals.per_dataset()})
 
-        last = state.step == cfg.max_steps
-        if eval_stream is not None and ((cfg.eval_steps and state.step % cfg.eval_steps == 0) or last):
-            metrics.eval(state.step, evaluate(engine, eval_stream, cfg.max_eval_batches, use_varlen, names))
-        stop = cfg.stop_after_steps and state.step - first_step >= cfg.stop_after_steps and not last
+        if state.step == cfg.max_steps:
+            break  # checkpoint, final model, final evaluation: the caller's, in that order
+        if eval_stream is not None and cfg.eval_steps and state.step % cfg.eval_steps == 0:
+            metrics.eval(state.step, evaluate(engine, eval_stream, cfg.max_eval_batches, use_varlen, tasks))
+        stop = cfg.stop_after_steps and state.step - first_step >= cfg.stop_after_steps
         if (cfg.save_strategy != "no" and state.step % cfg.save_steps == 0) or stop:
             checkpointer.save(engine, state.step, parts)
         if stop:
@@ -184,13 +209,12 @@ def train(engine, loader, eval_stream, checkpointer, metrics, cfg, state, parts,
 
 
 @torch.no_grad()
-def evaluate(engine, eval_stream, max_batches: int | None, use_varlen: bool, names: list[str],
-             task_of=None) -> dict:
-    """Token-mean loss over the held-out split, overall and per dataset. Ranks step in lockstep
+def evaluate(engine, eval_stream, max_batches: int | None, use_varlen: bool, tasks: Tasks) -> dict:
+    """Token-mean loss over the held-out split, overall and per task. Ranks step in lockstep
     (ZeRO-3 forwards are collectives): a rank whose share ran out runs a dummy forward."""
     engine.eval()
     device = engine.device
-    totals = StepTotals(len(names), task_of)
+    totals = StepTotals(tasks)
     it = iter(eval_stream.eval_batches())
     k = 0
     while True:
@@ -207,7 +231,7 @@ def evaluate(engine, eval_stream, max_batches: int | None, use_varlen: bool, nam
     engine.train()
     n_all = float(totals.v[1])
     return {"eval_loss": float(totals.v[0]) / max(n_all, 1.0), "eval_tokens": int(n_all),
-            "datasets": totals.per_dataset(names, prefix="eval_")}
+            "datasets": totals.per_dataset(prefix="eval_")}
 
 
 def _take(it, n: int) -> list:

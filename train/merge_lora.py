@@ -26,6 +26,12 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 WEIGHT_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 
 
+def _run_records() -> tuple[str, ...]:
+    """What a run writes beside its final model (its logs): not copied from a base that is a run's dir."""
+    from .checkpoint import RUN_RECORDS
+    return RUN_RECORDS
+
+
 def parse_args(argv=None):
     p = StrictParser(prog="python -m train.merge_lora", description=__doc__.split("\n")[0])
     p.add_argument("--base_model_path", required=True, help="HF dir of the base model")
@@ -75,7 +81,7 @@ def merge(base_model_path: str, adapter_model_path: str, output_path: str, save_
     # Non-weight files of the base (custom code, generation config, …), then the tokenizer.
     for f in base.iterdir():
         if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in WEIGHT_INDEXES \
-                and f.name != "config.json" and not (out / f.name).exists():
+                and f.name != "config.json" and f.name not in _run_records() and not (out / f.name).exists():
             shutil.copy2(f, out / f.name)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))

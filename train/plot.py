@@ -13,6 +13,7 @@ No torch import here (plotting a log must be instant).
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 from pathlib import Path
@@ -102,28 +103,43 @@ def curves(output_dir: str | Path) -> dict:
 def _draw(ax, steps, values, label, color, raw_alpha=0.3):
     if not steps:
         return
+    if len(steps) == 1:  # a line through one point draws nothing: a marker
+        ax.plot(steps, values, color=color, label=label, marker="o", linestyle="none")
+        return
     ax.plot(steps, values, color=color, alpha=raw_alpha, linewidth=1)
     ax.plot(steps, smooth(values), color=color, label=label, linewidth=1.6)
 
 
 def plot_run(output_dir: str | Path, out: str | Path | None = None) -> Path:
     """Write the curves PNG (default OUTPUT_DIR/training_curves.png) and return its path."""
+    import matplotlib.pyplot as plt
+    fig = figure(output_dir)
+    path = Path(out) if out else Path(output_dir) / PNG_NAME
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def figure(output_dir: str | Path):
+    """The matplotlib figure of the run's curves. A dataset (task) has one colour in every panel."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
     c = curves(output_dir)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    names = list(dict.fromkeys([*c["datasets"], *c["eval_datasets"]]))
+    color_of = {n: palette[k % len(palette)] for k, n in enumerate(names)}
     has_eval = bool(c["eval_loss"][0] or c["eval_datasets"])
     panels = ["train"] + (["eval"] if has_eval else []) + (["lr"] if c["lr"][0] else [])
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 3.4 * len(panels)), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, panel in zip(axes[:, 0], panels):
         if panel in ("train", "eval"):
             total = c["loss" if panel == "train" else "eval_loss"]
             per = c["datasets" if panel == "train" else "eval_datasets"]
             _draw(ax, *total, "all datasets", "black")
-            for k, (name, (steps, vals)) in enumerate(per.items()):
-                _draw(ax, steps, vals, name, colors[k % len(colors)])
+            for name, (steps, vals) in per.items():
+                _draw(ax, steps, vals, name, color_of[name])
             ax.set_ylabel("loss")
             ax.set_title(("train" if panel == "train" else "eval") + " loss (faint: raw, solid: smoothed)")
             ax.legend(fontsize=8, loc="upper right")
@@ -135,13 +151,26 @@ def plot_run(output_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = Path(out) if out else Path(output_dir) / PNG_NAME
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return fig
 
 
 plot = plot_run  # the name an earlier draft of the trainer used
+
+
+def plot_at_end(output_dir: str | Path) -> Path | None:
+    """The trainer's call at the end of a run (rank 0): a plotting problem is one line, never the
+    run's failure (the model is saved by then)."""
+    log = logging.getLogger("train")
+    try:
+        path = plot_run(output_dir)
+    except ImportError as e:
+        log.info("no training-curves plot (%s); pip install matplotlib, then python -m train.plot %s", e, output_dir)
+        return None
+    except Exception as e:  # PlotError, a matplotlib fault
+        log.warning("no training-curves plot: %s", " ".join(str(e).split()) or type(e).__name__)
+        return None
+    log.info("training curves: %s", path)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -179,9 +179,17 @@ class TorchEngine:
         path = Path(load_dir) / tag / STATE_FILE
         if not path.is_file():
             return None, None
+        try:
+            return self._load_state(path, load_optimizer_states, load_lr_scheduler_states)
+        except Exception as e:  # a truncated or edited file: one line naming it, not a traceback
+            from .args import TrainError
+            raise TrainError(f"{path}: cannot resume from this torch-engine state ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())[:300]}); resume from another checkpoint") from None
+
+    def _load_state(self, path: Path, load_optimizer_states: bool, load_lr_scheduler_states: bool):
         state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format") != FORMAT:
-            return None, None
+        if not isinstance(state, dict) or state.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} file")
         self.module.load_state_dict(state["module"])
         if self._masters is not None:
             saved = state.get("masters")

@@ -1,21 +1,16 @@
-"""The training run: `run(cfg, build)` decides everything it can before any process group
-exists (bad inputs fail fast, identically, on every rank), then builds the components and
-runs train/loop.py. `build` (from train/__main__.py) makes the lock when the data still has to
+"""The training run: `Trainer(cfg, build)` decides everything it can before any process group
+exists (`prepare`: bad inputs fail fast, identically, on every rank), then builds the components;
+`Trainer.train()` runs train/loop.py and the end of the run; `run(cfg, build)` does both. `build` (from train/__main__.py) makes the lock when the data still has to
 be built; this module never imports the pipeline."""
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
-import random
 import shutil
-import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -24,83 +19,32 @@ from .checkpoint import Checkpointer, RNGState
 from .data import check_tokenizer, check_validation_split, make_streams, read_lock_once, resolve_lock, \
     steps_for_epochs
 from .ds_config import choose_engine, load_ds_config, resolve_ds_config
-from .loop import evaluate, train
+from .loop import Tasks, evaluate, train
 from .metrics import Metrics
 from .model import build_model, check_packing, load_config, load_tokenizer
 from .schedule import build_scheduler, check_schedule, warmup_steps_for
+from .process import seed_everything, setup_distributed, setup_logging, warm_kernels
 from .torch_engine import is_torch_checkpoint
 
 log = logging.getLogger("train")
 
 
 class TrainState:
-    """Step and token counters: the "trainer" stateful part of a checkpoint."""
+    """Step and token counters, and the world size that made them: the "trainer" stateful part of a
+    checkpoint (trainer_state.json)."""
 
-    def __init__(self):
+    def __init__(self, world_size: int = 1):
         self.step = self.trained_tokens = self.tokens = 0
+        self.world_size = world_size
         self.extra: dict = {}
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "trained_tokens": self.trained_tokens, "tokens": self.tokens, **self.extra}
+        return {"step": self.step, "trained_tokens": self.trained_tokens, "tokens": self.tokens, **self.extra,
+                "world_size": self.world_size}
 
     def load_state_dict(self, d: dict) -> None:
         self.step, self.trained_tokens, self.tokens = d["step"], d.get("trained_tokens", 0), d.get("tokens", 0)
         self.saved = d
-
-
-# ==================================================================== setup
-def setup_distributed(timeout_s: int) -> tuple[int, int, int]:
-    """Rank, world size, local rank. A plain `python -m train` is a world of one: give
-    DeepSpeed the env a launcher would (else it looks for MPI)."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    import importlib
-
-    import deepspeed
-    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
-        # One process reduces nothing: skip JIT-compiling the shm comm op (~30-100 s on first use).
-        # (by sys.modules: the package attribute `deepspeed.comm.torch` is torch itself)
-        importlib.import_module("deepspeed.comm.torch")
-        sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-    if not dist.is_initialized():
-        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))  # nccl / gloo
-    return dist.get_rank(), dist.get_world_size(), local_rank
-
-
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr, force=True)
-    log.setLevel(logging.INFO if rank == 0 else logging.ERROR)  # ranks agree; one voice
-    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if not sys.stderr.isatty():  # no progress bars in logs (transformers' "Writing model shards", ...)
-        os.environ.setdefault("TQDM_DISABLE", "1")
-        from transformers.utils import logging as hf_logging  # tqdm read the variable at import
-        hf_logging.disable_progress_bar()
-    if not torch.cuda.is_available():
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed warns that it guessed
-    # warnings: one line each, once, without the source line
-    warnings.formatwarning = lambda msg, cat, *a, **k: f"warning: {cat.__name__}: " + \
-        " ".join(str(msg).split()) + "\n"
-    warnings.filterwarnings("once", category=DeprecationWarning)  # torch's: one line, once
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -133,6 +77,9 @@ def init_engine(model, ds_config: dict, cfg, warmup: int, engine: str = "deepspe
     optimizer = None
     if "optimizer" not in ds_config:  # a torch optimizer needs no JIT-compiled op
         optimizer = make_optimizer(groups)
+    else:
+        log.info("DeepSpeed: building its %s optimizer op (compiled on first use into ~/.cache/torch_extensions, "
+                 "a minute or more; loaded from there afterwards)", ds_config["optimizer"].get("type", ""))
     try:
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, optimizer=optimizer,
                                           lr_scheduler=scheduler, config=ds_config)
@@ -161,6 +108,9 @@ class Plan:
     universal: bool = False
     engine: str = "deepspeed"  # or "torch" (train/torch_engine.py); see ds_config.choose_engine
     engine_why: str = ""
+
+
+FINAL_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 
 
 def check_output_dir(cfg, out: Path) -> None:
@@ -286,63 +236,101 @@ def _accelerator(cfg, world_size: int):
     return get_accelerator()
 
 
-def run(cfg, build=None) -> str:
-    setup_logging(int(os.environ.get("RANK", 0)))
-    plan = prepare(cfg, int(os.environ.get("WORLD_SIZE", 1)), build)
-    cfg = plan.cfg
-    if plan.engine == "torch":  # one process: no process group, no DeepSpeed import
-        rank, world_size = 0, 1
-    else:
-        rank, world_size, _ = setup_distributed(cfg.ddp_timeout)
-    seed_everything(cfg.seed)
-    out, zero_stage = plan.out, plan.zero_stage
-    out.mkdir(parents=True, exist_ok=True)
+class Trainer:
+    """One training run (torchtitan's Trainer): `__init__` decides everything it can before any
+    process group exists (`prepare`), then sets up the process, the data, the model and engine,
+    and resumes; `train()` runs train/loop.py and the end of the run (last checkpoint, final model,
+    then the final evaluation); `state_dict()` is every stateful part's state, as a checkpoint
+    holds it beside the engine's own files. `close()` releases what __init__ set up."""
 
-    lock_path = plan.lock_path
-    if lock_path is None:  # rank 0 builds through the pipeline (train/__main__.py), the others wait
-        lock_path, lock = resolve_lock(cfg, plan.tok_dir, plan.tokenizer, rank=rank, build=build)
-        check_tokenizer(lock, plan.tok_dir, plan.tokenizer, cfg.allow_tokenizer_mismatch)
-    else:
-        lock = read_lock_once(lock_path)
-    seq_len = cfg.max_seq_length or int(lock["max_length"])
-    if cfg.max_seq_length and cfg.max_seq_length < int(lock["max_length"]):
-        log.warning("--max_seq_length %d < the lock's max_length %d: longer samples go through their "
-                    "overflow policy", cfg.max_seq_length, lock["max_length"])
-    train_stream, eval_stream = make_streams(cfg, lock_path, seq_len, rank=rank, world_size=world_size)
-    check_validation_split(cfg, train_stream, wants_eval=bool(cfg.do_eval or cfg.eval_steps))
-    if cfg.eval_strategy == "no":
-        eval_stream = None
-    if cfg.max_steps is None:
-        cfg = cfg.replace(max_steps=steps_for_epochs(cfg, lock, train_stream, seq_len, world_size))
-    warmup = warmup_steps_for(cfg.max_steps, cfg.warmup_ratio, cfg.warmup_steps)
-    try:
-        check_schedule(cfg.learning_rate, cfg.min_lr, cfg.max_steps, warmup)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
-    # per-dataset metrics are per task (FM9G's tensorboard_all_tasks): datasets may share one
-    names = list(dict.fromkeys(ds.task for ds in train_stream.datasets))
-    task_of = torch.tensor([names.index(ds.task) for ds in train_stream.datasets], dtype=torch.long)
+    def __init__(self, cfg, build=None):
+        setup_logging(int(os.environ.get("RANK", 0)))
+        self.plan = plan = prepare(cfg, int(os.environ.get("WORLD_SIZE", 1)), build)
+        self.cfg = cfg = plan.cfg
+        self._hf_ds = None
+        self.finished = self._finished_already()
+        if self.finished:
+            return
+        if plan.engine == "torch":  # one process: no process group, no DeepSpeed import
+            self.rank, self.world_size = 0, 1
+        else:
+            self.rank, self.world_size, _ = setup_distributed(cfg.ddp_timeout)
+        seed_everything(cfg.seed)
+        plan.out.mkdir(parents=True, exist_ok=True)
+        self._setup_data(build)
+        try:
+            self._setup_model()
+        except BaseException:
+            self.close()
+            raise
 
-    dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
-    hf_ds = None
-    if zero_stage == 3:  # transformers then builds/loads the model partitioned (zero.Init)
-        from transformers.integrations import HfDeepSpeedConfig
-        hf_ds = HfDeepSpeedConfig(plan.ds_config)  # kept alive: transformers holds a weakref
-    try:
+    def _finished_already(self) -> bool:
+        """A resumed run already at --max_steps with its final model written: nothing to do."""
+        plan, cfg = self.plan, self.cfg
+        if plan.resume is None or cfg.max_steps is None:
+            return False
+        saved = int(json.loads((plan.resume / "trainer_state.json").read_text())["step"])
+        final = next((f for f in FINAL_MODEL_FILES if (plan.out / f).is_file()), None)
+        if saved >= cfg.max_steps and final:
+            log.info("%s is at step %d and --max_steps is %d: nothing left to train, the final model is %s "
+                     "(raise --max_steps to train further)", plan.resume, saved, cfg.max_steps, plan.out / final)
+            return True
+        return False
+
+    def _setup_data(self, build) -> None:
+        """The lock (built first when needed), the train and eval streams, max_steps and warmup."""
+        plan, cfg, rank, world_size = self.plan, self.cfg, self.rank, self.world_size
+        lock_path = plan.lock_path
+        if lock_path is None:  # rank 0 builds through the pipeline (train/__main__.py), the others wait
+            lock_path, lock = resolve_lock(cfg, plan.tok_dir, plan.tokenizer, rank=rank, build=build)
+            check_tokenizer(lock, plan.tok_dir, plan.tokenizer, cfg.allow_tokenizer_mismatch)
+        else:
+            lock = read_lock_once(lock_path)
+        seq_len = cfg.max_seq_length or int(lock["max_length"])
+        if cfg.max_seq_length and cfg.max_seq_length < int(lock["max_length"]):
+            log.warning("--max_seq_length %d < the lock's max_length %d: longer samples go through their "
+                        "overflow policy", cfg.max_seq_length, lock["max_length"])
+        warm_kernels()
+        train_stream, eval_stream = make_streams(cfg, lock_path, seq_len, rank=rank, world_size=world_size)
+        check_validation_split(cfg, train_stream, wants_eval=bool(cfg.do_eval or cfg.eval_steps))
+        if cfg.eval_strategy == "no":
+            eval_stream = None
+        if cfg.max_steps is None:
+            cfg = cfg.replace(max_steps=steps_for_epochs(cfg, lock, train_stream, seq_len, world_size))
+        warmup = warmup_steps_for(cfg.max_steps, cfg.warmup_ratio, cfg.warmup_steps)
+        try:
+            check_schedule(cfg.learning_rate, cfg.min_lr, cfg.max_steps, warmup)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        self.cfg = cfg
+        self.lock_path, self.seq_len, self.warmup = lock_path, seq_len, warmup
+        self.train_stream, self.eval_stream = train_stream, eval_stream
+        # per-dataset metrics are per task (FM9G's tensorboard_all_tasks): datasets may share one
+        self.tasks = Tasks.of_datasets([ds.task for ds in train_stream.datasets])
+
+    def _setup_model(self) -> None:
+        """Model, engine, checkpointer, the stateful parts; resumed when asked."""
+        plan, cfg, rank, world_size = self.plan, self.cfg, self.rank, self.world_size
+        out, zero_stage = plan.out, plan.zero_stage
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else torch.float32
+        if zero_stage == 3:  # transformers then builds/loads the model partitioned (zero.Init)
+            from transformers.integrations import HfDeepSpeedConfig
+            self._hf_ds = HfDeepSpeedConfig(plan.ds_config)  # kept alive: transformers holds a weakref
         # From scratch: initialise in fp32 (DeepSpeed casts); pretrained: load in the train dtype.
         model = build_model(cfg, plan.config, plan.tokenizer, zero_stage=zero_stage,
                             dtype=dtype if cfg.model_name_or_path else torch.float32)
-        use_varlen = getattr(plan.config, "_attn_implementation", None) == "flash_attention_2"
-        engine = init_engine(model, plan.ds_config, cfg, warmup, plan.engine)
-        check_packing(engine.module, cfg.packing, use_varlen)  # packed rows must not leak (train/model.py)
-        checkpointer = Checkpointer(out, rank=rank, world_size=world_size, save_total_limit=cfg.save_total_limit,
-                                    tokenizer=plan.tokenizer, tokenizer_dir=plan.tok_dir,
-                                    model_dir=cfg.model_name_or_path)
+        self.use_varlen = getattr(plan.config, "_attn_implementation", None) == "flash_attention_2"
+        self.engine = engine = init_engine(model, plan.ds_config, cfg, self.warmup, plan.engine)
+        check_packing(engine.module, cfg.packing, self.use_varlen)  # packed rows must not leak (train/model.py)
+        self.checkpointer = Checkpointer(out, rank=rank, world_size=world_size,
+                                         save_total_limit=cfg.save_total_limit, tokenizer=plan.tokenizer,
+                                         tokenizer_dir=plan.tok_dir, model_dir=cfg.model_name_or_path)
         if rank == 0:
-            _write_run_files(out, cfg, plan.ds_config, lock_path, warmup, seq_len, plan.engine)
-        loader = train_stream.loader(num_workers=cfg.num_workers)
-        state = TrainState()
-        parts = {"trainer": state, "stream": loader, "rng": RNGState()}
+            _write_run_files(out, cfg, plan.ds_config, self.lock_path, self.warmup, self.seq_len, plan.engine)
+        self.loader = self.train_stream.loader(num_workers=cfg.num_workers)
+        self.state = state = TrainState(world_size)
+        # the stateful parts beside the engine's own states; train/checkpoint.py PARTS says how each is kept
+        self.parts = {"trainer": state, "stream": self.loader, "rng": RNGState()}
         if plan.resume is not None:
             load_dir = None
             if plan.universal:
@@ -351,35 +339,75 @@ def run(cfg, build=None) -> str:
                     load_dir = plan.resume if is_universal(plan.resume) else to_universal(plan.resume, rank=rank)
                 except UniversalError as e:
                     raise TrainError(str(e)) from None
-            checkpointer.load(engine, plan.resume, parts, zero_stage=zero_stage, load_dir=load_dir)
+            self.checkpointer.load(engine, plan.resume, self.parts, zero_stage=zero_stage, load_dir=load_dir)
             if state.saved.get("max_steps") not in (None, cfg.max_steps):
                 log.warning("--max_steps changed from %s to %d: the lr schedule changes shape",
                             state.saved["max_steps"], cfg.max_steps)
-        state.extra = {"max_steps": cfg.max_steps, "seq_len": seq_len, "engine": plan.engine}
+        state.extra = {"max_steps": cfg.max_steps, "seq_len": self.seq_len, "engine": plan.engine}
 
+    def state_dict(self) -> dict:
+        """{part: its state_dict()}, what a checkpoint holds beside the engine's files."""
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def train(self) -> str:
+        """The loop, then (unless stopped early) the last step's checkpoint and the final model, and
+        only then the final evaluation: no fault after the last step loses the run. Returns why the
+        loop stopped ("done", "exhausted", "stopped")."""
+        if self.finished:
+            return "done"
+        from .stream import StreamError  # (imported by make_streams)
+        cfg, plan, state, engine = self.cfg, self.plan, self.state, self.engine
+        checkpointer, eval_stream, tasks, use_varlen = self.checkpointer, self.eval_stream, self.tasks, self.use_varlen
         log.info("training %d steps: %d ranks × %d micro-batches × %d rows × %d tokens, %s, %s",
-                 cfg.max_steps, world_size, cfg.gradient_accumulation_steps,
-                 cfg.per_device_train_batch_size, seq_len,
-                 f"DeepSpeed ZeRO-{zero_stage}" if plan.engine == "deepspeed" else "plain-PyTorch engine",
+                 cfg.max_steps, self.world_size, cfg.gradient_accumulation_steps,
+                 cfg.per_device_train_batch_size, self.seq_len,
+                 f"DeepSpeed ZeRO-{plan.zero_stage}" if plan.engine == "deepspeed" else "plain-PyTorch engine",
                  "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "fp32")
         log.info("engine: %s (%s)", plan.engine, plan.engine_why)
-        metrics = Metrics(cfg, rank, state.step)
+        metrics = Metrics(cfg, self.rank, state.step)
         try:
-            why = train(engine, loader, eval_stream, checkpointer, metrics, cfg, state, parts,
-                        world_size=world_size, use_varlen=use_varlen, names=names, task_of=task_of)
-            if why == "exhausted" and eval_stream is not None:
-                metrics.eval(state.step, evaluate(engine, eval_stream, cfg.max_eval_batches, use_varlen, names, task_of))
+            why = train(engine, self.loader, eval_stream, checkpointer, metrics, cfg, state, self.parts,
+                        world_size=self.world_size, use_varlen=use_varlen, tasks=tasks)
             if why != "stopped":
-                checkpointer.save_final(engine, out, is_lora=cfg.use_lora, zero_stage=zero_stage)
+                # (HF Trainer also checkpoints the last step under --save_strategy steps)
+                if cfg.save_strategy != "no" and state.step > 0 and checkpointer.last_saved != state.step:
+                    checkpointer.save(engine, state.step, self.parts)
+                checkpointer.save_final(engine, plan.out, is_lora=cfg.use_lora, zero_stage=plan.zero_stage)
+                if eval_stream is not None and metrics.last_eval != state.step:
+                    metrics.eval(state.step, evaluate(engine, eval_stream, cfg.max_eval_batches, use_varlen, tasks))
+        except StreamError as e:  # damage found reading a batch (bad offsets, token id >= vocab)
+            raise TrainError(stream_fault(e)) from None
         finally:
             metrics.close()
-        if rank == 0:
-            draw_curves(out)
-    finally:
-        if hf_ds is not None:
+        if self.rank == 0:
+            from .plot import plot_at_end
+            plot_at_end(plan.out)
+        return why
+
+    def close(self) -> None:
+        if self._hf_ds is not None:
             from transformers.integrations.deepspeed import unset_hf_deepspeed_config
             unset_hf_deepspeed_config()
-    return why
+            self._hf_ds = None
+
+
+def run(cfg, build=None) -> str:
+    """`python -m train`: Trainer(cfg, build).train(); returns why the loop stopped."""
+    trainer = Trainer(cfg, build)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def stream_fault(e: Exception) -> str:
+    """The one line of a StreamError, also when a DataLoader worker raised it (torch re-raises it
+    with the worker's whole traceback in the message: its last line is the error)."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        last = [ln for ln in msg.splitlines() if ln.strip()][-1]
+        msg = last.split("StreamError: ", 1)[-1]
+    return " ".join(msg.split())
 
 
 def _manifest_tokenizer(manifest: Path) -> str | None:
@@ -398,22 +426,6 @@ def _model_tokenizer_dir(cfg, resume: Path | None) -> str | None:
         if d and any((Path(d) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
             return d
     return None
-
-
-def draw_curves(out: Path) -> Path | None:
-    """OUTPUT_DIR/training_curves.png (train/plot.py) at the end of a run; a plotting problem is
-    one line, never the run's failure."""
-    try:
-        from .plot import plot_run
-        path = plot_run(out)
-    except ImportError as e:
-        log.info("no training-curves plot (%s); pip install matplotlib, then python -m train.plot %s", e, out)
-        return None
-    except Exception as e:  # PlotError, a matplotlib fault: the run itself is done and saved
-        log.warning("no training-curves plot: %s", " ".join(str(e).split()) or type(e).__name__)
-        return None
-    log.info("training curves: %s", path)
-    return path
 
 
 def _write_run_files(out: Path, cfg, ds_config: dict, lock_path: Path, warmup: int, seq_len: int,

@@ -166,6 +166,12 @@ def load_universal(engine, load_dir: str | Path):
       gets its own copy.
     The lr is left as loaded (one lr for all groups here; the scheduler owns it)."""
     load_dir = Path(load_dir)
+    names = [n for n, p in engine.module.named_parameters() if p.requires_grad]
+    missing = missing_state_file(load_dir, names)
+    if missing is not None:  # DeepSpeed would leave that parameter at its initial value, silently
+        raise UniversalError(f"{missing}: missing, so {missing.parent.name} would resume at its initial "
+                             f"value: the universal checkpoint {load_dir} is incomplete; delete it to convert "
+                             f"its source again, or resume from another checkpoint")
     groups = engine.optimizer.param_groups
     keep = [{k: v for k, v in g.items() if k not in ("params", "lr", "initial_lr")} for g in groups]
     path, client = engine.load_checkpoint(str(load_dir.parent), tag=load_dir.name, load_optimizer_states=True,
@@ -177,6 +183,18 @@ def load_universal(engine, load_dir: str | Path):
         if isinstance(st, dict) and hasattr(st.get("step"), "clone"):
             st["step"] = st["step"].clone()
     return path, client
+
+
+def missing_state_file(load_dir: str | Path, names: list[str]) -> Path | None:
+    """The first of zero/<name>/{fp32.pt and every optimizer-state file the dir holds for any
+    parameter} that is missing for one of `names` (the trainable parameters); None if complete."""
+    zero = Path(load_dir) / "zero"
+    kinds = {"fp32.pt"} | {f.name for f in zero.glob("*/*.pt")}
+    for name in names:
+        for kind in sorted(kinds):
+            if not (zero / name / kind).is_file():
+                return zero / name / kind
+    return None
 
 
 def load_universal_config(ds_config: dict) -> dict:
