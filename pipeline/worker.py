@@ -42,15 +42,15 @@ class DatasetJob:
     on_error: str  # fail | skip
     work_dir: str  # the dataset's partial dir
     trust_remote_code: bool = False  # run the tokenizer dir's own loader (not in the cache key)
-    encoder: str = "default"  # "tiktoken": the fast path for an HF byte-level BPE (pipeline/encoders.py)
+    encoder: str = "default"  # "fastokens" | "tiktoken": a fast engine for an HF byte-level BPE (pipeline/encoders.py)
 
 
 @lru_cache(maxsize=4)
 def _renderer(tokenizer: str, template: str, loss: str, trust_remote_code: bool = False,
               encoder: str = "default") -> Renderer:
     tok = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
-    if encoder == "tiktoken" and tok.encoder != "tiktoken":
-        tok = tok.with_fast_bpe()
+    if encoder != "default" and tok.kind == "hf":
+        tok = tok.with_engine(encoder)
     return Renderer(tok, resolve_template(template, tok), loss)
 
 

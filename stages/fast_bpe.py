@@ -84,10 +84,13 @@ def _normalizer(norm: dict | None) -> str | None:
 
 class FastBPE:
     """Ordinary-text encoding (no added or special tokens) of a byte-level BPE tokenizer."""
+    name = "tiktoken"
+    version = ""  # set below: part of the code-point probe's key (pipeline/encoder_probe.py)
 
     def __init__(self, ranks: dict[bytes, int], pattern: str, rank_to_id: np.ndarray | None,
                  normalize: str | None):
         import tiktoken
+        self.version = tiktoken.__version__
         self._enc = tiktoken.Encoding("tokenmill-fast-bpe", pat_str=pattern, mergeable_ranks=ranks,
                                       special_tokens={})
         self._core = self._enc._core_bpe
@@ -156,6 +159,9 @@ class FastBPE:
         ranks = self._core.encode_ordinary(text)
         ranks = np.fromiter(ranks, np.int64, len(ranks))
         return ranks if self._rank_to_id is None else self._rank_to_id[ranks]
+
+    def encode_many(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
 
     def char_spans(self, text: str, ranks_or_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Char [start, end) of each token of `encode(text)` (a token that ends inside a
