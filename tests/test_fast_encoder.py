@@ -138,6 +138,12 @@ def shard_hashes(meta_dir: Path) -> dict:
 
 
 def test_encoder_choice_fallback_and_identical_shards(tmp_path, sample_tokenizer, monkeypatch):
+    from pipeline import encoder_probe
+    # the probe on a slice of the code points, in a probe dir of this test's own (the engines
+    # are made wrong below: their verdicts must not reach the user's cache)
+    cps = [c for c in range(0x250)] + [0x4E00 + i for i in range(256)]
+    monkeypatch.setattr(encoder_probe, "scalars", lambda: cps)
+    monkeypatch.setenv("TOKENMILL_PROBE_DIR", str(tmp_path / "probes"))
     mix = write_mix(tmp_path, sample_tokenizer)
     from stages.fastokens_bpe import FastokensBPE, available
     _, fast_plans, _ = build_mixture(str(mix), out=str(tmp_path / "a"), workers=1)
