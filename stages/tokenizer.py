@@ -182,10 +182,14 @@ class HFTokenizer(Tokenizer):
         ids: list = [None] * len(texts)
         starts: list = [None] * len(texts)
         ends: list = [None] * len(texts)
-        spans = self._fast.char_spans
-        for i, got in zip(fast, self._fast.encode_many([texts[i] for i in fast]) if fast else ()):
-            ids[i] = got
-            starts[i], ends[i] = spans(texts[i], got)
+        if fast:  # one engine call and one vectorised span pass for all claimed pieces
+            claimed = [texts[i] for i in fast]
+            got = self._fast.encode_many(claimed)
+            s, e = self._fast.char_spans_many(claimed, got)
+            at = 0
+            for i, x in zip(fast, got):
+                ids[i], starts[i], ends[i] = x, s[at:at + len(x)], e[at:at + len(x)]
+                at += len(x)
         if slow:
             hf = copy_without_fast(self)
             p = hf.encode_pieces([texts[i] for i in slow], [continued[i] for i in slow], as_text)
