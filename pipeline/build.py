@@ -232,14 +232,19 @@ def run_units(plans, executor, workers, ray_address, progress, cache_dir) -> Non
         run_local(tasks, workers, progress)
 
 
+PARALLEL_BYTES = 1 << 28  # a smaller dataset is published in the driver: a pool's start costs more
+
+
 def publish(plan: DatasetPlan, tok, template, mixture: Mixture, run, force: bool) -> None:
     """A built plan's units → its dir in the cache: the sources re-hashed (unchanged while
     built), the shards joined and hashed by `run` (in parallel), meta.json written, the dir
     renamed into place."""
+    if sum(s["bytes"] for s in plan.sources) < PARALLEL_BYTES:
+        run = None
     check_sources_unchanged(plan, run)
     try:
         plan.meta = assemble(plan, tok, template, mixture, job_renderer(plan.job).tok.encoder,
-                             plan.shard_tokens, run)
+                             plan.shard_tokens, *([run] if run else []))
         plan.entry.publish(replace=force)
     except OSError as e:
         raise _fs_error(plan, e) from None
