@@ -1,8 +1,15 @@
 """`pipeline build`: manifest → built (or reused) dataset dirs → mixture lock.
 
-The driver plans work units for every dataset that is not already in the cache, runs them
-on a process pool (or in-process with one worker), then assembles each dataset's dir in unit
-order. Units depend only on the data, so the result is byte-identical for any worker count.
+The steps, each one function here, in `build_mixture`'s order:
+  plan_datasets   a key and work units per dataset (the tokenizer loads only if work is left)
+  claim           lock the datasets to build, choose each one's encoder (pipeline/encoders.py)
+  run_units       every unit on the executor (pipeline/worker.py: read → adapt → encode →
+                  overflow → collect → write, its `STEPS`)
+  publish         sources re-hashed, units joined into shards and hashed in workers
+                  (pipeline/assemble.py), meta.json, the dir renamed into place
+  reuse           the cached dirs' meta.json, validated
+  write_mixture_lock
+Units depend only on the data, so the result is byte-identical for any worker count or executor.
 """
 from __future__ import annotations
 
