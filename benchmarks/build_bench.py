@@ -10,13 +10,15 @@
      tokenizer loading, the encoder check and writing shards + meta.json are all inside;
      "work" is the same run without that fixed start-up (first unit start to last unit end);
    - raw `tokenizers` encode_batch over the same texts, N threads (HF's limit);
-   - raw tiktoken (the same BPE as the pipeline's fast path, `encode_ordinary_batch`,
-     N threads) over the same texts (the fast path's limit);
+   - raw tiktoken (the same BPE as the pipeline's tiktoken engine, `encode_ordinary_batch`,
+     N threads) over the same texts;
+   - raw fastokens (when installed: the pipeline's fastest engine, `encode_batch_flat`, N
+     threads) over the same texts (the build's limit);
    - HF `datasets` load_dataset("json") + map(tokenize, batched, num_proc=N);
    - with --small-mb, `pipeline build` on a small corpus too: peak RSS must not grow with size.
    The raw runs read and parse the JSONL inside their timing, like the pipeline does.
 3. Compares every built sample with HF `tokenizers` (special-token-safe) over the whole
-   corpus: the fast path's ids must equal HF's on every document.
+   corpus: the engine's ids must equal HF's on every document.
 Prints tokens/s, peak RSS and the ratios.
 """
 from __future__ import annotations
@@ -164,6 +166,12 @@ print(json.dumps({{"documents": docs, "tokens": tokens, "differ": differ}}))
     return r
 
 
+def fastokens_version() -> str | None:
+    sys.path.insert(0, str(ROOT))
+    from stages.fastokens_bpe import available
+    return available()
+
+
 def main():
     ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--mb", type=float, default=200)
@@ -203,6 +211,17 @@ def count(batch):
     return sum(map(len, enc.encode_ordinary_batch(batch, num_threads={args.workers})))
 """)
 
+    if fastokens_version():
+        results["raw fastokens"] = raw_run(corpus, f"""
+import fastokens, orjson
+from stages.tokenizer import load_tokenizer
+tk = load_tokenizer({args.tokenizer!r})
+spec = dict(tk._spec(), added_tokens=[], post_processor=None)  # as the pipeline's engine: text only
+ft = fastokens.Tokenizer.from_json_str(orjson.dumps(spec).decode())
+def count(batch):
+    return len(ft.encode_batch_flat(batch, add_special_tokens=False)[0]) // 4
+""", env={"FASTOKENS_BPE_THREADS": str(args.workers), "RAYON_NUM_THREADS": str(args.workers)})
+
     if not args.skip_datasets:
         results["HF datasets map"] = run(f"""
 import json, time
@@ -223,17 +242,19 @@ print(json.dumps({{"tokens": n, "seconds": time.perf_counter() - t}}))
         return r["tokens"] / r[key]
 
     hf, tk = rate("raw tokenizers encode_batch"), rate("raw tiktoken (fast path BPE)")
+    ft = rate("raw fastokens") if "raw fastokens" in results else float("nan")
     print(f"\n{'method':<36} {'tokens':>12} {'seconds':>8} {'M tok/s':>8} {'peak RSS GiB':>13} "
-          f"{'vs HF raw':>9} {'vs tiktoken raw':>15}")
+          f"{'vs HF raw':>9} {'vs tiktoken raw':>15} {'vs fastokens raw':>16}")
     for name, (r, rss) in results.items():
         rows = [(name, r["seconds"])] + ([(name + " (work only)", r["work_seconds"])] if "work_seconds" in r else [])
         for label, secs in rows:
             x = r["tokens"] / secs
             extra = f"  encoder: {r['encoder']}" if "encoder" in r and label == name else ""
             print(f"{label:<36} {r['tokens']:>12,} {secs:>8.1f} {x / 1e6:>8.2f} {rss:>13.2f} "
-                  f"{x / hf:>9.2f} {x / tk:>15.2f}{extra}")
+                  f"{x / hf:>9.2f} {x / tk:>15.2f} {x / ft:>16.2f}{extra}")
     b = rate("pipeline build")
-    print(f"\npipeline build / raw HF tokenizers: {b / hf:.2f}x   / raw tiktoken: {b / tk:.2f}x")
+    print(f"\npipeline build / raw HF tokenizers: {b / hf:.2f}x   / raw tiktoken: {b / tk:.2f}x"
+          f"   / raw fastokens: {b / ft:.2f}x")
     if "HF datasets map" in results:
         print(f"pipeline build / HF datasets map: {b / rate('HF datasets map'):.2f}x")
     print(f"full comparison with HF tokenizers: {differ['documents']:,} documents, "

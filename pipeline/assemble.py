@@ -1,5 +1,7 @@
 """Assemble a dataset's dir from its finished work units: join consecutive units into shards
 of about the target size, merge the units' statistics streaming, write meta.json last.
+The driver reads only the unit summaries; each shard is joined and hashed by `join_shard` in
+a worker (every shard byte is read there, not in the driver).
 
 Units are kept one by one until then (crash-safe resume); the shard grouping is a pure
 function of the units' token counts and the target size, so the dir is
@@ -70,10 +72,26 @@ class _Totals:
             self.first = s["first_record"]
 
 
-def join_units(work: Path, units, shard_tokens: int, totals: _Totals) -> list[dict]:
-    """Shards from the finished units (unit files consumed), rejects.jsonl written; → the
-    meta.json shard entries."""
-    shards, rejects = [], None
+def join_shard(work: str, units: list[int], k: int) -> dict:
+    """Shard k of a dataset from its finished units (run in a worker: it reads and hashes the
+    shard's bytes); the unit files are consumed. → its meta.json entry."""
+    name = Path(work) / f"shard-{k:05d}.h5"
+    inputs = [unit_paths(work, u)[0] for u in units]
+    if len(inputs) == 1:
+        os.replace(inputs[0], name)  # the bytes concat_shards would write for one input
+    else:
+        tmp = name.with_suffix(".h5.tmp")
+        concat_shards(inputs, tmp)
+        os.replace(tmp, name)
+        for p in inputs:
+            p.unlink()
+    return describe_shard(name)
+
+
+def plan_shards(work: Path, units, shard_tokens: int, totals: _Totals) -> list[tuple[str, list[int], int]]:
+    """The driver's part, O(units) and no shard bytes: the unit summaries merged into `totals`,
+    rejects.jsonl written; → one `join_shard` call (work, unit indices, k) per shard."""
+    calls, rejects = [], None
     try:
         for k, group in enumerate(shard_groups(_summaries(work, units), shard_tokens)):
             for s in group:
@@ -83,21 +101,15 @@ def join_units(work: Path, units, shard_tokens: int, totals: _Totals) -> list[di
                         rejects = open(work / "rejects.jsonl", "wb")
                     rejects.write(b"".join(orjson.dumps(r, option=orjson.OPT_SORT_KEYS) + b"\n"
                                            for r in s["rejects"]))
-            name = work / f"shard-{k:05d}.h5"
-            inputs = [unit_paths(str(work), s["unit"])[0] for s in group]
-            if len(inputs) == 1:
-                os.replace(inputs[0], name)  # the bytes concat_shards would write for one input
-            else:
-                tmp = name.with_suffix(".h5.tmp")
-                concat_shards(inputs, tmp)
-                os.replace(tmp, name)
-                for p in inputs:
-                    p.unlink()
-            shards.append(describe_shard(name))
+            calls.append((str(work), [s["unit"] for s in group], k))
     finally:
         if rejects is not None:
             rejects.close()
-    return shards
+    return calls
+
+
+def _serial(fn, calls):
+    return [fn(*args) for args in calls]
 
 
 def make_meta(plan, totals: _Totals, shards: list[dict], tok, template, mixture, encoder: str,
@@ -142,12 +154,13 @@ def make_meta(plan, totals: _Totals, shards: list[dict], tok, template, mixture,
     return meta
 
 
-def assemble(plan, tok, template, mixture, encoder: str, shard_tokens: int) -> dict:
+def assemble(plan, tok, template, mixture, encoder: str, shard_tokens: int, run=_serial) -> dict:
     """Join the units of a built plan into shards and write meta.json (last: the dir is valid
-    from then on)."""
+    from then on). `run(fn, calls)`: runs the per-shard joins, in parallel
+    (pipeline.executors.map_calls), results in order."""
     work = plan.entry.partial
     totals = _Totals()
-    shards = join_units(work, plan.units, shard_tokens, totals)
+    shards = run(join_shard, plan_shards(work, plan.units, shard_tokens, totals))
     meta = make_meta(plan, totals, shards, tok, template, mixture, encoder, shard_tokens)
     for u in plan.units:
         unit_paths(str(work), u.index)[1].unlink()

@@ -1,12 +1,20 @@
 """`pipeline build`: manifest → built (or reused) dataset dirs → mixture lock.
 
-The driver plans work units for every dataset that is not already in the cache, runs them
-on a process pool (or in-process with one worker), then assembles each dataset's dir in unit
-order. Units depend only on the data, so the result is byte-identical for any worker count.
+The steps, each one function here, in `build_mixture`'s order:
+  plan_datasets   a key and work units per dataset (the tokenizer loads only if work is left)
+  claim           lock the datasets to build, choose each one's encoder (pipeline/encoders.py)
+  run_units       every unit on the executor (pipeline/worker.py: read → adapt → encode →
+                  overflow → collect → write, its `STEPS`)
+  publish         sources re-hashed, units joined into shards and hashed in workers
+                  (pipeline/assemble.py), meta.json, the dir renamed into place
+  reuse           the cached dirs' meta.json, validated
+  write_mixture_lock
+Units depend only on the data, so the result is byte-identical for any worker count or executor.
 """
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import shutil
 import time
@@ -31,7 +39,7 @@ from .cache import (CacheEntry, FingerprintMemo, dataset_key, dir_fingerprint, e
 from .progress import Progress
 from .reuse import LazyTokenizer, resolve
 from .encoders import choose_encoder
-from .executors import run_local, run_ray
+from .executors import map_calls, run_local, run_ray
 from .worker import DatasetJob, faults, job_renderer
 
 
@@ -61,16 +69,10 @@ class EmptyMixtureError(BuildError):
         self.plans = plans
 
 
-def load_mixture(manifest: str, shard_tokens: int | None, **settings) -> tuple[Mixture, None]:
-    """The manifest, with --shard-tokens applied by the manifest loader (a dataset's own
-    shard_tokens wins, then --shard-tokens, then the top level). → (mixture, None: no override
-    is left for the driver to apply)."""
-    return load_manifest(manifest, shard_tokens=shard_tokens, **settings), None
-
-
-def shard_tokens_of(spec: DatasetSpec, override: int | None) -> int:
-    """Target shard size of a dataset: as the manifest resolved it (default ~1 GiB of tokens)."""
-    value = override if override is not None else spec.shard_tokens
+def shard_tokens_of(spec: DatasetSpec) -> int:
+    """Target shard size of a dataset: as the manifest resolved it (a dataset's own
+    shard_tokens, then --shard-tokens, then the top level; default ~1 GiB of tokens)."""
+    value = spec.shard_tokens
     if int(value) < 1:
         raise BuildError(f"{spec.dataset_name}: shard_tokens must be >= 1, got {value}")
     return int(value)
@@ -91,11 +93,17 @@ def _detect(units, spec: DatasetSpec) -> str:
     raise BuildError(f"{spec.dataset_name}: no readable record to detect the format from{cause}")
 
 
-def source_entries(files: list[str], memo) -> list[dict]:
-    """Each source file's path, size and content hash (the memo skips unchanged files)."""
+def _fingerprint(f: str, memo) -> str:
+    return dir_fingerprint(f, memo) if os.path.isdir(f) else file_fingerprint(f, memo)
+
+
+def source_entries(files: list[str], memo, run=None) -> list[dict]:
+    """Each source file's path, size and content hash (the memo skips unchanged files).
+    `run(fn, calls)` (no memo): hash the files in parallel (pipeline.executors.map_calls)."""
+    digests = (run(_fingerprint, [(f, None) for f in files]) if run is not None and memo is None
+               else [_fingerprint(f, memo) for f in files])
     sources = []
-    for f in files:
-        digest = dir_fingerprint(f, memo) if os.path.isdir(f) else file_fingerprint(f, memo)
+    for f, digest in zip(files, digests):
         size = (os.path.getsize(os.path.join(f, "data.jsonl")) if os.path.isdir(f)
                 else os.path.getsize(f))
         sources.append({"path": f, "name": os.path.basename(f), "bytes": size, "hash": digest})
@@ -103,7 +111,7 @@ def source_entries(files: list[str], memo) -> list[dict]:
 
 
 def plan_dataset(spec: DatasetSpec, mixture: Mixture, tok, template, cache: Path, memo,
-                 on_error: str, shard_tokens: int | None = None) -> DatasetPlan:
+                 on_error: str) -> DatasetPlan:
     files = expand_source(spec.path)
     sources = source_entries(files, memo)
     paragraphs = spec.text_unit == "paragraph"
@@ -113,7 +121,7 @@ def plan_dataset(spec: DatasetSpec, mixture: Mixture, tok, template, cache: Path
     transform_sha = load_transform(spec.transforms).sha256 if spec.transforms else None
     loss = spec.loss
     overflow = spec.overflow or default_overflow(fmt.base)
-    target = shard_tokens_of(spec, shard_tokens)
+    target = shard_tokens_of(spec)
     key = dataset_key(sources=sources, format=str(fmt), transform_sha256=transform_cache_id(transform_sha),
                       seed=mixture.seed, template_sha256=template.sha256,
                       tokenizer_sha256=tok.sha256, max_length=mixture.max_length,
@@ -148,13 +156,14 @@ def check_name(name: str, cache: Path) -> None:
                          f"({len(encoded)} bytes; at most {limit - len(_ENTRY_SUFFIX)} under {cache})")
 
 
-def check_sources_unchanged(plan: DatasetPlan) -> None:
+def check_sources_unchanged(plan: DatasetPlan, run=None) -> None:
     """Issue 16: a source edited while its units were built must not be published under the
-    hash of its old bytes. Re-hash every source now, bypassing the memo (stat + full read),
-    and refuse on any change; the partial dir is dropped so the next run starts clean."""
+    hash of its old bytes. Re-hash every source now, bypassing the memo (stat + full read;
+    in parallel with `run`), and refuse on any change; the partial dir is dropped so the next
+    run starts clean."""
     files = [s["path"] for s in plan.sources]
     try:
-        now = source_entries(files, None)
+        now = source_entries(files, None, run)
     except (BuildError, OSError) as e:
         now, why = None, str(e)
     for before, after in zip(plan.sources, now or plan.sources):
@@ -183,23 +192,96 @@ def _prepare(plan: DatasetPlan, force: bool) -> None:
         raise _fs_error(plan, e) from None
 
 
-def _run_units(plans, executor, workers, ray_address, progress, cache_dir) -> None:
-    """Run every unit of the plans being built; the summaries stay on disk beside the units
+def plan_datasets(mixture: Mixture, tok: LazyTokenizer, template, cache_dir: Path, memo: dict,
+                  on_error: str, force: bool = False):
+    """A plan (key, units, job) per dataset. Keys need only the tokenizer's hash and the
+    template's sha256, so a fully reused build never loads the tokenizer (pipeline/reuse.py);
+    when a dataset has work to do the real template is resolved and, if a stale memo gave
+    another sha256, every dataset is planned again with it. → (plans, template)"""
+    def plan_all(tmpl):
+        return [plan_dataset(s, mixture, tok, tmpl, cache_dir, memo, on_error) for s in mixture.datasets]
+    plans = plan_all(template)
+    if (force or not all(p.entry.is_valid() for p in plans)) and not tok.loaded:
+        real = resolve(cache_dir, mixture.template, tok, real=True)
+        if real.sha256 != template.sha256:
+            plans = plan_all(real)
+        template = real
+    return plans, template
+
+
+def claim(plans: list[DatasetPlan], force: bool, locks: ExitStack, run=None) -> list[DatasetPlan]:
+    """Lock the datasets to build in key order (no deadlock between builds of different
+    manifests), then re-check validity: a concurrent build may have finished one while we
+    waited. Each one left gets a fresh partial dir and its encoder (pipeline/encoders.py)."""
+    for plan in sorted(plans, key=lambda p: p.entry.final.name):
+        if force or not plan.entry.is_valid():
+            try:
+                locks.enter_context(plan.entry.lock)
+            except OSError as e:
+                raise _fs_error(plan, e) from None
+    todo = []
+    for plan in plans:
+        if force or not plan.entry.is_valid():
+            plan.status = "build"
+            _prepare(plan, force)
+            plan.job, plan.encoder_note = choose_encoder(plan.job, plan.units, run)
+            todo.append(plan)
+    return todo
+
+
+def run_units(plans, executor, workers, ray_address, progress, cache_dir) -> None:
+    """Run every unit of the plans to build; the summaries stay on disk beside the units
     (assemble reads them back one at a time), so nothing per unit is kept here."""
-    tasks = ((p, u) for p in plans if p.status == "build" for u in p.units)
-    run = run_local if executor == "local" else run_ray
-    def keep_nothing(plan, unit, summary):  # the executors stream; summaries are read back from disk
-        return None
+    tasks = ((p, u) for p in plans for u in p.units)
     if executor == "ray":  # every node must see the sources and the cache (checked up front)
-        shared = sorted({s["path"] for p in plans if p.status == "build" for s in p.sources}
-                        | {str(cache_dir.resolve())})
+        shared = sorted({s["path"] for p in plans for s in p.sources} | {str(cache_dir.resolve())})
         nodes: dict = {}
-        run(tasks, ray_address, progress, shared, on_result=keep_nothing, units_per_node=nodes)
+        run_ray(tasks, ray_address, progress, shared, units_per_node=nodes)
         for p in plans:
-            if p.status == "build":
-                p.ray_nodes = nodes
+            p.ray_nodes = nodes
     else:
-        run(tasks, workers, progress, on_result=keep_nothing)
+        run_local(tasks, workers, progress)
+
+
+PARALLEL_BYTES = 1 << 28  # a smaller dataset is published in the driver: a pool's start costs more
+
+
+def publish(plan: DatasetPlan, tok, template, mixture: Mixture, run, force: bool) -> None:
+    """A built plan's units → its dir in the cache: the sources re-hashed (unchanged while
+    built), the shards joined and hashed by `run` (in parallel), meta.json written, the dir
+    renamed into place."""
+    if sum(s["bytes"] for s in plan.sources) < PARALLEL_BYTES:
+        run = None
+    check_sources_unchanged(plan, run)
+    try:
+        plan.meta = assemble(plan, tok, template, mixture, job_renderer(plan.job).tok.encoder,
+                             plan.shard_tokens, *([run] if run else []))
+        plan.entry.publish(replace=force)
+    except OSError as e:
+        raise _fs_error(plan, e) from None
+
+
+def reuse(plan: DatasetPlan, on_error: str) -> None:
+    """A cached plan's meta.json, validated (a crafted dir is one clear error)."""
+    plan.meta = read_meta(plan.entry.final)
+    if on_error == "fail" and faults(plan.meta["skipped"]):
+        raise BuildError(
+            f"{plan.spec.dataset_name}: the cached build {plan.entry.final} set aside "
+            f"{faults(plan.meta['skipped'])} bad records under --on-error skip "
+            f"({plan.entry.final / 'rejects.jsonl'}); use --on-error skip or --force")
+
+
+def write_mixture_lock(mixture: Mixture, plans: list[DatasetPlan], out_dir: Path) -> tuple[Path, list[str]]:
+    try:
+        lock, warnings = make_lock(mixture, [(p.spec, str(p.entry.final), p.meta) for p in plans])
+    except LockError as e:
+        if all(p.meta["n_samples"] == 0 for p in plans if p.spec.abs_weight > 0):
+            raise EmptyMixtureError(f"no lock written: {e}", plans) from None
+        raise BuildError(str(e)) from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lock_path = out_dir / "mixture.lock.json"
+    write_lock(lock, lock_path)
+    return lock_path, warnings
 
 
 def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = None,
@@ -212,88 +294,46 @@ def build_mixture(manifest: str, *, out: str | None = None, cache: str | None = 
                   ) -> tuple[Path, list[DatasetPlan], list[str]]:
     """Build or reuse every dataset of a manifest and write the lock. → (lock path, plans, warnings)
     check_template N: first compare N samples per dataset with the reference (pipeline/check.py).
-    shard_tokens: target tokens per shard (default: the manifest's, else ~1 GiB)."""
-    mixture, shard_tokens = load_mixture(manifest, shard_tokens, tokenizer=tokenizer, template=template,
-                                         max_length=max_length, trust_remote_code=trust_remote_code)
+    shard_tokens: target tokens per shard (a dataset's own wins; default: the manifest's, else ~1 GiB).
+
+    The steps, in order: plan (keys, units) → check the template (optional) → claim (lock,
+    choose the encoder) → run the units → publish each built dir → reuse the cached ones →
+    write the lock."""
+    mixture = load_manifest(manifest, shard_tokens=shard_tokens, tokenizer=tokenizer, template=template,
+                            max_length=max_length, trust_remote_code=trust_remote_code)
     out_dir = Path(out) if out else default_out(manifest)
     cache_dir = ensure_cache_dir(Path(cache or default_cache(out_dir)))
     workers = workers or os.cpu_count() or 1
     progress = progress or Progress()
     if executor not in ("local", "ray"):
         raise BuildError(f"unknown executor {executor!r}: local or ray")
+    run = functools.partial(map_calls, executor=executor, workers=workers)
 
-    # Keys need only the tokenizer's hash and the template's sha256: a fully reused build
-    # never loads the tokenizer (pipeline/reuse.py).
     tok = LazyTokenizer(mixture.tokenizer, mixture.trust_remote_code)
-    tmpl = resolve(cache_dir, mixture.template, tok, real=bool(check_template))
     memo = FingerprintMemo(cache_dir)
-
-    def plan_all():
-        return [plan_dataset(s, mixture, tok, tmpl, cache_dir, memo.data, on_error, shard_tokens)
-                for s in mixture.datasets]
-
-    plans = plan_all()
-    if (force or not all(p.entry.is_valid() for p in plans)) and not tok.loaded:
-        real = resolve(cache_dir, mixture.template, tok, real=True)  # work to do: the real one
-        if real.sha256 != tmpl.sha256:
-            tmpl = real
-            plans = plan_all()
-        tmpl = real
+    plans, tmpl = plan_datasets(mixture, tok, resolve(cache_dir, mixture.template, tok, real=bool(check_template)),
+                                cache_dir, memo.data, on_error, force)
     memo.save()
-    notes = list(mixture.notes)  # manifest keys ignored on purpose
-    if memo.note:
-        notes.append(memo.note)
+    notes = list(mixture.notes) + ([memo.note] if memo.note else [])  # manifest keys ignored on purpose
     if check_template:  # before any work: a difference stops the build here
         from .check import check_datasets
         check_datasets(plans, mixture, tok.real, tmpl, check_template, check_against)
 
     with ExitStack() as locks:
-        # Lock in key order (no deadlock between builds of different manifests), then re-check
-        # validity: a concurrent build may have finished the dataset while we waited.
-        for plan in sorted(plans, key=lambda p: p.entry.final.name):
-            if force or not plan.entry.is_valid():
-                try:
-                    locks.enter_context(plan.entry.lock)
-                except OSError as e:
-                    raise _fs_error(plan, e) from None
-        for plan in plans:
-            if force or not plan.entry.is_valid():
-                plan.status = "build"
-                _prepare(plan, force)
-                plan.job, plan.encoder_note = choose_encoder(plan.job, plan.units)
+        todo = claim(plans, force, locks, functools.partial(map_calls, workers=workers))  # probe: local
         progress.start(plans)
         t0 = time.perf_counter()
-        _run_units(plans, executor, workers, ray_address, progress, cache_dir)
-        for plan in plans:
-            if plan.status == "build":
-                check_sources_unchanged(plan)
-                try:
-                    plan.meta = assemble(plan, tok.real, tmpl, mixture,
-                                         job_renderer(plan.job).tok.encoder, plan.shard_tokens)
-                    plan.entry.publish(replace=force)
-                except OSError as e:
-                    raise _fs_error(plan, e) from None
-                plan.seconds = time.perf_counter() - t0
+        run_units(todo, executor, workers, ray_address, progress, cache_dir)
+        for plan in todo:
+            publish(plan, tok.real, tmpl, mixture, run, force)
+            plan.seconds = time.perf_counter() - t0
         progress.close()
     for plan in plans:
         if plan.meta is None:
-            plan.meta = read_meta(plan.entry.final)  # validated: a crafted dir is one clear error
-            if on_error == "fail" and faults(plan.meta["skipped"]):
-                raise BuildError(
-                    f"{plan.spec.dataset_name}: the cached build {plan.entry.final} set aside "
-                    f"{faults(plan.meta['skipped'])} bad records under --on-error skip "
-                    f"({plan.entry.final / 'rejects.jsonl'}); use --on-error skip or --force")
+            reuse(plan, on_error)
         if not plan.entry.touch() and not any("not writable" in n for n in notes):
             notes.append(f"{cache_dir} is not writable: last-use times (for cache gc) not updated")
-    try:
-        lock, warnings = make_lock(mixture, [(p.spec, str(p.entry.final), p.meta) for p in plans])
-    except LockError as e:
-        if all(p.meta["n_samples"] == 0 for p in plans if p.spec.abs_weight > 0):
-            raise EmptyMixtureError(f"no lock written: {e}", plans) from None
-        raise BuildError(str(e)) from None
-    out_dir.mkdir(parents=True, exist_ok=True)
-    lock_path = out_dir / "mixture.lock.json"
-    write_lock(lock, lock_path)
+    lock_path, warnings = write_mixture_lock(mixture, plans, out_dir)
     return lock_path, plans, [f"note: {n}" for n in notes] + warnings
 
 

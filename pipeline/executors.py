@@ -96,11 +96,9 @@ def _watch_parent(parent_pid: int):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _deliver(results: dict, on_result, progress, plan, unit, summary) -> None:
+def _deliver(on_result, progress, plan, unit, summary) -> None:
     progress.advance(plan.spec.dataset_name, summary)
-    if on_result is None:
-        results[(plan.spec.dataset_name, unit.index)] = summary
-    else:
+    if on_result is not None:
         on_result(plan, unit, summary)
 
 
@@ -118,27 +116,44 @@ def _windowed(tasks, window: int, submit, wait, deliver) -> None:
         deliver(plan0, unit0, wait(handle))
 
 
-def run_local(tasks, workers: int, progress, on_result=None) -> dict:
-    """Run (plan, unit) tasks (any iterable, consumed lazily). Each summary goes to
-    `on_result(plan, unit, summary)` in task order, or, without it, into the returned dict
-    {(dataset_name, unit index): summary}."""
-    results: dict = {}
+def run_local(tasks, workers: int, progress, on_result=None) -> None:
+    """Run (plan, unit) tasks (any iterable, consumed lazily). Each summary goes to the
+    progress and to `on_result(plan, unit, summary)` in task order; it is also on disk beside
+    its unit (the build reads it back from there)."""
     it = iter(tasks)
     head = list(itertools.islice(it, 2))
     tasks = itertools.chain(head, it)
-    deliver = functools.partial(_deliver, results, on_result, progress)
+    deliver = functools.partial(_deliver, on_result, progress)
     _TERMINATED.clear()
     with _sigterm_interrupts():
         if workers <= 1 or len(head) <= 1:
             for plan, unit in tasks:
                 deliver(plan, unit, process_unit(plan.job, unit))
-            return results
+            return
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         with ctx.Pool(workers, maxtasksperchild=64, initializer=_worker_init,
                       initargs=(os.getpid(),)) as pool:
             _windowed(tasks, 2 * workers, lambda plan, unit: pool.apply_async(process_unit, (plan.job, unit)),
                       _get_local, deliver)
-    return results
+
+
+def map_calls(fn, calls: list[tuple], executor: str = "local", workers: int = 1) -> list:
+    """[fn(*args) for args in calls], run in parallel (a local process pool, or Ray tasks on the
+    cluster the build already joined), results in call order. For the driver's per-shard and
+    per-file work after the units ran: joining, hashing — its own work stays O(shards)."""
+    calls = list(calls)
+    if executor == "ray" and calls:
+        import ray
+        remote = ray.remote(num_cpus=1)(fn)
+        return ray.get([remote.remote(*args) for args in calls])
+    if workers <= 1 or len(calls) <= 1:
+        return [fn(*args) for args in calls]
+    _TERMINATED.clear()
+    with _sigterm_interrupts():
+        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+        with ctx.Pool(min(workers, len(calls)), initializer=_worker_init, initargs=(os.getpid(),)) as pool:
+            handles = [pool.apply_async(fn, args) for args in calls]
+            return [_get_local(h) for h in handles]
 
 
 def _paths_visible(paths: list[str]) -> tuple[str, list[str]]:
@@ -147,7 +162,7 @@ def _paths_visible(paths: list[str]) -> tuple[str, list[str]]:
 
 
 def run_ray(tasks, address: str | None, progress, shared_paths: list[str], on_result=None,
-            units_per_node=None) -> dict:
+            units_per_node=None) -> None:
     """run_local's contract on a Ray cluster; `units_per_node` (a dict), when given, gets the number of
     units each Ray node ran."""
     try:
@@ -167,7 +182,6 @@ def run_ray(tasks, address: str | None, progress, shared_paths: list[str], on_re
             raise BuildError(f"Ray node {host} cannot see {', '.join(missing[:3])}: with --executor ray the "
                              "sources and the cache must be on a path every node shares (NFS, Lustre, …)")
     remote = ray.remote(num_cpus=1)(_unit_on_node)
-    results: dict = {}
 
     def wait(handle):
         summary, node = ray.get(handle)
@@ -176,8 +190,7 @@ def run_ray(tasks, address: str | None, progress, shared_paths: list[str], on_re
         return summary
     window = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
     _windowed(tasks, window, lambda plan, unit: remote.remote(plan.job, unit), wait,
-              functools.partial(_deliver, results, on_result, progress))
-    return results
+              functools.partial(_deliver, on_result, progress))
 
 
 def _unit_on_node(job, unit) -> tuple[dict, str]:

@@ -12,7 +12,9 @@ from stages.built_dataset import BuiltMeta
 from stages.errors import RecordError
 from stages.render import Renderer
 
-from .build import default_cache, default_out, load_mixture, plan_dataset
+from mixtures.manifest import load_manifest
+
+from .build import default_cache, default_out, plan_datasets
 from .cache import FingerprintMemo
 from .reuse import LazyTokenizer, resolve
 from .sampling import sample_records
@@ -56,13 +58,14 @@ def _estimate(plan, renderer: Renderer) -> tuple[float, float]:
 def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None,
               tokens: float | None = None, tokenizer=None, template=None, max_length=None,
               trust_remote_code: bool | None = None, shard_tokens: int | None = None):
-    mixture, shard_tokens = load_mixture(manifest, shard_tokens, tokenizer=tokenizer, template=template,
-                                         max_length=max_length, trust_remote_code=trust_remote_code)
+    mixture = load_manifest(manifest, shard_tokens=shard_tokens, tokenizer=tokenizer, template=template,
+                            max_length=max_length, trust_remote_code=trust_remote_code)
     out_dir = Path(out) if out else default_out(manifest)
     cache_dir = Path(cache) if cache else default_cache(out_dir)
     tok = LazyTokenizer(mixture.tokenizer, mixture.trust_remote_code)  # loaded only to estimate
-    tmpl = resolve(cache_dir, mixture.template, tok, real=not cache_dir.is_dir())
     memo = FingerprintMemo(cache_dir) if cache_dir.is_dir() else None
+    plans, tmpl = plan_datasets(mixture, tok, resolve(cache_dir, mixture.template, tok, real=not cache_dir.is_dir()),
+                                cache_dir, memo.data if memo else {}, "skip")
     locked = set()
     rows, warnings = [], [f"note: {n}" for n in mixture.notes]
     lock_path = out_dir / "mixture.lock.json"
@@ -71,20 +74,13 @@ def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None
             locked = {e.key for e in load_lock(lock_path).datasets}
         except LockError as e:  # the next build rewrites it; the plan still stands
             warnings.append(f"the existing lock is not used ({str(e).splitlines()[0]})")
-    for spec in mixture.datasets:
-        plan = plan_dataset(spec, mixture, tok, tmpl, cache_dir, memo.data if memo else {}, "skip",
-                            shard_tokens)
+    for spec, plan in zip(mixture.datasets, plans):
         if plan.entry.is_valid():
             meta = BuiltMeta.read(plan.entry.final)
             status = "built" if plan.entry.key in locked else "reusable"
             n_tok, n_samp, est = float(meta.n_tokens), float(meta.n_samples), False
         else:
-            real = resolve(cache_dir, mixture.template, tok, real=True)
-            if real.sha256 != tmpl.sha256:  # a stale memo: the key was computed with another template
-                tmpl = real
-                plan = plan_dataset(spec, mixture, tok, tmpl, cache_dir, memo.data if memo else {}, "skip",
-                                    shard_tokens)
-            renderer = Renderer(tok.real, real, plan.job.loss)
+            renderer = Renderer(tok.real, tmpl, plan.job.loss)
             (n_tok, n_samp), status, est = _estimate(plan, renderer), "to build", True
         rows.append(PlanRow(spec.dataset_name, status, n_tok, n_samp, est, 0.0, spec.allow_repeat))
     # The lock's rule (mixtures.lock.make_lock): share ∝ abs_weight, or × tokens under `weights: tokens`

@@ -1,4 +1,5 @@
-"""One work unit: read → adapt → transform → render+tokenize → overflow → shard file.
+"""One work unit: read → adapt (+ transform) → encode (render + tokenize) → overflow →
+collect → shard file. The chain is `STEPS`, one generator per step, in one place.
 
 Runs in a worker process (or in-process with --workers 1). Everything it needs travels in a
 small picklable `DatasetJob`; the tokenizer and template are loaded once per process.
@@ -43,7 +44,7 @@ class DatasetJob:
     on_error: str  # fail | skip
     work_dir: str  # the dataset's partial dir
     trust_remote_code: bool = False  # run the tokenizer dir's own loader (not in the cache key)
-    encoder: str = "default"  # "tiktoken": the fast path for an HF byte-level BPE (pipeline/encoders.py)
+    encoder: str = "default"  # "fastokens" | "tiktoken": a fast engine for an HF byte-level BPE (pipeline/encoders.py)
 
     def __post_init__(self):
         object.__setattr__(self, "format", DatasetFormat.parse(self.format))  # meta.json's string form too
@@ -53,8 +54,8 @@ class DatasetJob:
 def _renderer(tokenizer: str, template: str, loss: str, trust_remote_code: bool = False,
               encoder: str = "default") -> Renderer:
     tok = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
-    if encoder == "tiktoken" and tok.encoder != "tiktoken":
-        tok = tok.with_fast_bpe()
+    if encoder != "default" and tok.kind == "hf":
+        tok = tok.with_engine(encoder)
     return Renderer(tok, resolve_template(template, tok), loss)
 
 
@@ -116,43 +117,82 @@ def unit_paths(work_dir: str, index: int) -> tuple[Path, Path]:
     return base / f"unit-{index:05d}.h5", base / f"unit-{index:05d}.json"
 
 
+@dataclass
+class _Unit:
+    """What the steps of one unit share: the job, the unit, the renderer and the counts."""
+    job: DatasetJob
+    unit: WorkUnit
+    renderer: Renderer
+    acc: "_Accumulator"
+
+
+def read(u: _Unit, _):
+    """→ (record number, raw record or the RecordError that refused its bytes)."""
+    yield from iter_unit(u.unit)
+
+
+def adapt(u: _Unit, records):
+    """→ (record, raw, canonical): the format's adapter, then the dataset's transform."""
+    for rec, raw in records:
+        u.acc.records_read += 1
+        canonical = canonicalize(u.job, rec, raw, u.unit.file)
+        if isinstance(canonical, RecordError):
+            u.acc.reject(canonical, rec)
+            continue
+        yield rec, raw, canonical
+
+
+def encode(u: _Unit, records):
+    """→ (record, raw, encoded): rendered through the template and tokenized, BATCH records
+    per encoder call."""
+    batch = []
+    for item in records:
+        batch.append(item)
+        if len(batch) >= BATCH:
+            yield from _encoded(u, batch)
+            batch = []
+    yield from _encoded(u, batch)
+
+
+def _encoded(u: _Unit, batch):
+    for (rec, raw, _), enc in zip(batch, u.renderer.encode_batch([c for _, _, c in batch])):
+        if isinstance(enc, RecordError):
+            u.acc.reject(enc, rec)
+            continue
+        yield rec, raw, enc
+
+
+def overflow(u: _Unit, records):
+    """→ (record, raw, encoded, samples, tokens lost): the overflow policy at max_length."""
+    for rec, raw, enc in records:
+        try:
+            samples, lost = apply_overflow(enc, u.job.max_length, u.job.overflow)
+        except RecordError as e:  # overflow left nothing: the record's tokens are dropped
+            u.acc.reject(e, rec)
+            u.acc.dropped_tokens += len(enc.ids)
+            continue
+        yield rec, raw, enc, samples, lost
+
+
+STEPS = (read, adapt, encode, overflow)  # each a generator over the one before; then collect, write
+
+
 def process_unit(job: DatasetJob, unit: WorkUnit) -> dict:
-    """Build one unit's shard; return its summary (also saved beside the shard)."""
+    """Build one unit's shard through STEPS; return its summary (also saved beside the shard).
+    Every record read is either a sample or a reject counted with its reason."""
     shard_path, summary_path = unit_paths(job.work_dir, unit.index)
     if shard_path.exists() and summary_path.exists():  # finished by an earlier, killed run
         done = orjson.loads(summary_path.read_bytes())
         if not (job.on_error == "fail" and faults(done["skipped"])):  # else redo: fail with file:line
             return done
-    renderer = job_renderer(job)
-    acc = _Accumulator(job, unit)
-    pending: list[tuple[int, object, dict]] = []  # (record, raw, canonical)
-
-    def flush():
-        encoded = renderer.encode_batch([c for _, _, c in pending])
-        for (rec, raw, _), enc in zip(pending, encoded):
-            if isinstance(enc, RecordError):
-                acc.reject(enc, rec)
-                continue
-            try:
-                samples, lost = apply_overflow(enc, job.max_length, job.overflow)
-            except RecordError as e:  # overflow left nothing: the record's tokens are dropped
-                acc.reject(e, rec)
-                acc.dropped_tokens += len(enc.ids)
-                continue
-            acc.accept(rec, raw, len(enc.ids), samples, lost)
-            acc.render_notes.update(getattr(enc, "notes", ()))  # what the layout rules decided
-        pending.clear()
-
-    for rec, raw, canonical in canonical_records(job, unit):
-        acc.records_read += 1
-        if isinstance(canonical, RecordError):
-            acc.reject(canonical, rec)
-            continue
-        pending.append((rec, raw, canonical))
-        if len(pending) >= BATCH:
-            flush()
-    flush()
-    return acc.finish(shard_path, summary_path, renderer)
+    u = _Unit(job, unit, job_renderer(job), _Accumulator(job, unit))
+    stream = None
+    for step in STEPS:
+        stream = step(u, stream)
+    for rec, raw, enc, samples, lost in stream:  # collect
+        u.acc.accept(rec, raw, len(enc.ids), samples, lost)
+        u.acc.render_notes.update(getattr(enc, "notes", ()))  # what the layout rules decided
+    return u.acc.finish(shard_path, summary_path, u.renderer)  # write
 
 
 class _Accumulator:

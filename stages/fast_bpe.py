@@ -22,6 +22,8 @@ from functools import lru_cache
 import numpy as np
 import orjson
 
+from .errors import BuildError
+
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
 
@@ -37,6 +39,33 @@ def _byte_decoder() -> dict[str, int]:
             cs.append(256 + n)
             n += 1
     return {chr(c): b for b, c in zip(bs, cs)}
+
+
+def char_spans_many(byte_lens: np.ndarray, texts: list[str], ids: list[np.ndarray]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Char [start, end) of every token of every text, each in its own text's coordinates,
+    in one vectorised pass (`byte_lens`: the byte length of each token in `ids`, which cover
+    each text's UTF-8 bytes exactly, as byte-level BPE ids equal to HF's do). A token that
+    ends inside a multi-byte char covers that char."""
+    counts = np.fromiter(map(len, ids), np.int64, len(ids))
+    lens = byte_lens[np.concatenate(ids)] if len(ids) else np.zeros(0, np.int64)
+    bend = np.cumsum(lens)
+    bstart = bend - lens
+    joined = "".join(texts)
+    raw = joined.encode("utf-8")
+    if (bend[-1] if len(bend) else 0) != len(raw):
+        raise BuildError("fast encoder: token byte lengths do not add up to the text (ids unlike HF's)")
+    if len(raw) == len(joined):  # ASCII: bytes are chars
+        cstart, cend = bstart, bend
+    else:
+        b = np.frombuffer(raw, dtype=np.uint8)
+        char_of_byte = np.cumsum((b & 0xC0) != 0x80) - 1
+        cstart = char_of_byte[bstart]
+        cend = char_of_byte[bend - 1] + 1 if len(bend) else bend
+    first_char = np.zeros(len(texts), np.int64)
+    np.cumsum(np.fromiter(map(len, texts[:-1]), np.int64, max(len(texts) - 1, 0)), out=first_char[1:])
+    shift = np.repeat(first_char, counts)
+    return cstart - shift, cend - shift
 
 
 def added_token_re(tokens) -> re.Pattern | None:
@@ -84,10 +113,13 @@ def _normalizer(norm: dict | None) -> str | None:
 
 class FastBPE:
     """Ordinary-text encoding (no added or special tokens) of a byte-level BPE tokenizer."""
+    name = "tiktoken"
+    version = ""  # set below: part of the code-point probe's key (pipeline/encoder_probe.py)
 
     def __init__(self, ranks: dict[bytes, int], pattern: str, rank_to_id: np.ndarray | None,
                  normalize: str | None):
         import tiktoken
+        self.version = tiktoken.__version__
         self._enc = tiktoken.Encoding("tokenmill-fast-bpe", pat_str=pattern, mergeable_ranks=ranks,
                                       special_tokens={})
         self._core = self._enc._core_bpe
@@ -156,6 +188,17 @@ class FastBPE:
         ranks = self._core.encode_ordinary(text)
         ranks = np.fromiter(ranks, np.int64, len(ranks))
         return ranks if self._rank_to_id is None else self._rank_to_id[ranks]
+
+    def encode_many(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode(t) for t in texts]
+
+    def char_spans_many(self, texts: list[str], ids: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """`char_spans` of every text at once (see the module function)."""
+        lens = self.__dict__.get("_id_lens")
+        if lens is None:  # byte length by id (ids of no BPE token never occur)
+            lens = self._id_lens = (self._byte_lens if self._rank_to_id is None
+                                    else self._byte_lens[self._id_to_rank])
+        return char_spans_many(lens, texts, ids)
 
     def char_spans(self, text: str, ranks_or_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Char [start, end) of each token of `encode(text)` (a token that ends inside a

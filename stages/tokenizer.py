@@ -42,7 +42,7 @@ __all__ = ["HFTokenizer", "Pieces", "TiktokenTokenizer", "Tokenizer", "copy_with
 class HFTokenizer(Tokenizer):
     kind = "hf"
     encoder = "tokenizers"
-    _fast = None  # FastBPE on the twin that `with_fast_bpe` returns
+    _fast = None  # the engine (FastBPE, FastokensBPE) on the twin that `with_engine` returns
 
     def __init__(self, path: str, hf, sha256: str):
         backend = getattr(hf, "_tokenizer", None)
@@ -118,35 +118,46 @@ class HFTokenizer(Tokenizer):
     def encode_documents(self, texts):
         fast, slow = self._split_claimed(texts, self.special_tokens)
         out: list = [None] * len(texts)
-        for i in fast:
-            out[i] = self._fast.encode(texts[i])
+        for i, ids in zip(fast, self._fast.encode_many([texts[i] for i in fast]) if fast else ()):
+            out[i] = ids
         if slow:
             backend, _ = self._backend(self.special_tokens)
             for i, e in zip(slow, backend.encode_batch_fast([texts[i] for i in slow], add_special_tokens=False)):
                 out[i] = np.asarray(e.ids, dtype=np.int64)
         return out
 
-    # -- the tiktoken fast path --------------------------------------------------------
-    def fast_bpe(self):
-        """The tiktoken encoder for this tokenizer (built once), or raise NotExpressible."""
+    # -- fast engines (gated by pipeline/encoders.py) ------------------------------------
+    ENGINES = ("fastokens", "tiktoken")  # fastest first
+
+    def engine(self, name: str = "tiktoken"):
+        """The named fast engine for this tokenizer (built once), or raise NotExpressible."""
         from .fast_bpe import FastBPE
-        got = self.__dict__.get("_fast_built")
+        from .fastokens_bpe import FastokensBPE
+        built = self.__dict__.setdefault("_engines", {})
+        got = built.get(name)
         if got is None:
             try:
-                got = FastBPE.from_spec(self._spec())
-            except Exception as e:  # NotExpressible, or a tokenizer.json tiktoken refuses
+                got = FastBPE.from_spec(self._spec()) if name == "tiktoken" else FastokensBPE(self._spec())
+            except Exception as e:  # NotExpressible, or a tokenizer.json the engine refuses
                 got = e
-            self._fast_built = got
+            built[name] = got
         if isinstance(got, Exception):
             raise got
         return got
 
-    def with_fast_bpe(self) -> "HFTokenizer":
-        """A twin that encodes data text with tiktoken (same ids: see fast_bpe.py; a piece the
-        fast encoder does not claim still goes through `tokenizers`)."""
+    def fast_bpe(self):
+        """The tiktoken engine (see `engine`)."""
+        return self.engine("tiktoken")
+
+    def with_engine(self, name: str) -> "HFTokenizer":
+        """A twin that encodes data text with a fast engine (same ids: see fast_bpe.py; a piece
+        the engine does not claim still goes through `tokenizers`)."""
         twin = copy.copy(self)
-        twin._fast, twin.encoder = self.fast_bpe(), "tiktoken"
+        twin._fast, twin.encoder = self.engine(name), name
         return twin
+
+    def with_fast_bpe(self) -> "HFTokenizer":
+        return self.with_engine("tiktoken")
 
     def _split_claimed(self, texts, as_text: frozenset) -> tuple[list[int], list[int]]:
         """Indices of the texts the fast encoder claims, and of the rest (for HF). Tokens in
@@ -158,10 +169,10 @@ class HFTokenizer(Tokenizer):
         if key not in self._matched_re:
             from .fast_bpe import added_token_re
             self._matched_re[key] = added_token_re(t for t in self.control_tokens if t not in key)
-        matched = self._matched_re[key]
+        matched, claims = self._matched_re[key], self._fast.claims
         fast, slow = [], []
         for i, t in enumerate(texts):
-            (fast if self._fast.claims(t, matched) else slow).append(i)
+            (fast if claims(t, matched) else slow).append(i)
         return fast, slow
 
     def _fast_pieces(self, texts, continued, as_text) -> Pieces:
@@ -171,9 +182,14 @@ class HFTokenizer(Tokenizer):
         ids: list = [None] * len(texts)
         starts: list = [None] * len(texts)
         ends: list = [None] * len(texts)
-        for i in fast:
-            ids[i] = self._fast.encode(texts[i])
-            starts[i], ends[i] = self._fast.char_spans(texts[i], ids[i])
+        if fast:  # one engine call and one vectorised span pass for all claimed pieces
+            claimed = [texts[i] for i in fast]
+            got = self._fast.encode_many(claimed)
+            s, e = self._fast.char_spans_many(claimed, got)
+            at = 0
+            for i, x in zip(fast, got):
+                ids[i], starts[i], ends[i] = x, s[at:at + len(x)], e[at:at + len(x)]
+                at += len(x)
         if slow:
             hf = copy_without_fast(self)
             p = hf.encode_pieces([texts[i] for i in slow], [continued[i] for i in slow], as_text)

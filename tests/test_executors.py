@@ -118,3 +118,26 @@ def test_ray_executor_matches_local(tmp_path, sample_tokenizer):
         ray.shutdown()
     assert len(plans[0].meta["shards"]) == 1  # the four files join into one shard (below the target size)
     assert digests(tmp_path / "ray") == digests(tmp_path / "local")
+
+
+def test_parallel_assembly_is_byte_identical(tmp_path, sample_tokenizer, monkeypatch):
+    """Shards joined and hashed in a pool (and sources re-hashed there) are the bytes the
+    driver alone writes."""
+    import functools
+    import pipeline.build as b
+    monkeypatch.setattr(b, "plan_units", functools.partial(b.plan_units, unit_bytes=40000))  # many units
+    mix = corpus(tmp_path, sample_tokenizer, n=3000)
+    b.build_mixture(mix, cache=str(tmp_path / "serial"), workers=1, shard_tokens=60000)
+    monkeypatch.setattr(b, "PARALLEL_BYTES", 0)
+    calls = []
+    real = b.map_calls
+
+    def spy(fn, work, **kw):
+        calls.append((fn.__name__, len(work), kw.get("workers")))
+        return real(fn, work, **kw)
+    monkeypatch.setattr(b, "map_calls", spy)
+    b.build_mixture(mix, cache=str(tmp_path / "pool"), workers=2, shard_tokens=60000)
+    serial, pool = digests(tmp_path / "serial"), digests(tmp_path / "pool")
+    assert serial == pool
+    assert sum(k.endswith(".h5") for k in pool) >= 2
+    assert ("join_shard", sum(k.endswith(".h5") for k in pool), 2) in calls

@@ -1,4 +1,4 @@
-"""The tiktoken fast path (stages/fast_bpe.py, pipeline/encoders.py): ids equal HF `tokenizers`
+"""The fast engines (stages/fastokens_bpe.py, stages/fast_bpe.py, pipeline/encoders.py): ids equal HF `tokenizers`
 (the independent reference, special-token-safe) on real text, the per-dataset check falls back
 when they differ, and the built shards never depend on which encoder ran."""
 from __future__ import annotations
@@ -56,21 +56,25 @@ def hf_reference(path: Path):
 
 
 @needs_shared
-def test_fast_bpe_equals_hf_on_every_real_string():
+@pytest.mark.parametrize("engine", ["fastokens", "tiktoken"])
+def test_engine_equals_hf_on_every_real_string(engine):
+    if engine == "fastokens":
+        pytest.importorskip("fastokens", reason="fastokens is not installed (pip install '.[fast]')")
     texts = real_texts()
     assert len(texts) > 10_000
     tok = load_tokenizer(str(QWEN))
-    fast = tok.fast_bpe()
+    fast = tok.engine(engine)
     ref = hf_reference(QWEN)
     matched = added_token_re(t for t in tok.control_tokens if t not in tok.special_tokens)
     claimed = [t for t in texts if fast.claims(t, matched)]
     assert len(claimed) > 0.99 * len(texts)  # NFC changes or added-token text are rare
     encs = ref.encode_batch(claimed, add_special_tokens=False)
-    differ = [t[:60] for t, e in zip(claimed, encs) if fast.encode(t).tolist() != e.ids]
+    ours = fast.encode_many(claimed)
+    differ = [t[:60] for t, e, o in zip(claimed, encs, ours) if o.tolist() != e.ids]
     assert not differ, f"{len(differ)} strings differ, e.g. {differ[:3]}"
     # char spans agree with HF's offsets (what loss spans are computed from)
-    for t, e in zip(claimed[:3000], encs[:3000]):
-        s, end = fast.char_spans(t, fast.encode(t))
+    for t, e, o in zip(claimed[:3000], encs[:3000], ours):
+        s, end = fast.char_spans(t, o)
         assert list(zip(s.tolist(), end.tolist())) == [tuple(o) for o in e.offsets]
 
 
@@ -79,11 +83,14 @@ def _pieces_equal(a, b):
             and np.array_equal(a.ends, b.ends) and np.array_equal(a.bounds, b.bounds))
 
 
+@pytest.mark.parametrize("engine", ["fastokens", "tiktoken"])
 @pytest.mark.parametrize("which", ["sample", pytest.param("qwen", marks=needs_shared)])
-def test_fast_twin_encodes_pieces_like_hf(which, sample_tokenizer):
+def test_fast_twin_encodes_pieces_like_hf(which, engine, sample_tokenizer):
+    if engine == "fastokens":
+        pytest.importorskip("fastokens", reason="fastokens is not installed (pip install '.[fast]')")
     tok = load_tokenizer(sample_tokenizer if which == "sample" else str(QWEN))
-    fast = tok.with_fast_bpe()
-    assert (tok.encoder, fast.encoder) == ("tokenizers", "tiktoken")
+    fast = tok.with_engine(engine)
+    assert (tok.encoder, fast.encoder) == ("tokenizers", engine)
     specials = sorted(tok.control_tokens)
     pieces = ["Hello world", "", " 你好，世界！\n\n", "Cafe\u0301 (not NFC) ok",  # NFC changes it: HF encodes
               "call <tool_call>{\"a\": 1}</tool_call> now",  # an added token HF matches in text
@@ -131,19 +138,30 @@ def shard_hashes(meta_dir: Path) -> dict:
 
 
 def test_encoder_choice_fallback_and_identical_shards(tmp_path, sample_tokenizer, monkeypatch):
+    from pipeline import encoder_probe
+    # the probe on a slice of the code points, in a probe dir of this test's own (the engines
+    # are made wrong below: their verdicts must not reach the user's cache)
+    cps = [c for c in range(0x250)] + [0x4E00 + i for i in range(256)]
+    monkeypatch.setattr(encoder_probe, "scalars", lambda: cps)
+    monkeypatch.setenv("TOKENMILL_PROBE_DIR", str(tmp_path / "probes"))
     mix = write_mix(tmp_path, sample_tokenizer)
+    from stages.fastokens_bpe import FastokensBPE, available
     _, fast_plans, _ = build_mixture(str(mix), out=str(tmp_path / "a"), workers=1)
     for p in fast_plans:
-        assert p.meta["build"]["encoder"] == "tiktoken", p.encoder_note
-        assert "equal to HF on" in p.encoder_note
-    # a fast encoder that gets one character wrong: the sampled check must catch it, and the
+        assert p.meta["build"]["encoder"] == ("fastokens" if available() else "tiktoken"), p.encoder_note
+        assert "sampled records equal to HF" in p.encoder_note
+    # fast engines that get one character wrong: the sampled check must catch it, and the
     # build falls back to HF tokenizers with the same bytes on disk
-    real_encode = FastBPE.encode
+    real_encode, real_many = FastBPE.encode, FastokensBPE.encode_many
 
     def wrong(self, text):
         ids = real_encode(self, text)
         return ids[::-1].copy() if "的" in text or "the" in text else ids
+
+    def wrong_many(self, texts):
+        return [ids[::-1].copy() if "的" in t or "the" in t else ids for t, ids in zip(texts, real_many(self, texts))]
     monkeypatch.setattr(FastBPE, "encode", wrong)
+    monkeypatch.setattr(FastokensBPE, "encode_many", wrong_many)
     _, slow_plans, _ = build_mixture(str(mix), out=str(tmp_path / "b"), workers=2)
     for fast, slow in zip(fast_plans, slow_plans):
         assert slow.meta["build"]["encoder"] == "tokenizers"

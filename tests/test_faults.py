@@ -441,7 +441,5 @@ def test_units_are_dispatched_lazily_in_order(monkeypatch, workers):
         assert len(pulled) - len(got) <= 2 * workers + 1  # never all 50 pending at once
         got.append(unit.index)
 
-    assert ex.run_local(tasks(), workers, _Progress(), on_result=on_result) == {}
+    ex.run_local(tasks(), workers, _Progress(), on_result=on_result)
     assert got == list(range(50))
-    kept = ex.run_local(((plan, _Unit(i)) for i in range(5)), workers, _Progress())
-    assert sorted(kept) == [("a", i) for i in range(5)]

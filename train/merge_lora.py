@@ -16,7 +16,6 @@ import shutil
 import sys
 from pathlib import Path
 
-from stages.constants import TOKENIZER_FILES
 from stages.strict_cli import StrictParser  # no abbreviations; an unknown flag names the closest
 
 from .args import TrainError
