@@ -47,6 +47,8 @@ from .jinja_env import (PH_CLOSE, PH_OPEN, PIECE_BREAK, RESERVED_RE, ChatTemplat
 from .layouts import prepare, template_directives
 from .template_tokens import CONTROL_STRING_RE, check_control_strings
 from .tokenizer import Tokenizer
+from .final_turns import final_bounds
+from .stop_tokens import StopSet
 from .turn_bounds import message_starts
 
 __all__ = ["RENDER_VERSION", "ChatTemplate", "Encoded", "Explained", "Renderer", "available_templates",
@@ -91,6 +93,14 @@ class Renderer:
         self.generation = template.has_generation_blocks
         self.unk_id = tokenizer.unk_id
         self.directives = template_directives(template.text)
+        self._stops = None
+
+    @property
+    def stops(self) -> StopSet:
+        """The template's stop tokens (stages/stop_tokens.py), read once from probe renders."""
+        if self._stops is None:
+            self._stops = StopSet(self.template, self.control_re, self.tok.eos_token, self.template_kwargs)
+        return self._stops
 
     # -- record → placeholder messages ------------------------------------------------
     def messages(self, record: dict) -> list[dict]:
@@ -197,10 +207,18 @@ class Renderer:
             ph_regions = self._block_regions(ph_messages, ph_text, blocks)
         else:
             ph_regions = self._prefix_regions(ph_messages, ph_text, tools, extra)
+        appended = ""
+        if self.loss != "all" and ph_regions:
+            fixed, ph_regions, stop_notes = self.stops.fix(ph_text, ph_regions)
+            appended, ph_text, notes = fixed[len(ph_text):], fixed, notes + stop_notes
+        dropped = {data[k][1] for k in range(len(data)) if data[k][2] == "reasoning_content"
+                   and f"{PH_OPEN}{k}{PH_CLOSE}" not in ph_text}
+        if dropped & {i for _, _, i in ph_regions}:
+            notes += ("history_reasoning_not_rendered",)
 
         layout = self._to_real(ph_text, data, ph_regions)
         layout.notes = notes
-        expected = render(self.template, real_messages, tools, extra, False, False)
+        expected = render(self.template, real_messages, tools, extra, False, False) + appended
         if expected != layout.text:
             raise RecordError("template_round_trip", "the template changes message text (e.g. splits "
                               "or rewrites it), so data and template text cannot be told apart")
@@ -264,6 +282,18 @@ class Renderer:
 
     def _prefix_regions(self, ph_messages, ph_text, tools, extra):
         turns = self.trained_turns(ph_messages)
+        try:
+            bounds = self._prefix_turn_bounds(ph_messages, ph_text, tools, extra, turns)
+        except RecordError as e:
+            if e.reason != "template_not_prefix_stable":
+                raise
+            # the template re-renders history: every turn is read from the final rendering
+            bounds = final_bounds(self.template, self.control_re, self.stops.tokens, ph_messages, ph_text,
+                                  tools, extra, turns, self._ph_owner(ph_messages))
+            return [(start, end, i) for (start, end), i in zip(bounds, turns)]
+        return [(start, self._end_of_turn(ph_text, start, end), i) for (start, end), i in zip(bounds, turns)]
+
+    def _prefix_turn_bounds(self, ph_messages, ph_text, tools, extra, turns):
         bounds = None
         if len(turns) > self.LINEAR_FROM:
             bounds = self._linear_bounds(ph_messages, ph_text, tools, extra, turns)
@@ -273,7 +303,7 @@ class Renderer:
                                   f"render; over {self.PREFIX_TURN_LIMIT} turns are not rendered turn by turn")
         if bounds is None:
             bounds = [self._prefix_bounds(ph_messages, ph_text, tools, extra, i) for i in turns]
-        return [(start, self._end_of_turn(ph_text, start, end), i) for (start, end), i in zip(bounds, turns)]
+        return bounds
 
     def _prefix_bounds(self, ph_messages, ph_text, tools, extra, i) -> tuple[int, int]:
         """(len(render(messages[:i], generation prompt)), len(render(messages[:i+1])))."""
