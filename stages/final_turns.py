@@ -17,8 +17,10 @@ render of the whole conversation (every data string already a placeholder there)
    target starts. So the role header is prompt, and so is text the generation prompt supplies
    at inference that the turn also renders (Qwen3's empty think block with thinking off,
    DeepSeek-R1's `<think>\\n`, Hy3's `<think>` under is_training): never a target.
-3. Where it ends: at the last control token written for the message (its end-of-turn), as for
-   prefix renders; plain text after it (a newline) does not train.
+3. Where it ends: at the first stop token (stop_tokens.py) after the turn's last data — its
+   end-of-turn, not an EOS a template writes after the whole conversation (Phi-3.5) —, else at
+   the last control token written for the message, as for prefix renders; plain text after it
+   (a newline) does not train.
 A turn that cannot be located this way is refused (`template_turn_unlocated`), never guessed.
 """
 from __future__ import annotations
@@ -69,20 +71,22 @@ def final_bounds(template, control_re, stops, ph_messages, ph_text, tools, extra
                 lo = hi = None
         if lo is None and not own:
             raise _unlocated(i, "it renders no data and the template's loop cannot be followed")
-        first = own[0][0] if own else lo
-        start = _target_start(template, ph_messages, tools, extra, i, ph_text, marks, first)
+        first = own[0][0] if own else hi  # a turn with no data (tool calls only): up to its end
+        start = _target_start(template, control_re, ph_messages, tools, extra, i, ph_text, marks, first)
         if own and start > own[0][0]:
             raise _unlocated(i, "its prompt runs into its text")
         if hi is None:  # no message bounds: end at the turn's end-of-turn after its last data
             end = _gap_end(control_re, stops, ph_text, own[-1][1],
                            min((s for s, _, _ in marks if s >= own[-1][1]), default=len(ph_text)))
         else:
-            end = _last_control(control_re, ph_text, start, hi, own)
+            end = _gap_end(control_re, stops, ph_text, own[-1][1] if own else start, hi, default=None)
+            if end is None:
+                end = _last_control(control_re, ph_text, start, hi, own)
         out.append((start, end))
     return out
 
 
-def _target_start(template, ph_messages, tools, extra, i, ph_text, marks, first) -> int:
+def _target_start(template, control_re, ph_messages, tools, extra, i, ph_text, marks, first) -> int:
     """Where the prompt inference renders for turn i stops matching the final text: from the
     last data string written before the turn (found in both renders), the two are compared."""
     prompt = render(template, ph_messages[:i], tools, extra, False, True)
@@ -92,7 +96,12 @@ def _target_start(template, ph_messages, tools, extra, i, ph_text, marks, first)
         if at >= 0:
             anchor_final, anchor_prompt = e, at + len(ph)
             break
-    return anchor_final + _lcp(prompt[anchor_prompt:], ph_text[anchor_final:first])
+    cut = anchor_final + _lcp(prompt[anchor_prompt:], ph_text[anchor_final:first])
+    if control_re is not None:  # never inside a control token: a part of one is no prompt
+        for m in control_re.finditer(ph_text, max(0, cut - 64), cut + 64):
+            if m.start() < cut < m.end():
+                return m.start()
+    return cut
 
 
 def _last_control(control_re, text: str, start: int, hi: int, own) -> int:
@@ -102,9 +111,10 @@ def _last_control(control_re, text: str, start: int, hi: int, own) -> int:
     if not ctl:
         return data if own else hi
     return max(ctl[-1], data)
-def _gap_end(control_re, stops, text: str, data_end: int, hi: int) -> int:
-    """The first stop token after the turn's last data (its end-of-turn), if any before the next data."""
+def _gap_end(control_re, stops, text: str, data_end: int, hi: int, default: int | None = -1) -> int | None:
+    """The first stop token after the turn's last data (its end-of-turn) before `hi`; else `default`
+    (-1: the data's end)."""
     for m in control_re.finditer(text, data_end, hi) if control_re else ():
         if m.group() in stops:
             return m.end()
-    return data_end
+    return data_end if default == -1 else default

@@ -34,6 +34,7 @@ ids in encoded.py; one-render turn bounds in turn_bounds.py; the reference check
 from __future__ import annotations
 
 import bisect
+import json
 import re
 
 import numpy as np
@@ -93,14 +94,23 @@ class Renderer:
         self.generation = template.has_generation_blocks
         self.unk_id = tokenizer.unk_id
         self.directives = template_directives(template.text)
-        self._stops = None
+        self._stops: dict[str, StopSet] = {}
+        self._extra = self.template_kwargs
+
+    def stop_set(self, extra: dict | None = None) -> StopSet:
+        """The template's stop tokens under these template variables (stages/stop_tokens.py),
+        read once per distinct set of variables from probe renders."""
+        extra = self.template_kwargs if extra is None else extra
+        key = json.dumps(extra, sort_keys=True, default=str)
+        if key not in self._stops:
+            if len(self._stops) > 64:
+                self._stops.clear()
+            self._stops[key] = StopSet(self.template, self.control_re, self.tok.eos_token, extra)
+        return self._stops[key]
 
     @property
     def stops(self) -> StopSet:
-        """The template's stop tokens (stages/stop_tokens.py), read once from probe renders."""
-        if self._stops is None:
-            self._stops = StopSet(self.template, self.control_re, self.tok.eos_token, self.template_kwargs)
-        return self._stops
+        return self.stop_set()
 
     # -- record → placeholder messages ------------------------------------------------
     def messages(self, record: dict) -> list[dict]:
@@ -209,7 +219,7 @@ class Renderer:
             ph_regions = self._prefix_regions(ph_messages, ph_text, tools, extra)
         appended = ""
         if self.loss != "all" and ph_regions:
-            fixed, ph_regions, stop_notes = self.stops.fix(ph_text, ph_regions)
+            fixed, ph_regions, stop_notes = self.stop_set(extra).fix(ph_text, ph_regions)
             appended, ph_text, notes = fixed[len(ph_text):], fixed, notes + stop_notes
         dropped = {data[k][1] for k in range(len(data)) if data[k][2] == "reasoning_content"
                    and f"{PH_OPEN}{k}{PH_CLOSE}" not in ph_text}
@@ -282,13 +292,14 @@ class Renderer:
 
     def _prefix_regions(self, ph_messages, ph_text, tools, extra):
         turns = self.trained_turns(ph_messages)
+        self._extra = extra  # the record's variables, for _end_of_turn's stop set
         try:
             bounds = self._prefix_turn_bounds(ph_messages, ph_text, tools, extra, turns)
         except RecordError as e:
             if e.reason != "template_not_prefix_stable":
                 raise
             # the template re-renders history: every turn is read from the final rendering
-            bounds = final_bounds(self.template, self.control_re, self.stops.tokens, ph_messages, ph_text,
+            bounds = final_bounds(self.template, self.control_re, self.stop_set(extra).tokens, ph_messages, ph_text,
                                   tools, extra, turns, self._ph_owner(ph_messages))
             return [(start, end, i) for (start, end), i in zip(bounds, turns)]
         return [(start, self._end_of_turn(ph_text, start, end), i) for (start, end), i in zip(bounds, turns)]
@@ -342,13 +353,18 @@ class Renderer:
 
     def _end_of_turn(self, ph_text: str, start: int, end: int) -> int:
         """Trim plain template text that follows the turn's last control token (e.g. the
-        newline after <|im_end|>): the end-of-turn token trains, the separator does not. A
-        turn without control tokens trains whole; data is never trimmed."""
-        ctl = [m.end() for m in self.control_re.finditer(ph_text, start, end)] if self.control_re else []
+        newline after <|im_end|>): the end-of-turn token trains, the separator does not — nor
+        what a template writes after it at the conversation's end (Phi-3.5's EOS after <|end|>):
+        the turn ends at the first stop token after its last data. A turn without control
+        tokens trains whole; data is never trimmed."""
+        ctl = list(self.control_re.finditer(ph_text, start, end)) if self.control_re else []
         if not ctl:
             return end
         data = [m.end() for m in PH_RE.finditer(ph_text, start, end)]
-        return max(ctl[-1], data[-1] if data else start)
+        last_data = data[-1] if data else start
+        stops = self.stop_set(self._extra).tokens
+        first_stop = next((m.end() for m in ctl if m.start() >= last_data and m.group() in stops), None)
+        return first_stop if first_stop is not None else max(ctl[-1].end(), last_data)
 
     def _to_real(self, ph_text: str, data, ph_regions) -> Layout:
         """Put the data back; find the template's control tokens; map regions to real text."""

@@ -8,12 +8,14 @@ A template's stop set is read from probe renders (placeholders for data), once p
   the turn) has *openers* instead: the control token that starts the next message is the stop
   token of the turn before it (generation stops on those).
 
-`fix_stops` then checks every trained region: one that ends with a stop-set token is kept; in a
-template without an end-of-turn the next message's opening control token joins the region; the
-last turn of such a conversation, which the template closes with nothing, gets the opener a
-following user message would start with appended (note `stop_token_appended`: the sample is
-apply_chat_template's ids plus that one token); any other region is counted
-(`stop_token_untrained`) and reported by --check-template.
+`StopSet.fix` then checks every trained region: one that ends with a stop-set token is kept; a
+stop token written right after the region joins it (the end-of-turn a template writes only
+once a later message exists — Hy3 —, or, in a template without an end-of-turn, the next
+message's opening control token); the last turn of a conversation that the template closes
+with nothing gets its stop token appended — the opener a following user message would start
+with, else the EOS token (note `stop_token_appended`: the sample is apply_chat_template's ids
+plus that one token); any other region is counted (`stop_token_untrained`) and reported by
+--check-template.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class StopSet:
         self.control_re = control_re
         self.tokens: set[str] = set()  # end-of-turn tokens (+ EOS)
         self.opener: str | None = None  # no end-of-turn: the token a following user message opens with
+        self.eos: str | None = None
         if control_re is None:
             return
         compiled = compile_template(template.text, False)
@@ -71,31 +74,31 @@ class StopSet:
                 self.opener = m.group() if m else None
             found = []  # a tool-call turn's last control token (</tool_call>) is no stop here
         self.tokens = {t for t in found if t}
-        if eos_token and not self.opener:
-            self.tokens.add(eos_token)
+        self.eos = eos_token if eos_token and control_re.fullmatch(eos_token) else None
+        if self.eos and not self.opener:
+            self.tokens.add(self.eos)
 
     def fix(self, ph_text: str, regions: list[tuple[int, int, int]]):
         """→ (text, regions, notes): each region made to end with its stop token where it can."""
         notes: list[str] = []
         out = []
         for s, e, i in regions:
-            last = None
+            last = None  # the region's last control token (plain text after it is the caller's)
             for m in self.control_re.finditer(ph_text, s, e) if self.control_re else ():
-                if m.end() == e:
-                    last = m.group()
+                last = m.group()
             if last is not None and last in self.tokens:
                 out.append((s, e, i))
                 continue
-            if self.opener is not None:
-                m = self.control_re.match(ph_text, e)
-                if m is not None:
-                    out.append((s, m.end(), i))
-                    continue
-                if e == len(ph_text):  # the conversation's end: nothing closes the last turn
-                    ph_text += self.opener
-                    out.append((s, len(ph_text), i))
-                    notes.append("stop_token_appended")
-                    continue
+            m = self.control_re.match(ph_text, e) if self.control_re else None
+            if m is not None and (self.opener is not None or m.group() in self.tokens):
+                out.append((s, m.end(), i))  # the stop token written right after the turn
+                continue
+            close = self.opener or self.eos
+            if close and e == len(ph_text):  # the conversation's end: nothing closes the last turn
+                ph_text += close
+                out.append((s, len(ph_text), i))
+                notes.append("stop_token_appended")
+                continue
             out.append((s, e, i))
             notes.append("stop_token_untrained")
         return ph_text, out, tuple(dict.fromkeys(notes))
