@@ -16,7 +16,8 @@ MANIFEST_FORMATS = ("auto",) + FORMATS
 OVERFLOW_MODES = ("segment", "truncate", "drop")
 LOSS_MODES = ("assistant", "last", "all")  # which turns train: every assistant turn, the last, everything
 # Template variables a record may carry at its top level (a record's `template_kwargs` object may set any)
-RECORD_TEMPLATE_VARS = ("reasoning_effort", "enable_thinking", "token_suffix")
+RECORD_TEMPLATE_VARS = ("reasoning_effort", "enable_thinking", "token_suffix", "thinking", "is_training",
+                        "interleaved_thinking", "thinking_budget")
 TEMPLATE_SOURCES = ("tokenizer",)  # a template name that is not a file under stages/templates/
 
 # Files that define a tokenizer (and its template): hashed into the cache key, copied with a model.

@@ -242,3 +242,51 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _apply(family, messages, **kw):
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(family_tokenizer(family))
+    return list(hf.apply_chat_template(messages, tokenize=True, return_dict=False, **kw))
+
+
+def test_inline_reasoning_is_parsed_on_qwen3():
+    """`<think>r</think>a` in content (TRL's Qwen3 form) is reasoning + answer, not a refusal."""
+    msgs = [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "<think>\nadd them\n</think>\n\n4"}]
+    r = family_renderer("qwen3", "assistant", ())
+    enc = r.encode_batch([{"messages": msgs}])[0]
+    assert not isinstance(enc, RecordError), enc
+    assert "inline_reasoning_parsed" in enc.notes
+    assert enc.ids.tolist() == _apply("qwen3", msgs)
+    (s, e), = enc.spans.tolist()
+    assert r.tok.decode(enc.ids[s:e].tolist()) == "<think>\nadd them\n</think>\n\n4<|im_end|>"
+
+
+def test_hy3_seed_call():
+    """The Hy3 seed: records with reasoning_effort + reasoning_content, the real Hy3-preview
+    template, is_training=True (a dataset switch) → apply_chat_template(messages,
+    is_training=True) ids, Hy3's control tokens at their real ids."""
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!", "reasoning_content": "greet back"},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4", "reasoning_content": "add them"}]
+    tok = load_tokenizer(family_tokenizer("hy3-preview"))
+    r = Renderer(tok, resolve_template("tokenizer", tok), template_kwargs={"is_training": True})
+    for effort in ("high", "low"):
+        enc = r.encode_batch([{"messages": msgs, "reasoning_effort": effort}])[0]
+        assert not isinstance(enc, RecordError), enc
+        ref = _apply("hy3-preview", msgs, is_training=True, reasoning_effort=effort)
+        assert enc.ids.tolist() == ref
+        assert tok.control_tokens["<｜hy_Assistant｜>"] == 120007 and 120007 in ref and 120025 in ref
+        texts = [tok.decode(enc.ids[s:e].tolist()) for s, e in enc.spans.tolist()]
+        assert all(t.endswith("<｜hy_eos｜>") for t in texts), texts
+        assert "greet back" in texts[0] and "add them" in texts[1], texts
+
+
+def test_glm_every_span_ends_with_its_stop_token():
+    r = family_renderer("glm-4.6", "assistant", ())
+    rec = _tool_case({"city": "Paris"}, "")
+    rec["messages"] += [{"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Bye."}]
+    enc = r.encode_batch([rec])[0]
+    ends = [r.tok.decode([int(enc.ids[e - 1])]) for _, e in enc.spans.tolist()]
+    assert ends == ["<|observation|>", "<|user|>", "<|user|>"], ends
+    assert "stop_token_appended" in enc.notes  # the last turn: the template closes it with nothing
