@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class DatasetSpec:
     declared_ave_tokens_per_line: float | None = None
     declared_total_tokens: float | None = None  # billions
     loss: str = "assistant"
+    template_kwargs: str | None = None  # the dataset's template switches, JSON (sorted keys)
     text_unit: str = "line"
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # shard target size in tokens
 
@@ -125,6 +127,8 @@ _DATASET_PROPERTIES: dict[str, Any] = {
     "allow_repeat": {"type": "boolean"},
     "overflow": {"enum": list(OVERFLOWS)},
     "loss": {"enum": list(LOSS_MODES)},
+    "multi_turn": {"enum": ["final", "last"]},
+    "template_kwargs": {"type": "object"},
     "text_unit": {"enum": list(TEXT_UNITS)},
     "incontext_weight": {
         "type": "array",
@@ -358,7 +362,11 @@ def _dataset_spec(entry: dict, manifest: Path, at: list, shard_tokens: int,
         declared_nlines=_opt_float(entry.get("nlines")),
         declared_ave_tokens_per_line=_opt_float(ave),
         declared_total_tokens=_opt_float(entry.get("total_tokens")),
-        loss=entry.get("loss", "assistant"),
+        # multi_turn: last trains only the last assistant turn (= loss: last); final (default) every turn
+        loss="last" if entry.get("multi_turn") == "last" and entry.get("loss", "assistant") == "assistant"
+        else entry.get("loss", "assistant"),
+        template_kwargs=json.dumps(entry["template_kwargs"], sort_keys=True)
+        if entry.get("template_kwargs") else None,
         text_unit=entry.get("text_unit", "line"),
         shard_tokens=entry.get("shard_tokens", shard_tokens),
     )

@@ -3,6 +3,7 @@ samples (exact from meta.json once built, else estimated from a sample of record
 share, and how many epochs a token budget gives it."""
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,7 +83,7 @@ def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None
                 tmpl = real
                 plan = plan_dataset(spec, mixture, tok, tmpl, cache_dir, memo.data if memo else {}, "skip",
                                     shard_tokens)
-            renderer = Renderer(tok.real, real, plan.job.loss)
+            renderer = Renderer(tok.real, real, plan.job.loss, template_kwargs=json.loads(plan.job.template_kwargs) if plan.job.template_kwargs else None)
             (n_tok, n_samp), status, est = _estimate(plan, renderer), "to build", True
         row = PlanRow(spec.dataset_name, status, n_tok, n_samp, est, spec.abs_weight / total_w,
                       spec.allow_repeat)

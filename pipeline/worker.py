@@ -6,6 +6,7 @@ A finished unit is renamed into place atomically, so a killed build keeps it.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -43,19 +44,21 @@ class DatasetJob:
     work_dir: str  # the dataset's partial dir
     trust_remote_code: bool = False  # run the tokenizer dir's own loader (not in the cache key)
     encoder: str = "default"  # "tiktoken": the fast path for an HF byte-level BPE (pipeline/encoders.py)
+    template_kwargs: str | None = None  # the dataset's template switches (JSON), in the cache key
 
 
 @lru_cache(maxsize=4)
 def _renderer(tokenizer: str, template: str, loss: str, trust_remote_code: bool = False,
-              encoder: str = "default") -> Renderer:
+              encoder: str = "default", template_kwargs: str | None = None) -> Renderer:
     tok = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
     if encoder == "tiktoken" and tok.encoder != "tiktoken":
         tok = tok.with_fast_bpe()
-    return Renderer(tok, resolve_template(template, tok), loss)
+    return Renderer(tok, resolve_template(template, tok), loss,
+                    template_kwargs=json.loads(template_kwargs) if template_kwargs else None)
 
 
 def job_renderer(job: DatasetJob) -> Renderer:
-    return _renderer(job.tokenizer, job.template, job.loss, job.trust_remote_code, job.encoder)
+    return _renderer(job.tokenizer, job.template, job.loss, job.trust_remote_code, job.encoder, job.template_kwargs)
 
 
 def canonicalize(job: DatasetJob, rec: int, raw, source: str):

@@ -55,7 +55,7 @@ from .turn_bounds import message_starts
 __all__ = ["RENDER_VERSION", "ChatTemplate", "Encoded", "Explained", "Renderer", "available_templates",
            "compile_template", "mask_to_spans", "resolve_template", "template_literal_text"]
 
-RENDER_VERSION = 3  # bump when the same inputs would give other ids or spans (belongs in cache keys)
+RENDER_VERSION = 4  # bump when the same inputs would give other ids or spans (belongs in cache keys)
 PH_RE = re.compile(f"{PH_OPEN}(\\d+){PH_CLOSE}")
 DATA_FIELDS = ("content", "reasoning_content")
 
