@@ -8,7 +8,10 @@ How ids and trained positions are found, without searching for marker strings:
 2. Trained character regions come from the template itself: its `{% generation %}` blocks
    where it has them (found in that same render), otherwise prefix renders — assistant turn
    i trains on what render(messages[:i+1]) adds to render(messages[:i], add_generation_prompt=True),
-   up to the last control token of that turn (its end-of-turn), not the plain text after it.
+   up to its end-of-turn (the first stop token after its data, else its last control token),
+   not the plain text after it. A template that re-renders history (not prefix-stable) has
+   every turn read from the final rendering instead (final_turns.py). Every trained region
+   then ends with a stop token where it can (stop_tokens.py).
 3. The real conversation is rendered once more and must equal the placeholder render with
    the data put back ("round trip"): a template that rewrites message text is refused, never
    mis-masked.
@@ -20,7 +23,7 @@ How ids and trained positions are found, without searching for marker strings:
    `piece_break` (a variable): a token boundary that adds no token, after which the text is
    encoded as a string of its own (FM9G's tok(input) + tok(output); see none.jinja).
 5. Guardrails, each a RecordError with a stable reason (counted under --on-error skip):
-   template_error, template_round_trip, template_not_prefix_stable, reasoning_not_rendered
+   template_error, template_round_trip, template_turn_unlocated, reasoning_not_rendered
    (the record has reasoning the template drops entirely), control_token_in_data (control
    text in tool calls / tools, which are not placeholders), reserved_char, unknown_token,
    no_trained_tokens. `check_template` compares samples with an independent reference.

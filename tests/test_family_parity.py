@@ -212,6 +212,7 @@ def grid():
                     yield family, policy, switches, case
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_parity(family):
     bad = []
