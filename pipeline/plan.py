@@ -83,7 +83,8 @@ def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None
                 tmpl = real
                 plan = plan_dataset(spec, mixture, tok, tmpl, cache_dir, memo.data if memo else {}, "skip",
                                     shard_tokens)
-            renderer = Renderer(tok.real, real, plan.job.loss, template_kwargs=json.loads(plan.job.template_kwargs) if plan.job.template_kwargs else None)
+            switches = json.loads(plan.job.template_kwargs) if plan.job.template_kwargs else None
+            renderer = Renderer(tok.real, real, plan.job.loss, template_kwargs=switches)
             (n_tok, n_samp), status, est = _estimate(plan, renderer), "to build", True
         row = PlanRow(spec.dataset_name, status, n_tok, n_samp, est, spec.abs_weight / total_w,
                       spec.allow_repeat)

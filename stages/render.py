@@ -221,7 +221,7 @@ class Renderer:
         else:
             ph_regions = self._prefix_regions(ph_messages, ph_text, tools, extra)
         appended = ""
-        if self.loss != "all" and ph_regions:
+        if self.loss != "all" and ph_regions and self.control_re is not None:  # else no stop to check
             fixed, ph_regions, stop_notes = self.stop_set(extra).fix(ph_text, ph_regions)
             appended, ph_text, notes = fixed[len(ph_text):], fixed, notes + stop_notes
         dropped = {data[k][1] for k in range(len(data)) if data[k][2] == "reasoning_content"

@@ -45,7 +45,8 @@ class TemplateCheck:
         head = (f"template {self.template!r}: {self.ids_equal}/{self.checked} samples with the reference's ids, "
                 f"{self.masks_equal}/{self.masks_checked} with its trained positions")
         if self.stop_notes:
-            head += "; stop token: " + ", ".join(f"{k[len('stop_token_'):]} {v}" for k, v in sorted(self.stop_notes.items()))
+            head += "; stop token: " + ", ".join(f"{k[len('stop_token_'):]} {v}"
+                                                 for k, v in sorted(self.stop_notes.items()))
         if self.not_checked:
             head += "; not checked: " + ", ".join(f"{k} {v}" for k, v in sorted(self.not_checked.items()))
         lines = [head] + [f"  record {i}: {what} differ — {detail}" for i, what, detail in self.differ[:10]]

@@ -39,7 +39,8 @@ pytestmark = pytest.mark.skipif(not (TEMPLATES.is_dir() and QWEN.is_dir()),
 # the assistant header (what the prompt ends with) and the tokens a turn stops with, per family
 # (PROVENANCE.md of each family; GLM has no end-of-turn: the next message's role token stops it)
 HEADER = {
-    "deepseek-r1": r"<｜Assistant｜>|<｜tool▁outputs▁end｜>", "deepseek-v3.1": r"<｜Assistant｜>|<｜tool▁output▁end｜>",
+    "deepseek-r1": r"<｜Assistant｜>|<｜tool▁outputs▁end｜>",
+    "deepseek-v3.1": r"<｜Assistant｜>|<｜tool▁output▁end｜>",
     "gemma-2": r"<start_of_turn>model\n", "glm-4.6": r"<\|assistant\|>",
     "gpt-oss": r"<\|start\|>assistant", "hy3-preview": r"<｜hy_Assistant｜>",
     "kimi-k2": r"<\|im_assistant\|>assistant<\|im_middle\|>",
