@@ -31,7 +31,7 @@ from .errors import RecordError
 from .jinja_env import PH_CLOSE, PH_OPEN, compile_template, render
 from .turn_bounds import message_starts
 
-PH_RE = re.compile(f"{PH_OPEN}(\\d+){PH_CLOSE}")
+PH_RE = re.compile(f"{PH_OPEN}(\\d+){PH_CLOSE}")  # a placeholder (render.py puts them in)
 
 
 def _lcp(a: str, b: str) -> int:

@@ -51,7 +51,7 @@ from .jinja_env import (PH_CLOSE, PH_OPEN, PIECE_BREAK, RESERVED_RE, ChatTemplat
 from .layouts import prepare, template_directives
 from .template_tokens import CONTROL_STRING_RE, check_control_strings
 from .tokenizer import Tokenizer
-from .final_turns import final_bounds
+from .final_turns import PH_RE, final_bounds
 from .stop_tokens import StopSet
 from .turn_bounds import message_starts
 
@@ -59,7 +59,6 @@ __all__ = ["RENDER_VERSION", "ChatTemplate", "Encoded", "Explained", "Renderer",
            "compile_template", "mask_to_spans", "resolve_template", "template_literal_text"]
 
 RENDER_VERSION = 4  # bump when the same inputs would give other ids or spans (belongs in cache keys)
-PH_RE = re.compile(f"{PH_OPEN}(\\d+){PH_CLOSE}")
 DATA_FIELDS = ("content", "reasoning_content")
 
 

@@ -237,7 +237,7 @@ def main() -> int:
     for (family, sw, case), got in rows.items():
         notes = "; ".join(sorted({d for s, d in got.values() if d and s in ("ok",)}))
         fail = "; ".join(d for s, d in got.values() if s == "FAIL")
-        print(f"{family:18s} {sw:44s} {case:13s} {got['final'][0]:22s} {got['last'][0]:22s} {notes}{fail}")
+        print(f"{family:18s} {sw:44s} {case:13s} {got['final'][0]:22s} {got['last'][0]:22s} {notes}{fail}", flush=True)
     print(f"{fails} failing")
     return 1 if fails else 0
 
