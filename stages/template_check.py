@@ -140,7 +140,12 @@ def _reference_mask(renderer: Renderer, template: ChatTemplate, messages, tools,
         # the control token that opens the next message, which trains with the turn
         inside = np.flatnonzero(is_ctl & (s_a >= start) & (e_a <= end))
         stopping = [k for k in inside if ids2[k] in stop_ids]
-        stop = int(e_a[stopping[0]]) if stopping else int(e_a[inside[-1]]) if len(inside) else end
+        if stopping:
+            stop = int(e_a[stopping[0]])
+        elif stops.opener is not None or not len(inside):  # no end-of-turn: the whole turn
+            stop = end
+        else:
+            stop = int(e_a[inside[-1]])
         if not stopping and stops.opener is not None:
             nxt = np.flatnonzero(s_a >= stop)
             if len(nxt) and s_a[nxt[0]] == stop and ids2[nxt[0]] in controls:

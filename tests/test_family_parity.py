@@ -292,3 +292,15 @@ def test_glm_every_span_ends_with_its_stop_token():
     ends = [r.tok.decode([int(enc.ids[e - 1])]) for _, e in enc.spans.tolist()]
     assert ends == ["<|observation|>", "<|user|>", "<|user|>"], ends
     assert "stop_token_appended" in enc.notes  # the last turn: the template closes it with nothing
+
+
+def test_check_template_reports_the_stop_token_fix():
+    """--check-template (check_template) on GLM-4.6: apply_chat_template's ids plus the appended
+    stop token, trained positions equal, and the fix counted in its summary line."""
+    from stages.template_check import check_template
+    r = family_renderer("glm-4.6", "assistant", ())
+    recs = [CASES["multi+system"][0], _tool_case({"city": "Paris"}, "")]
+    report = check_template(r, recs)
+    assert report.ok and report.ids_equal == report.checked == 2, report.summary()
+    assert report.masks_equal == report.masks_checked == 2, report.summary()
+    assert "stop token: appended 2" in report.summary()
