@@ -127,7 +127,7 @@ _DATASET_PROPERTIES: dict[str, Any] = {
     "allow_repeat": {"type": "boolean"},
     "overflow": {"enum": list(OVERFLOWS)},
     "loss": {"enum": list(LOSS_MODES)},
-    "multi_turn": {"enum": ["final", "last"]},
+    "multi_turn": {"enum": ["final", "last", "per_turn"]},
     "template_kwargs": {"type": "object"},
     "text_unit": {"enum": list(TEXT_UNITS)},
     "incontext_weight": {
@@ -362,9 +362,9 @@ def _dataset_spec(entry: dict, manifest: Path, at: list, shard_tokens: int,
         declared_nlines=_opt_float(entry.get("nlines")),
         declared_ave_tokens_per_line=_opt_float(ave),
         declared_total_tokens=_opt_float(entry.get("total_tokens")),
-        # multi_turn: last trains only the last assistant turn (= loss: last); final (default) every turn
-        loss="last" if entry.get("multi_turn") == "last" and entry.get("loss", "assistant") == "assistant"
-        else entry.get("loss", "assistant"),
+        # multi_turn (final by default): last = loss last, per_turn = loss per_turn
+        loss=entry["multi_turn"] if entry.get("multi_turn") in ("last", "per_turn")
+        and entry.get("loss", "assistant") == "assistant" else entry.get("loss", "assistant"),
         template_kwargs=json.dumps(entry["template_kwargs"], sort_keys=True)
         if entry.get("template_kwargs") else None,
         text_unit=entry.get("text_unit", "line"),

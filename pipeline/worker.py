@@ -133,7 +133,10 @@ def process_unit(job: DatasetJob, unit: WorkUnit) -> dict:
                 acc.reject(enc, rec)
                 continue
             try:
-                samples, lost = apply_overflow(enc, job.max_length, job.overflow)
+                samples, lost = [], 0
+                for part in enc.parts or [enc]:  # loss per_turn: each turn its own sample
+                    got, cut = apply_overflow(part, job.max_length, job.overflow)
+                    samples, lost = samples + got, lost + cut
             except RecordError as e:  # overflow left nothing: the record's tokens are dropped
                 acc.reject(e, rec)
                 acc.dropped_tokens += len(enc.ids)

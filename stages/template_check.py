@@ -162,6 +162,9 @@ def check_template(renderer: Renderer, records: list[dict], reference: ChatTempl
     `renderer` produces. Trained positions come from the reference's own generation-block
     indices, or from prefix renders for templates without them. `reference`: render the
     reference with another template (e.g. a built-in checked against the tokenizer's own)."""
+    if renderer.loss == "per_turn":  # each turn's own sample, checked as the conversation up to it
+        records = [sub for rec in records for sub in renderer.turn_records(rec)]
+        renderer = Renderer(renderer.tok, renderer.template, "assistant", template_kwargs=renderer.template_kwargs)
     template = reference or renderer.template
     report = TemplateCheck(renderer.template.name if reference is None
                            else f"{renderer.template.name} vs {reference.name}")

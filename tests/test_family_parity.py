@@ -6,7 +6,8 @@ a turn trains from the end of its header (plus whatever the generation prompt in
 supplies after the header, taken from transformers' own render of the prompt) through the first
 stop token after it. Cases: multi-turn with system, tool call + result, reasoning in history and
 last turn, × each family's thinking switches × the policies (final: every assistant turn of
-the full rendering; last: the last turn). A case the template does not render (transformers
+the full rendering; last: the last turn; per_turn: one sample per turn, each compared with the
+conversation up to that turn). A case the template does not render (transformers
 raises) is n/a; no case may be refused as template_not_prefix_stable.
 
     python tests/test_family_parity.py      # prints the table
@@ -66,7 +67,7 @@ SWITCHES = {
                     {"reasoning_effort": "high", "interleaved_thinking": True}],
     "seed-oss": [{}, {"thinking_budget": 0}],
 }
-POLICIES = {"final": "assistant", "last": "last"}
+POLICIES = {"final": "assistant", "last": "last", "per_turn": "per_turn"}
 
 TOOL = {"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
         "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -133,7 +134,7 @@ def reference_mask(family, r: Renderer, rec, kw, text, ids) -> np.ndarray:
     mask = np.zeros(len(ids), bool)
     bounds = set(e_a.tolist())
     assistant = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
-    trained = assistant[-1:] if r.loss == "last" else assistant
+    trained = assistant[-1:] if r.loss in ("last", "per_turn") else assistant  # per_turn: each sub-conversation
     head, stops = re.compile(HEADER[family]), STOPS[family]
     pos = 0
     for i in assistant:
@@ -179,6 +180,20 @@ def run_case(family, policy, switches, case):
         if enc.reason == "template_not_prefix_stable":
             return "FAIL", str(enc)
         return f"refused:{enc.reason}", str(enc)
+    if policy != "per_turn":
+        return _compare(family, r, rec, kw, text, enc)
+    subs = r.turn_records(rec)
+    parts = enc.parts or [enc]
+    if len(subs) != len(parts):
+        return "FAIL", f"{len(parts)} samples for {len(subs)} turns"
+    got = [_compare(family, r, sub, kw, _renders(r, sub, kw), part) for sub, part in zip(subs, parts)]
+    bad = [d for st, d in got if st != "ok"]
+    if bad:
+        return "FAIL", "; ".join(bad)
+    return "ok", ",".join(sorted({n for p in parts for n in p.notes}))
+
+
+def _compare(family, r, rec, kw, text, enc):
     ref = _reference_ids(r.tok, text)
     ids = enc.ids.tolist()
     if "stop_token_appended" in enc.notes:
@@ -227,7 +242,7 @@ def test_family_parity(family):
 
 
 def main() -> int:
-    print(f"{'family':18s} {'switches':44s} {'case':13s} {'final':22s} {'last':22s} notes")
+    print(f"{'family':18s} {'switches':44s} {'case':13s} {'final':22s} {'last':22s} {'per_turn':22s} notes")
     fails = 0
     rows: dict = {}
     for family, policy, switches, case in grid():
@@ -237,7 +252,8 @@ def main() -> int:
     for (family, sw, case), got in rows.items():
         notes = "; ".join(sorted({d for s, d in got.values() if d and s in ("ok",)}))
         fail = "; ".join(d for s, d in got.values() if s == "FAIL")
-        print(f"{family:18s} {sw:44s} {case:13s} {got['final'][0]:22s} {got['last'][0]:22s} {notes}{fail}", flush=True)
+        print(f"{family:18s} {sw:44s} {case:13s} {got['final'][0]:22s} {got['last'][0]:22s} {got['per_turn'][0]:22s} "
+              f"{notes}{fail}", flush=True)
     print(f"{fails} failing")
     return 1 if fails else 0
 
@@ -304,3 +320,17 @@ def test_check_template_reports_the_stop_token_fix():
     assert report.ok and report.ids_equal == report.checked == 2, report.summary()
     assert report.masks_equal == report.masks_checked == 2, report.summary()
     assert "stop token: appended 2" in report.summary()
+
+
+def test_per_turn_trains_every_turns_reasoning_on_qwen3():
+    """multi_turn per_turn: one sample per assistant turn, rendered with its own prefix, so
+    the reasoning Qwen3 drops from history is trained in the sample that ends with its turn."""
+    r = family_renderer("qwen3", "per_turn", ())
+    rec = CASES["reasoning"][0]
+    enc = r.encode_batch([rec])[0]
+    assert len(enc.parts) == 2 and len(enc.ids) == sum(len(p.ids) for p in enc.parts)
+    for k, (part, reasoning) in enumerate(zip(enc.parts, ("greet back", "add them"))):
+        msgs = rec["messages"][: 2 * k + 2]
+        assert part.ids.tolist() == _apply("qwen3", msgs)
+        (s, e), = part.spans.tolist()
+        assert r.tok.decode(part.ids[s:e].tolist()).startswith(f"<think>\n{reasoning}\n</think>")
