@@ -31,8 +31,9 @@ How ids and trained positions are found, without searching for marker strings:
 Per record that is 2 renders with generation blocks, 2 + 2·(assistant turns) without.
 Templates, their sandbox and `render` live in jinja_env.py; the layout rules a template opts
 into in layouts.py; the control-string check in template_tokens.py; Encoded and the assembly of
-ids in encoded.py; one-render turn bounds in turn_bounds.py; the reference check
-(`check_template`) in template_check.py; the terminal display in pipeline/show.py.
+ids in encoded.py; one-render turn bounds in turn_bounds.py; turns of templates that re-render
+history in final_turns.py; stop tokens in stop_tokens.py; loss per_turn in per_turn.py; the
+reference check (`check_template`) in template_check.py; the terminal display in pipeline/show.py.
 """
 from __future__ import annotations
 
@@ -45,14 +46,15 @@ import numpy as np
 from .constants import LOSS_MODES, RECORD_TEMPLATE_VARS
 from .encoded import Encoded, Explained, Layout, assemble, mask_to_spans, strip_generation_marks
 from .errors import BuildError, RecordError
+from .final_turns import PH_RE, final_bounds
 from .formats import record_kind
 from .jinja_env import (PH_CLOSE, PH_OPEN, PIECE_BREAK, RESERVED_RE, ChatTemplate, available_templates,
                         compile_template, find_template, render, template_literal_text)
 from .layouts import prepare, template_directives
+from .per_turn import PerTurn
+from .stop_tokens import StopSet
 from .template_tokens import CONTROL_STRING_RE, check_control_strings
 from .tokenizer import Tokenizer
-from .final_turns import PH_RE, final_bounds
-from .stop_tokens import StopSet
 from .turn_bounds import message_starts
 
 __all__ = ["RENDER_VERSION", "ChatTemplate", "Encoded", "Explained", "Renderer", "available_templates",
@@ -71,7 +73,7 @@ def resolve_template(name: str, tokenizer: Tokenizer) -> ChatTemplate:
     return tmpl
 
 
-class Renderer:
+class Renderer(PerTurn):
     """Renders and tokenizes batches of canonical records for one dataset.
     loss: `assistant` (every assistant turn whose loss_weight is not 0; default), `last` (the
     last assistant turn only), `all` (every token, prompts included).
@@ -434,35 +436,6 @@ class Renderer:
         if self.loss == "per_turn":
             return self._per_turn(records)
         return self._encode(records, False)
-
-    def turn_records(self, record: dict) -> list[dict]:
-        """loss per_turn: one record per trained assistant turn — the conversation up to it,
-        only that turn trained — so each is rendered with its own prefix, as at inference."""
-        if record_kind(record) != "chat":
-            return [record]
-        messages = record["messages"]
-        out = []
-        for i in self.trained_turns(messages):
-            sub = [m if j == i or m.get("role") != "assistant" else {**m, "loss_weight": 0}
-                   for j, m in enumerate(messages[: i + 1])]
-            out.append({**record, "messages": sub})
-        return out or [record]
-
-    def _per_turn(self, records: list[dict]) -> list[Encoded | RecordError]:
-        subs = [self.turn_records(r) for r in records]
-        flat = self._encode([s for group in subs for s in group], False)
-        out, k = [], 0
-        for group in subs:
-            got, k = flat[k:k + len(group)], k + len(group)
-            bad = next((g for g in got if isinstance(g, RecordError)), None)
-            if bad is not None or len(got) == 1:
-                out.append(bad if bad is not None else got[0])
-                continue
-            offsets = np.cumsum([0] + [len(g.ids) for g in got[:-1]])
-            out.append(Encoded(np.concatenate([g.ids for g in got]),
-                               np.concatenate([g.spans + o for g, o in zip(got, offsets)]).astype(np.int32),
-                               tuple(dict.fromkeys(n for g in got for n in g.notes)), parts=got))
-        return out
 
     def explain(self, record: dict) -> Explained | RecordError:
         """One record encoded, with each trained region's turn and each data string's tokens."""
