@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -83,6 +84,7 @@ class DatasetSpec:
     declared_ave_tokens_per_line: float | None = None
     declared_total_tokens: float | None = None  # billions
     loss: str = "assistant"
+    template_kwargs: str | None = None  # the dataset's template switches, JSON (sorted keys)
     text_unit: str = "line"
     shard_tokens: int = DEFAULT_SHARD_TOKENS  # shard target size in tokens
 
@@ -142,6 +144,8 @@ _DATASET_PROPERTIES: dict[str, Any] = {
     "allow_repeat": {"type": "boolean"},
     "overflow": {"enum": list(OVERFLOWS)},
     "loss": {"enum": list(LOSS_MODES)},
+    "multi_turn": {"enum": ["final", "last", "per_turn"]},
+    "template_kwargs": {"type": "object"},
     "text_unit": {"enum": list(TEXT_UNITS)},
     "incontext_weight": {
         "type": "array",
@@ -379,7 +383,11 @@ def _dataset_spec(entry: dict, manifest: Path, at: list, shard_tokens: int,
         declared_nlines=_opt_float(entry.get("nlines")),
         declared_ave_tokens_per_line=_opt_float(ave),
         declared_total_tokens=_opt_float(entry.get("total_tokens")),
-        loss=entry.get("loss", "assistant"),
+        # multi_turn (final by default): last = loss last, per_turn = loss per_turn
+        loss=entry["multi_turn"] if entry.get("multi_turn") in ("last", "per_turn")
+        and entry.get("loss", "assistant") == "assistant" else entry.get("loss", "assistant"),
+        template_kwargs=json.dumps(entry["template_kwargs"], sort_keys=True)
+        if entry.get("template_kwargs") else None,
         text_unit=entry.get("text_unit", "line"),
         shard_tokens=entry.get("shard_tokens", shard_tokens),
     )

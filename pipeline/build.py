@@ -126,12 +126,12 @@ def plan_dataset(spec: DatasetSpec, mixture: Mixture, tok, template, cache: Path
                       seed=mixture.seed, template_sha256=template.sha256,
                       tokenizer_sha256=tok.sha256, max_length=mixture.max_length,
                       overflow=overflow, loss=loss, txt_paragraphs=paragraphs,
-                      shard_tokens=target)
+                      shard_tokens=target, template_kwargs=spec.template_kwargs)
     check_name(spec.dataset_name, cache)
     entry = CacheEntry(cache, spec.dataset_name, key)
     job = DatasetJob(spec.dataset_name, fmt, tok.path, mixture.template, mixture.max_length,
                      overflow, loss, spec.transforms, mixture.seed, on_error, str(entry.partial),
-                     trust_remote_code=mixture.trust_remote_code)
+                     trust_remote_code=mixture.trust_remote_code, template_kwargs=spec.template_kwargs)
     return DatasetPlan(spec, entry, job, sources, units, shard_tokens=target,
                        transform_sha256=transform_sha)
 

@@ -134,7 +134,8 @@ class FingerprintMemo:
 
 def dataset_key(*, sources: list[dict], format: str, transform_sha256: str | None, seed: int,
                 template_sha256: str, tokenizer_sha256: str, max_length: int, overflow: str,
-                loss: str, txt_paragraphs: bool, shard_tokens: int | None = None) -> str:
+                loss: str, txt_paragraphs: bool, shard_tokens: int | None = None,
+                template_kwargs: str | None = None) -> str:
     """sha256 over everything that decides the shards' bytes — and nothing else
     (not output paths, not worker counts). `shard_tokens` (the assemble step's target shard
     size) is part of the key whenever given."""
@@ -149,6 +150,8 @@ def dataset_key(*, sources: list[dict], format: str, transform_sha256: str | Non
     }
     if shard_tokens is not None:
         parts["shard_tokens"] = int(shard_tokens)
+    if template_kwargs is not None:  # the dataset's template switches (manifest template_kwargs)
+        parts["template_kwargs"] = template_kwargs
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 

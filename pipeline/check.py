@@ -29,6 +29,7 @@ renderer refuses or where the reference cannot decide are counted as "not checke
 from __future__ import annotations
 
 import ast
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -152,7 +153,8 @@ def check_dataset(plan, tok, template: ChatTemplate, template_setting: str, n: i
         return DatasetCheck(name, "skipped", "none (text format)")
     reference, described, note = reference_for(tok, template, template_setting, against)
     records, where, passed = first_records(plan, n)
-    renderer = Renderer(tok, template, plan.job.loss)  # as the workers build it
+    renderer = Renderer(tok, template, plan.job.loss,  # as the workers build it
+                        template_kwargs=json.loads(plan.job.template_kwargs) if plan.job.template_kwargs else None)
     report = check_template(renderer, records, reference)
     status = "differ" if report.differ else ("ok" if report.checked else "unchecked")
     return DatasetCheck(name, status, described, note, report, where, dict(passed), tok)

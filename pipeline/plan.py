@@ -3,6 +3,7 @@ samples (exact from meta.json once built, else estimated from a sample of record
 share, and how many epochs a token budget gives it."""
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,7 +81,8 @@ def make_plan(manifest: str, *, out: str | None = None, cache: str | None = None
             status = "built" if plan.entry.key in locked else "reusable"
             n_tok, n_samp, est = float(meta.n_tokens), float(meta.n_samples), False
         else:
-            renderer = Renderer(tok.real, tmpl, plan.job.loss)
+            switches = json.loads(plan.job.template_kwargs) if plan.job.template_kwargs else None
+            renderer = Renderer(tok.real, tmpl, plan.job.loss, template_kwargs=switches)
             (n_tok, n_samp), status, est = _estimate(plan, renderer), "to build", True
         rows.append(PlanRow(spec.dataset_name, status, n_tok, n_samp, est, 0.0, spec.allow_repeat))
     # The lock's rule (mixtures.lock.make_lock): share ∝ abs_weight, or × tokens under `weights: tokens`

@@ -7,6 +7,7 @@ A finished unit is renamed into place atomically, so a killed build keeps it.
 """
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ class DatasetJob:
     work_dir: str  # the dataset's partial dir
     trust_remote_code: bool = False  # run the tokenizer dir's own loader (not in the cache key)
     encoder: str = "default"  # "fastokens" | "tiktoken": a fast engine for an HF byte-level BPE (pipeline/encoders.py)
+    template_kwargs: str | None = None  # the dataset's template switches (JSON), in the cache key
 
     def __post_init__(self):
         object.__setattr__(self, "format", DatasetFormat.parse(self.format))  # meta.json's string form too
@@ -52,15 +54,16 @@ class DatasetJob:
 
 @lru_cache(maxsize=4)
 def _renderer(tokenizer: str, template: str, loss: str, trust_remote_code: bool = False,
-              encoder: str = "default") -> Renderer:
+              encoder: str = "default", template_kwargs: str | None = None) -> Renderer:
     tok = load_tokenizer(tokenizer, trust_remote_code=trust_remote_code)
     if encoder != "default" and tok.kind == "hf":
         tok = tok.with_engine(encoder)
-    return Renderer(tok, resolve_template(template, tok), loss)
+    return Renderer(tok, resolve_template(template, tok), loss,
+                    template_kwargs=json.loads(template_kwargs) if template_kwargs else None)
 
 
 def job_renderer(job: DatasetJob) -> Renderer:
-    return _renderer(job.tokenizer, job.template, job.loss, job.trust_remote_code, job.encoder)
+    return _renderer(job.tokenizer, job.template, job.loss, job.trust_remote_code, job.encoder, job.template_kwargs)
 
 
 def canonicalize(job: DatasetJob, rec: int, raw, source: str):
@@ -166,7 +169,10 @@ def overflow(u: _Unit, records):
     """→ (record, raw, encoded, samples, tokens lost): the overflow policy at max_length."""
     for rec, raw, enc in records:
         try:
-            samples, lost = apply_overflow(enc, u.job.max_length, u.job.overflow)
+            samples, lost = [], 0
+            for part in enc.parts or [enc]:  # loss per_turn: each turn its own sample
+                got, cut = apply_overflow(part, u.job.max_length, u.job.overflow)
+                samples, lost = samples + got, lost + cut
         except RecordError as e:  # overflow left nothing: the record's tokens are dropped
             u.acc.reject(e, rec)
             u.acc.dropped_tokens += len(enc.ids)

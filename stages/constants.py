@@ -14,9 +14,12 @@ DEFAULT_SEED = 1234
 FORMATS = ("text", "input-output", "alpaca", "sharegpt", "messages", "firefly")  # what an adapter produces from
 MANIFEST_FORMATS = ("auto",) + FORMATS
 OVERFLOW_MODES = ("segment", "truncate", "drop")
-LOSS_MODES = ("assistant", "last", "all")  # which turns train: every assistant turn, the last, everything
+# which turns train: every assistant turn, the last, everything, or one sample per assistant turn
+# (each rendered with only its own prefix, as at inference: manifest multi_turn: per_turn)
+LOSS_MODES = ("assistant", "last", "all", "per_turn")
 # Template variables a record may carry at its top level (a record's `template_kwargs` object may set any)
-RECORD_TEMPLATE_VARS = ("reasoning_effort", "enable_thinking", "token_suffix")
+RECORD_TEMPLATE_VARS = ("reasoning_effort", "enable_thinking", "token_suffix", "thinking", "is_training",
+                        "interleaved_thinking", "thinking_budget")
 TEMPLATE_SOURCES = ("tokenizer",)  # a template name that is not a file under stages/templates/
 
 # Files that define a tokenizer (and its template): hashed into the cache key, copied with a model.

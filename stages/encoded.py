@@ -17,6 +17,7 @@ class Encoded:
     ids: np.ndarray  # int64
     spans: np.ndarray | None  # int32 (m, 2) trained [start, end); None = every token trained
     notes: tuple[str, ...] = ()  # what the layout rules decided for this record (layouts.NOTES)
+    parts: list | None = None  # loss per_turn: one Encoded per assistant turn (each its own sample)
 
     @property
     def n_trained(self) -> int:

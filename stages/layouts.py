@@ -20,6 +20,13 @@ before rendering. A template opts in with a directive comment in its text, kept 
   the EOS token's text has that text taken off, so the template's EOS (the real token) is the
   only one — FM9G's add_template.py writes ``<|im_end|>`` itself (noted ``eos_in_data``).
 
+* a template that splits inline reasoning itself (its text tests ``'</think>' in content``, as
+  Qwen3's and GLM-4.6's do) and reads ``reasoning_content`` gets an assistant turn written ``<think>r</think>a`` with no
+  ``reasoning_content`` field parsed into reasoning ``r`` + answer ``a`` exactly as the template
+  would split it (``\n`` trimmed around both), so the data is placeholders again instead of
+  being refused as ``template_round_trip`` (noted ``inline_reasoning_parsed``). The template
+  renders the two fields exactly as it renders the inline form.
+
 `prepare` returns the messages to render, the template variables, and notes (stable names a
 build counts per dataset: see NOTES).
 """
@@ -36,7 +43,9 @@ HY_INLINE_RE = re.compile(r"\A<think>(.*?)</think>\s*<answer>.*</answer>\s*\Z", 
 HY3_INLINE_RE = re.compile(r"\A<think>(.*?)</think>(.*)\Z", re.S)
 # notes a record can carry (Encoded.notes): counted per dataset by the build
 NOTES = ("reasoning_effort_default_high", "reasoning_effort_default_no_think",
-         "history_reasoning_dropped", "eos_in_data")
+         "history_reasoning_dropped", "eos_in_data", "inline_reasoning_parsed",
+         "history_reasoning_not_rendered", "stop_token_appended", "stop_token_untrained")
+SPLITS_THINK_RE = re.compile(r"""['"]</think>['"]\s+in\s+""")
 
 
 def template_directives(text: str) -> dict[str, str]:
@@ -46,6 +55,24 @@ def template_directives(text: str) -> dict[str, str]:
         for item in body.split():
             key, _, value = item.partition("=")
             out[key] = value
+    if SPLITS_THINK_RE.search(text) and "reasoning_content" in text:
+        out["splits_think"] = ""
+    return out
+
+
+def _split_think(messages: list[dict], notes: list) -> list[dict]:
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if (m["role"] == "assistant" and isinstance(content, str) and "</think>" in content
+                and not isinstance(m.get("reasoning_content"), str)):
+            # as the template does: content.split('</think>')[0].rstrip('\n').split('<think>')[-1].lstrip('\n')
+            head = content.split("</think>")[0].rstrip("\n")
+            m = {**m, "reasoning_content": head.split("<think>")[-1].lstrip("\n"),
+                 "content": content.split("</think>")[-1].lstrip("\n")}
+            if "inline_reasoning_parsed" not in notes:
+                notes.append("inline_reasoning_parsed")
+        out.append(m)
     return out
 
 
@@ -138,6 +165,8 @@ def prepare(directives: dict, messages: list[dict], extra: dict, eos_token: str 
         messages = _hunyuan(messages, extra, notes)
     elif style == "hy3":
         messages = _hy3(messages, extra, notes)
+    if "splits_think" in directives:
+        messages = _split_think(messages, notes)
     if "appends_eos" in directives:
         messages = _eos(messages, eos_token, notes)
     return messages, extra, tuple(notes)

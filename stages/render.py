@@ -8,7 +8,10 @@ How ids and trained positions are found, without searching for marker strings:
 2. Trained character regions come from the template itself: its `{% generation %}` blocks
    where it has them (found in that same render), otherwise prefix renders — assistant turn
    i trains on what render(messages[:i+1]) adds to render(messages[:i], add_generation_prompt=True),
-   up to the last control token of that turn (its end-of-turn), not the plain text after it.
+   up to its end-of-turn (the first stop token after its data, else its last control token),
+   not the plain text after it. A template that re-renders history (not prefix-stable) has
+   every turn read from the final rendering instead (final_turns.py). Every trained region
+   then ends with a stop token where it can (stop_tokens.py).
 3. The real conversation is rendered once more and must equal the placeholder render with
    the data put back ("round trip"): a template that rewrites message text is refused, never
    mis-masked.
@@ -20,7 +23,7 @@ How ids and trained positions are found, without searching for marker strings:
    `piece_break` (a variable): a token boundary that adds no token, after which the text is
    encoded as a string of its own (FM9G's tok(input) + tok(output); see none.jinja).
 5. Guardrails, each a RecordError with a stable reason (counted under --on-error skip):
-   template_error, template_round_trip, template_not_prefix_stable, reasoning_not_rendered
+   template_error, template_round_trip, template_turn_unlocated, reasoning_not_rendered
    (the record has reasoning the template drops entirely), control_token_in_data (control
    text in tool calls / tools, which are not placeholders), reserved_char, unknown_token,
    no_trained_tokens. `check_template` compares samples with an independent reference.
@@ -28,12 +31,14 @@ How ids and trained positions are found, without searching for marker strings:
 Per record that is 2 renders with generation blocks, 2 + 2·(assistant turns) without.
 Templates, their sandbox and `render` live in jinja_env.py; the layout rules a template opts
 into in layouts.py; the control-string check in template_tokens.py; Encoded and the assembly of
-ids in encoded.py; one-render turn bounds in turn_bounds.py; the reference check
-(`check_template`) in template_check.py; the terminal display in pipeline/show.py.
+ids in encoded.py; one-render turn bounds in turn_bounds.py; turns of templates that re-render
+history in final_turns.py; stop tokens in stop_tokens.py; loss per_turn in per_turn.py; the
+reference check (`check_template`) in template_check.py; the terminal display in pipeline/show.py.
 """
 from __future__ import annotations
 
 import bisect
+import json
 import re
 
 import numpy as np
@@ -42,10 +47,13 @@ from . import markup
 from .constants import LOSS_MODES, RECORD_TEMPLATE_VARS
 from .encoded import Encoded, Explained, Layout, assemble, mask_to_spans, strip_generation_marks
 from .errors import BuildError, RecordError
+from .final_turns import PH_RE, final_bounds
 from .formats import record_kind
 from .jinja_env import (PH_CLOSE, PH_OPEN, PIECE_BREAK, RESERVED_RE, ChatTemplate, available_templates,
                         compile_template, find_template, render, template_literal_text)
 from .layouts import prepare, template_directives
+from .per_turn import PerTurn
+from .stop_tokens import StopSet
 from .template_tokens import CONTROL_STRING_RE, check_control_strings
 from .tokenizer import Tokenizer
 from .turn_bounds import message_starts
@@ -53,8 +61,7 @@ from .turn_bounds import message_starts
 __all__ = ["RENDER_VERSION", "ChatTemplate", "Encoded", "Explained", "Renderer", "available_templates",
            "compile_template", "mask_to_spans", "resolve_template", "template_literal_text"]
 
-RENDER_VERSION = 3  # bump when the same inputs would give other ids or spans (belongs in cache keys)
-PH_RE = re.compile(f"{PH_OPEN}(\\d+){PH_CLOSE}")
+RENDER_VERSION = 4  # bump when the same inputs would give other ids or spans (belongs in cache keys)
 DATA_FIELDS = ("content", "reasoning_content")
 
 
@@ -67,7 +74,7 @@ def resolve_template(name: str, tokenizer: Tokenizer) -> ChatTemplate:
     return tmpl
 
 
-class Renderer:
+class Renderer(PerTurn):
     """Renders and tokenizes batches of canonical records for one dataset.
     loss: `assistant` (every assistant turn whose loss_weight is not 0; default), `last` (the
     last assistant turn only), `all` (every token, prompts included).
@@ -94,6 +101,23 @@ class Renderer:
         self.directives = template_directives(template.text)
         # the template's own control tokens: text that already holds them is wrapped twice
         self.template_markup_re = markup.controls_re(tokenizer.control_tokens, template_literal_text(template.text))
+        self._stops: dict[str, StopSet] = {}
+        self._extra = self.template_kwargs
+
+    def stop_set(self, extra: dict | None = None) -> StopSet:
+        """The template's stop tokens under these template variables (stages/stop_tokens.py),
+        read once per distinct set of variables from probe renders."""
+        extra = self.template_kwargs if extra is None else extra
+        key = json.dumps(extra, sort_keys=True, default=str)
+        if key not in self._stops:
+            if len(self._stops) > 64:
+                self._stops.clear()
+            self._stops[key] = StopSet(self.template, self.control_re, self.tok.eos_token, extra)
+        return self._stops[key]
+
+    @property
+    def stops(self) -> StopSet:
+        return self.stop_set()
 
     # -- record → placeholder messages ------------------------------------------------
     def messages(self, record: dict) -> list[dict]:
@@ -209,10 +233,18 @@ class Renderer:
             ph_regions = self._block_regions(ph_messages, ph_text, blocks)
         else:
             ph_regions = self._prefix_regions(ph_messages, ph_text, tools, extra)
+        appended = ""
+        if self.loss != "all" and ph_regions and self.control_re is not None:  # else no stop to check
+            fixed, ph_regions, stop_notes = self.stop_set(extra).fix(ph_text, ph_regions)
+            appended, ph_text, notes = fixed[len(ph_text):], fixed, notes + stop_notes
+        dropped = {data[k][1] for k in range(len(data)) if data[k][2] == "reasoning_content"
+                   and f"{PH_OPEN}{k}{PH_CLOSE}" not in ph_text}
+        if dropped & {i for _, _, i in ph_regions}:
+            notes += ("history_reasoning_not_rendered",)
 
         layout = self._to_real(ph_text, data, ph_regions)
         layout.notes = notes + markup.template_markup_note(messages, self.template_markup_re)
-        expected = render(self.template, real_messages, tools, extra, False, False)
+        expected = render(self.template, real_messages, tools, extra, False, False) + appended
         if expected != layout.text:
             raise RecordError("template_round_trip", "the template changes message text (e.g. splits "
                               "or rewrites it), so data and template text cannot be told apart")
@@ -276,6 +308,19 @@ class Renderer:
 
     def _prefix_regions(self, ph_messages, ph_text, tools, extra):
         turns = self.trained_turns(ph_messages)
+        self._extra = extra  # the record's variables, for _end_of_turn's stop set
+        try:
+            bounds = self._prefix_turn_bounds(ph_messages, ph_text, tools, extra, turns)
+        except RecordError as e:
+            if e.reason != "template_not_prefix_stable":
+                raise
+            # the template re-renders history: every turn is read from the final rendering
+            bounds = final_bounds(self.template, self.control_re, self.stop_set(extra).tokens, ph_messages, ph_text,
+                                  tools, extra, turns, self._ph_owner(ph_messages))
+            return [(start, end, i) for (start, end), i in zip(bounds, turns)]
+        return [(start, self._end_of_turn(ph_text, start, end), i) for (start, end), i in zip(bounds, turns)]
+
+    def _prefix_turn_bounds(self, ph_messages, ph_text, tools, extra, turns):
         bounds = None
         if len(turns) > self.LINEAR_FROM:
             bounds = self._linear_bounds(ph_messages, ph_text, tools, extra, turns)
@@ -285,7 +330,7 @@ class Renderer:
                                   f"render; over {self.PREFIX_TURN_LIMIT} turns are not rendered turn by turn")
         if bounds is None:
             bounds = [self._prefix_bounds(ph_messages, ph_text, tools, extra, i) for i in turns]
-        return [(start, self._end_of_turn(ph_text, start, end), i) for (start, end), i in zip(bounds, turns)]
+        return bounds
 
     def _prefix_bounds(self, ph_messages, ph_text, tools, extra, i) -> tuple[int, int]:
         """(len(render(messages[:i], generation prompt)), len(render(messages[:i+1])))."""
@@ -324,13 +369,18 @@ class Renderer:
 
     def _end_of_turn(self, ph_text: str, start: int, end: int) -> int:
         """Trim plain template text that follows the turn's last control token (e.g. the
-        newline after <|im_end|>): the end-of-turn token trains, the separator does not. A
-        turn without control tokens trains whole; data is never trimmed."""
-        ctl = [m.end() for m in self.control_re.finditer(ph_text, start, end)] if self.control_re else []
+        newline after <|im_end|>): the end-of-turn token trains, the separator does not — nor
+        what a template writes after it at the conversation's end (Phi-3.5's EOS after <|end|>):
+        the turn ends at the first stop token after its last data. A turn without control
+        tokens trains whole; data is never trimmed."""
+        ctl = list(self.control_re.finditer(ph_text, start, end)) if self.control_re else []
         if not ctl:
             return end
         data = [m.end() for m in PH_RE.finditer(ph_text, start, end)]
-        return max(ctl[-1], data[-1] if data else start)
+        last_data = data[-1] if data else start
+        stops = self.stop_set(self._extra).tokens
+        first_stop = next((m.end() for m in ctl if m.start() >= last_data and m.group() in stops), None)
+        return first_stop if first_stop is not None else max(ctl[-1].end(), last_data)
 
     def _to_real(self, ph_text: str, data, ph_regions) -> Layout:
         """Put the data back; find the template's control tokens; map regions to real text."""
@@ -395,6 +445,8 @@ class Renderer:
         return out
 
     def encode_batch(self, records: list[dict]) -> list[Encoded | RecordError]:
+        if self.loss == "per_turn":
+            return self._per_turn(records)
         return self._encode(records, False)
 
     def explain(self, record: dict) -> Explained | RecordError:

@@ -33,6 +33,7 @@ class TemplateCheck:
     masks_equal: int = 0
     differ: list = field(default_factory=list)
     not_checked: dict = field(default_factory=dict)
+    stop_notes: dict = field(default_factory=dict)  # stop_token_appended / stop_token_untrained: samples
 
     @property
     def ok(self) -> bool:
@@ -44,6 +45,9 @@ class TemplateCheck:
     def summary(self) -> str:
         head = (f"template {self.template!r}: {self.ids_equal}/{self.checked} samples with the reference's ids, "
                 f"{self.masks_equal}/{self.masks_checked} with its trained positions")
+        if self.stop_notes:
+            head += "; stop token: " + ", ".join(f"{k[len('stop_token_'):]} {v}"
+                                                 for k, v in sorted(self.stop_notes.items()))
         if self.not_checked:
             head += "; not checked: " + ", ".join(f"{k} {v}" for k, v in sorted(self.not_checked.items()))
         lines = [head] + [f"  record {i}: {what} differ — {detail}" for i, what, detail in self.differ[:10]]
@@ -124,15 +128,29 @@ def _reference_mask(renderer: Renderer, template: ChatTemplate, messages, tools,
     s_a = np.array([a for a, _ in offs], dtype=np.int64)
     e_a = np.array([b for _, b in offs], dtype=np.int64)
     is_ctl = np.array([t in controls for t in ids2], dtype=bool)
+    stops = renderer.stop_set({**renderer.tok.template_kwargs(), **kwargs})
+    stop_ids = {renderer.tok.control_tokens[t] for t in stops.tokens if t in renderer.tok.control_tokens}
     for i in sorted(selected):
         before = _reference_render(renderer, messages[:i], tools, kwargs, add_gen=True, template=template)[0]
         upto = _reference_render(renderer, messages[: i + 1], tools, kwargs, template=template)[0]
         if not (upto.startswith(before) and text.startswith(upto)):
             return "reference_not_prefix"
         start, end = len(before), len(upto)
-        # the turn ends at its last control token (the end-of-turn), else it trains whole
+        # the turn ends at its first stop token (its end-of-turn), else at its last control
+        # token, else it trains whole; a template without an end-of-turn (GLM) is stopped by
+        # the control token that opens the next message, which trains with the turn
         inside = np.flatnonzero(is_ctl & (s_a >= start) & (e_a <= end))
-        stop = int(e_a[inside[-1]]) if len(inside) else end
+        stopping = [k for k in inside if ids2[k] in stop_ids]
+        if stopping:
+            stop = int(e_a[stopping[0]])
+        elif stops.opener is not None or not len(inside):  # no end-of-turn: the whole turn
+            stop = end
+        else:
+            stop = int(e_a[inside[-1]])
+        if not stopping and stops.opener is not None:
+            nxt = np.flatnonzero(s_a >= stop)
+            if len(nxt) and s_a[nxt[0]] == stop and ids2[nxt[0]] in controls:
+                stop = int(e_a[nxt[0]])
         mask |= (e_a > start) & (s_a < stop)
     return mask
 
@@ -145,6 +163,9 @@ def check_template(renderer: Renderer, records: list[dict], reference: ChatTempl
     `renderer` produces. Trained positions come from the reference's own generation-block
     indices, or from prefix renders for templates without them. `reference`: render the
     reference with another template (e.g. a built-in checked against the tokenizer's own)."""
+    if renderer.loss == "per_turn":  # each turn's own sample, checked as the conversation up to it
+        records = [sub for rec in records for sub in renderer.turn_records(rec)]
+        renderer = Renderer(renderer.tok, renderer.template, "assistant", template_kwargs=renderer.template_kwargs)
     template = reference or renderer.template
     report = TemplateCheck(renderer.template.name if reference is None
                            else f"{renderer.template.name} vs {reference.name}")
@@ -186,6 +207,11 @@ def check_template(renderer: Renderer, records: list[dict], reference: ChatTempl
             continue
         report.checked += 1
         ids = enc.ids.tolist()
+        for note in enc.notes:
+            if note.startswith("stop_token_"):  # counted and shown: the stop token check
+                report.stop_notes[note] = report.stop_notes.get(note, 0) + 1
+        if "stop_token_appended" in enc.notes:  # apply_chat_template's ids + the stop token the build appends
+            ids = ids[:-1]
         if ids != list(ref):
             k = next((j for j, (a, b) in enumerate(zip(ids, ref)) if a != b), min(len(ids), len(ref)))
             report.differ.append((idx, "ids", f"first difference at token {k} of {len(ids)}/{len(ref)}: "
@@ -204,6 +230,9 @@ def check_template(renderer: Renderer, records: list[dict], reference: ChatTempl
             report.count(ref_mask)
             continue
         report.masks_checked += 1
+        if "stop_token_appended" in enc.notes:
+            ref_mask = np.append(ref_mask, True)
+            ids = enc.ids.tolist()
         mine = np.zeros(len(ids), dtype=bool)
         for s, e in enc.spans if enc.spans is not None else [(0, len(ids))]:
             mine[s:e] = True

@@ -132,13 +132,13 @@ def test_drifted_copy_of_qwen_template_fails_before_building(tmp_path, capsys):
 
 @needs_shared
 def test_wrong_trained_positions_fail(tmp_path, capsys):
-    """Same ids as Qwen's template, but its generation block leaves <|im_end|> untrained."""
+    """Same ids as Qwen's template, but its generation block trains the assistant header too.
+    (One that leaves <|im_end|> out is fixed by the build: the stop token after a span trains.)"""
     line = "        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}"
     gen = qwen_template_with(line, (
         "        {%- if message.role == \"assistant\" %}\n"
-        "            {{- '<|im_start|>' + message.role + '\\n' }}\n"
-        "            {%- generation %}{{- message.content }}{%- endgeneration %}\n"
-        "            {{- '<|im_end|>' + '\\n' }}\n"
+        "            {%- generation %}{{- '<|im_start|>' + message.role + '\\n' }}{{- message.content }}"
+        "{{- '<|im_end|>' }}{%- endgeneration %}{{- '\\n' }}\n"
         "        {%- else %}\n" + line + "\n        {%- endif %}"))
     (tmp_path / "qwen_gen.jinja").write_text(gen, encoding="utf-8")
     share = subset_jsonl(SAMPLE / "sharegpt_en.jsonl", tmp_path / "share.jsonl", 4)
@@ -147,7 +147,7 @@ def test_wrong_trained_positions_fail(tmp_path, capsys):
     assert rc == 1
     assert "2/2 samples with the reference's ids, 0/2 with its trained positions" in out
     assert f"dataset 'share': {share}:1: trained positions differ from the reference" in err
-    assert "ours not trained, reference trained" in err
+    assert "ours trained, reference not trained" in err
     assert built_dirs(tmp_path) == []
 
 

@@ -446,3 +446,21 @@ def test_vocabularies_come_from_stages_constants(tree: Path, monkeypatch):
     monkeypatch.undo()
     fails(write(tree, obj(template="my_model")), "template", "must be one of")
     assert load_manifest(write(tree, obj(entry(format="firefly")))).datasets[0].format == "firefly"
+
+
+def test_template_switches_and_multi_turn_per_dataset(tree: Path):
+    """`template_kwargs` (template switches) and `multi_turn` per dataset (issue 26): the switches
+    reach the dataset spec (and from there the renderer and the cache key); multi_turn: last is
+    loss: last, per_turn is loss: per_turn; an unknown policy is a manifest error."""
+    from pipeline.cache import dataset_key
+    doc = obj(entry(template_kwargs={"enable_thinking": False}, multi_turn="last"),
+              entry(dataset_name="b", task_name="b", multi_turn="final"),
+              entry(dataset_name="c", task_name="c", multi_turn="per_turn"))
+    a, b, c = load_manifest(write(tree, doc)).datasets
+    assert a.template_kwargs == '{"enable_thinking": false}' and a.loss == "last"
+    assert b.template_kwargs is None and b.loss == "assistant" and c.loss == "per_turn"
+    base = dict(sources=[], format="messages", transform_sha256=None, seed=1, template_sha256="t",
+                tokenizer_sha256="k", max_length=8, overflow="segment", loss="assistant", txt_paragraphs=False)
+    assert dataset_key(**base) != dataset_key(**base, template_kwargs=a.template_kwargs)
+    with pytest.raises(ManifestError, match="multi_turn"):
+        load_manifest(write(tree, obj(entry(multi_turn="sometimes"))))

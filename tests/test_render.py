@@ -265,7 +265,10 @@ def test_broken_templates_are_caught(tmp_path):
     assert reason(renderer(QWEN, rewriting), ALPACA) == "template_round_trip"
     unstable = write(tmp_path, "{{ messages | length }}{% for m in messages %}<|im_start|>{{ m.content }}"
                      "<|im_end|>{% endfor %}", "unstable.jinja")
-    assert reason(renderer(QWEN, unstable), ALPACA) == "template_not_prefix_stable"
+    # not prefix-stable (the count changes with every turn): read from the final rendering, not refused
+    assert marked(renderer(QWEN, unstable), ALPACA) == ("5<|im_start|>Be brief.<|im_end|><|im_start|>Hi<|im_end|>"
+                                                        "⟦<|im_start|>Hi!<|im_end|>⟧<|im_start|>Translate\n你好<|im_end|>"
+                                                        "⟦<|im_start|>Hello<|im_end|>⟧")
     one_block = write(tmp_path, "{% generation %}{% for m in messages %}{{ m.content }}{% endfor %}"
                       "{% endgeneration %}", "oneblock.jinja")  # one block for two assistant turns
     assert reason(renderer(QWEN, one_block), TWO_TURNS) == "template_error"

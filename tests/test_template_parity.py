@@ -10,6 +10,7 @@ exactly each assistant turn's content plus its end-of-turn token.
 
 The test runs a prefix of each dataset (fast); the full table:
     python tests/test_template_parity.py            # all records, all pairs
+Every model family's own template in ../shared/templates (issue 26): tests/test_family_parity.py.
 """
 from __future__ import annotations
 
