@@ -111,6 +111,18 @@ def _normalizer(norm: dict | None) -> str | None:
     raise NotExpressible(f"normalizer {norm.get('type')!r} (only none or NFC)")
 
 
+def plain_bpe_model(spec: dict) -> dict:
+    """The `model` of a tokenizer.json that a fast engine can express: plain BPE (no dropout,
+    byte fallback or subword affixes); NotExpressible says why not."""
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE":
+        raise NotExpressible(f"model {model.get('type')!r} is not BPE")
+    if model.get("dropout") or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
+            or model.get("end_of_word_suffix"):
+        raise NotExpressible("BPE with dropout, byte fallback or subword affixes")
+    return model
+
+
 class FastBPE:
     """Ordinary-text encoding (no added or special tokens) of a byte-level BPE tokenizer."""
     name = "tiktoken"
@@ -136,12 +148,7 @@ class FastBPE:
     @classmethod
     def from_spec(cls, spec: dict) -> "FastBPE":
         """From a parsed tokenizer.json."""
-        model = spec.get("model") or {}
-        if model.get("type") != "BPE":
-            raise NotExpressible(f"model {model.get('type')!r} is not BPE")
-        if model.get("dropout") or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
-                or model.get("end_of_word_suffix"):
-            raise NotExpressible("BPE with dropout, byte fallback or subword affixes")
+        model = plain_bpe_model(spec)
         pattern = _pattern(spec.get("pre_tokenizer"))
         normalize = _normalizer(spec.get("normalizer"))
         # added tokens the trainer put in the model's vocabulary are not BPE tokens: leave them out

@@ -22,7 +22,7 @@ import unicodedata
 import numpy as np
 import orjson
 
-from .fast_bpe import NotExpressible, _byte_decoder, _normalizer, char_spans_many
+from .fast_bpe import NotExpressible, _byte_decoder, _normalizer, char_spans_many, plain_bpe_model
 
 THREAD_VARS = ("FASTOKENS_BPE_THREADS", "RAYON_NUM_THREADS")
 
@@ -56,12 +56,7 @@ class FastokensBPE:
     name = "fastokens"
 
     def __init__(self, spec: dict, threads: int = 1):
-        model = spec.get("model") or {}
-        if model.get("type") != "BPE":
-            raise NotExpressible(f"model {model.get('type')!r} is not BPE")
-        if model.get("dropout") or model.get("byte_fallback") or model.get("continuing_subword_prefix") \
-                or model.get("end_of_word_suffix"):
-            raise NotExpressible("BPE with dropout, byte fallback or subword affixes")
+        model = plain_bpe_model(spec)
         self.normalize = _normalizer(spec.get("normalizer"))
         if _prefix_space(spec.get("pre_tokenizer")):
             raise NotExpressible("a pre-tokenizer that adds a prefix space (spans would not follow bytes)")
