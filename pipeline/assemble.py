@@ -16,7 +16,6 @@ from pathlib import Path
 import orjson
 
 from stages import stats
-from stages.constants import DEFAULT_SHARD_TOKENS
 from stages.built_dataset import SCHEMA_VERSION, describe_shard, write_meta
 from stages.shard import concat_shards, token_dtype
 

@@ -292,7 +292,6 @@ def cache_dir_for(args):
 
 def _cache(args) -> int:
     import time
-    from pathlib import Path
 
     from stages.errors import BuildError
 

@@ -174,7 +174,6 @@ def plot_at_end(output_dir: str | Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
     from stages.strict_cli import StrictParser  # no abbreviations, unknown flag names the closest
     p = StrictParser(prog="python -m train.plot",
                                 description="Plot loss per dataset, eval loss and lr of a training run.")

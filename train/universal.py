@@ -206,7 +206,6 @@ def load_universal_config(ds_config: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m train.universal CHECKPOINT_DIR [-o OUT]`: convert ahead of a resume."""
-    import argparse
     from stages.strict_cli import StrictParser  # no abbreviations, unknown flag names the closest
     p = StrictParser(prog="python -m train.universal",
                                 description="Convert a ZeRO checkpoint to DeepSpeed's universal format "
