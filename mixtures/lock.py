@@ -8,6 +8,9 @@ mean here is the exact one of the built data (``n_tokens / nlines`` from meta.js
 """
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import math
 import os
 from dataclasses import dataclass, fields
@@ -242,6 +245,18 @@ def load_lock(path: str | os.PathLike) -> Lock:
     return Lock(path=Path(path), manifest_sha256=raw["manifest_sha256"], seed=raw["seed"],
                 max_length=raw["max_length"], tokenizer=raw["tokenizer"],
                 datasets=tuple(LockEntry.from_dict(d) for d in raw["datasets"]), raw=raw)
+
+
+def lock_content_sha256(lock: dict) -> str:
+    """The lock's identity (a resume refuses another lock by it): sha256 of the lock's canonical JSON without its paths (built dirs are content-addressed
+    by `key`, so moving the cache does not change the content)."""
+    c = copy.deepcopy(lock)
+    for ds in c.get("datasets", []):
+        ds.pop("path", None)
+    if isinstance(c.get("tokenizer"), dict):
+        c["tokenizer"].pop("path", None)
+    blob = json.dumps(c, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def read_lock(path: str | os.PathLike) -> dict[str, Any]:

@@ -80,6 +80,7 @@ def _manifest_for(cfg, tokenizer_dir: str, chat_template: str | None, out: Path)
 def build_data(cfg, tokenizer_dir: str, tokenizer) -> Path:
     """Build (or reuse) the data through the pipeline; returns the lock path. Says what was built."""
     from train.args import TrainError
+    from train.data import read_lock_once
     try:
         from pipeline.build import build_mixture
     except ImportError as e:
@@ -117,12 +118,12 @@ def build_data(cfg, tokenizer_dir: str, tokenizer) -> Path:
     lock_path, _, warnings = build(manifest)
     if kind == "registry":  # LLaMA-Factory's mixing needs the built sizes: weights set, then the lock again
         from train.lf_data import reweighted_manifest
-        again = reweighted_manifest(cfg, manifest, json.loads(Path(lock_path).read_text()))
+        again = reweighted_manifest(cfg, manifest, read_lock_once(Path(lock_path)))
         if again is not None:
             lock_path, _, warnings = build(again)
     for w in warnings:
         log.warning("%s", w)
-    lock = json.loads(Path(lock_path).read_text())
+    lock = read_lock_once(Path(lock_path))  # the lock's own reader (mixtures/lock.py), validated
     parts = [f"{d['dataset_name']} {d['nlines']:,} samples / {d['n_tokens']:,} tokens, "
              f"token share {d['token_share']:.2%}"
              if isinstance(d.get("nlines"), int) and isinstance(d.get("n_tokens"), int) else d["dataset_name"]

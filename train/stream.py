@@ -54,7 +54,6 @@ entered. Empty samples are skipped.
 from __future__ import annotations
 
 import copy
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,7 +61,8 @@ import numpy as np
 from torch.utils.data import IterableDataset, get_worker_info
 
 from stages.built_dataset import BuiltDataset, DatasetError, open_built
-from stages.constants import DEFAULT_SEED, OVERFLOW_MODES
+from mixtures.lock import LockError, lock_content_sha256, read_lock
+from stages.constants import OVERFLOW_MODES
 
 from .collate import make_collator
 from .lanes import LaneCursor, LanePos
@@ -70,7 +70,7 @@ from .packing import StreamError, TokenStore
 from .sampling import HeldOut, HeldOutSchedule, MixtureSchedule, stable_hash64
 from .store import check_fd_headroom, raise_open_file_limit
 from .stream_state import (HELDOUT_RULE, STATE_VERSION, ResumeState, StreamLoader, adopt,
-                           lock_content_sha256, overflow_stats, resume_position)
+                           overflow_stats, resume_position)
 from .window_plan import Window, WindowPlanner
 
 MODES = ("packed", "padded", "concat")
@@ -118,18 +118,18 @@ class MixtureStream(IterableDataset):
             raise StreamError(f"overflow must be one of {OVERFLOW_MODES}")
         raise_open_file_limit()  # once per process that opens a stream; workers inherit it
         self.lock_path = Path(lock_path).resolve()
-        try:
-            self.lock = json.loads(self.lock_path.read_text("utf-8"))
-        except (OSError, ValueError) as e:
-            raise StreamError(f"{self.lock_path}: cannot read lock: {e}") from e
+        try:  # the lock's one reader: validated against its schema (mixtures/lock.py)
+            self.lock = read_lock(self.lock_path)
+        except LockError as e:
+            raise StreamError(str(e).splitlines()[0]) from None
         self.lock_sha256 = lock_content_sha256(self.lock)
         self.seq_len, self.mode, self.split = int(seq_len), mode, split
         self.rank, self.world_size, self.batch_size = int(rank), int(world_size), int(batch_size)
         self.validation_percentage = float(validation_percentage)
         self.allow_lock_change = bool(allow_lock_change)
         self.pack_window = int(pack_window)
-        self.seed = int(self.lock.get("seed", DEFAULT_SEED) if seed is None else seed)
-        tok = self.lock.get("tokenizer") or {}
+        self.seed = int(self.lock["seed"] if seed is None else seed)
+        tok = self.lock["tokenizer"]
         self.vocab_size = tok.get("vocab_size")
         self.datasets = self._open_datasets(overflow)
         # special ids as recorded at build time (Tokenizer.info() in the lock and meta.json)
@@ -160,14 +160,9 @@ class MixtureStream(IterableDataset):
 
     # ---------------------------------------------------------------- opening and checks
     def _open_datasets(self, overflow: str | None) -> list[_Dataset]:
-        entries = self.lock.get("datasets")
-        if not isinstance(entries, list) or not entries:
-            raise StreamError(f"{self.lock_path}: field 'datasets' must be a non-empty list")
         out = []
-        for k, e in enumerate(entries):
+        for k, e in enumerate(self.lock["datasets"]):  # every field is the schema's (read_lock)
             where = f"{self.lock_path}: datasets[{k}]"
-            if not isinstance(e, dict) or not e.get("path"):
-                raise StreamError(f"{where}: missing 'path'")
             path = Path(e["path"])
             if not path.is_absolute():
                 path = self.lock_path.parent / path
@@ -175,18 +170,12 @@ class MixtureStream(IterableDataset):
                 built = open_built(path)
             except DatasetError as err:
                 raise StreamError(f"{where}: {err}") from None
-            meta = built.meta
-            prob = e.get("sample_probability")
-            if prob is None:
-                raise StreamError(f"{where}: missing 'sample_probability'")
-            pol = overflow or e.get("overflow") or (meta.get("build") or {}).get("overflow")
+            pol = overflow or (built.meta.get("build") or {}).get("overflow")
             pol = pol if pol in OVERFLOW_MODES else "segment"
-            key = str(e.get("key") or meta["key"])
-            name = str(e.get("dataset_name", f"dataset{k}"))
-            task = str(e.get("task_name", name))
-            out.append(_Dataset(k, name, task, key, path, built, built.n_samples,
-                                bool(e.get("allow_repeat", True)), float(prob), pol,
-                                uid=key or task))
+            key = str(e["key"])
+            out.append(_Dataset(k, e["dataset_name"], e["task_name"], key, path, built, built.n_samples,
+                                bool(e["allow_repeat"]), float(e["sample_probability"]), pol,
+                                uid=key or e["task_name"]))
         return out
 
     def _verify(self, ds: _Dataset, level: str) -> None:
@@ -196,7 +185,7 @@ class MixtureStream(IterableDataset):
         if level == "none":
             return
         try:
-            ds.built.check(level, self.lock["datasets"][ds.index], self.lock.get("tokenizer"))
+            ds.built.check(level, self.lock["datasets"][ds.index], self.lock["tokenizer"])
         except DatasetError as err:
             faults = str(err).splitlines()  # one line: the first fault, and how to see the rest
             more = (f" (and {len(faults) - 1} more: `python -m pipeline verify {ds.path}` lists "

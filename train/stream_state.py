@@ -15,8 +15,6 @@ A rank's state (JSON, a few hundred bytes plus ~100 B per dataset):
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import warnings
 
 import numpy as np
@@ -32,18 +30,6 @@ STATE_VERSION = 2
 # threshold, and a resume onto another split would silently train on other samples.
 HELDOUT_RULE = 2
 _DEFINITION = ("lock_sha256", "seed", "seq_len", "mode", "pack_window", "validation_percentage")
-
-
-def lock_content_sha256(lock: dict) -> str:
-    """sha256 of the lock's canonical JSON without its paths (built dirs are content-addressed
-    by `key`, so moving the cache does not change the content)."""
-    c = copy.deepcopy(lock)
-    for ds in c.get("datasets", []):
-        ds.pop("path", None)
-    if isinstance(c.get("tokenizer"), dict):
-        c["tokenizer"].pop("path", None)
-    blob = json.dumps(c, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
 
 def resume_position(stream, pub: dict) -> tuple[LanePos, np.ndarray]:
