@@ -603,6 +603,9 @@ def test_state_refuses_a_changed_lock(lock, tmp_path):
     st = ld.state_dict()
     data = json.loads(Path(lock).read_text())
     data["datasets"][0]["abs_weight"] = 0.9
+    rest = sum(d["sample_probability"] for d in data["datasets"][1:])
+    for d in data["datasets"][1:]:  # a valid lock: probabilities still sum to 1
+        d["sample_probability"] *= 0.1 / rest
     data["datasets"][0]["sample_probability"] = 0.9
     other = tmp_path / "changed.lock.json"
     other.write_text(json.dumps(data))

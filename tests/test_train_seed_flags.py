@@ -165,12 +165,14 @@ def test_empty_validation_split_is_an_error_naming_the_counts(setup, tmp_path):
 
 def test_non_json_mixture_is_one_line(setup, tmp_path):
     _, cfg, _ = setup
-    bad = tmp_path / "mix.yaml"
-    bad.write_text("datasets: [a]\n")
-    p = run_train(["--mixture", str(bad), "--model_config", str(cfg), "--output_dir", str(tmp_path / "o"),
-                   "--max_steps", "2"], check=False)
-    assert p.returncode == 1 and p.stderr.strip().startswith("error: --mixture") and "not JSON" in p.stderr
-    assert "Traceback" not in p.stderr
+    for name, text, why in (("mix.txt", "datasets: [a]\n", "not JSON"),  # neither a lock nor a JSON manifest
+                            ("mix.yaml", "datasets: [a\n", "mix.yaml")):  # a YAML manifest that does not parse
+        bad = tmp_path / name
+        bad.write_text(text)
+        p = run_train(["--mixture", str(bad), "--model_config", str(cfg), "--output_dir", str(tmp_path / "o"),
+                       "--max_steps", "2"], check=False)
+        assert p.returncode == 1 and p.stderr.strip().startswith("error: --mixture") and why in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_help_imports_neither_torch_nor_numba():

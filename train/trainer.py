@@ -411,10 +411,14 @@ def stream_fault(e: Exception) -> str:
 
 
 def _manifest_tokenizer(manifest: Path) -> str | None:
+    """The `tokenizer` a manifest names, read through the manifest's own parser (JSON or YAML)."""
+    from mixtures.manifest_io import ManifestError, parse_manifest
     try:
-        doc = json.loads(manifest.read_text("utf-8"))
-    except (OSError, ValueError):
-        return None
+        doc = parse_manifest(manifest, manifest.read_bytes())
+    except OSError as e:
+        raise TrainError(f"--mixture {manifest}: cannot read: {e.strerror or e}") from None
+    except ManifestError as e:
+        raise TrainError(f"--mixture {str(e).splitlines()[0]}") from None
     tok = doc.get("tokenizer") if isinstance(doc, dict) else None
     if not isinstance(tok, str):
         return None
