@@ -93,19 +93,23 @@ def test_padded_batch_and_nothing_trained():
     assert all((g == 0).all() for g in grads.values())
 
 
-def test_lora_model():
+@pytest.mark.parametrize("targets", [["q_proj", "v_proj"], ["q_proj", "lm_head"]])
+def test_lora_model(monkeypatch, targets):
+    """LoRA on attention (the head stays a Linear: gradients in the forward pass) and on the
+    head itself (a LoRA layer: chunks under activation checkpointing, recomputed in backward)."""
     peft = pytest.importorskip("peft")
+    monkeypatch.setattr(head_loss, "CHUNK_BYTES", 4 * VOCAB * 7)
     batch = packed_batch(5)
 
     def lora(seed):
-        m = tiny_qwen(seed=seed)
+        m = tiny_qwen(tie=False, seed=seed)
         torch.manual_seed(9)
-        return peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+        return peft.get_peft_model(m, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                       init_lora_weights=False))
     want, want_g = losses_and_grads(lora(0), reference, batch)
     got, got_g = losses_and_grads(lora(0), ours, batch)
     assert torch.allclose(got, want, atol=1e-6)
-    assert want_g.keys() == got_g.keys() and len(got_g) == 8
+    assert want_g.keys() == got_g.keys() and len(got_g) == {"v_proj": 8, "lm_head": 6}[targets[1]]  # A, B per layer
     for name in want_g:
         assert torch.allclose(got_g[name], want_g[name], atol=1e-6, rtol=1e-5), name
 

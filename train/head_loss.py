@@ -9,9 +9,11 @@ logits:
 
 * the head runs on the trained positions only, the per-token cross-entropy is scattered back
   into the [B, L] tensor train/loop.py attributes to datasets (0 where untrained);
-* above `CHUNK_BYTES` of fp32 logits, it runs in chunks, each under activation checkpointing:
-  no [tokens, vocab] logits tensor exists at once, forward or backward (the chunk's logits are
-  recomputed in backward, once more the head's forward FLOPs on trained positions).
+* it runs in chunks of `CHUNK_BYTES` of fp32 logits, so no [tokens, vocab] logits tensor
+  exists at once. For the usual head (an `nn.Linear`, tied or not) `LinearCrossEntropy`
+  computes each chunk's gradients in the forward pass (as Liger-Kernel does): the head costs
+  2 + 4 matmuls over trained positions only, nothing recomputed. Any other head (a LoRA layer on
+  the head) runs each chunk under activation checkpointing (its logits recomputed in backward).
 
 How it hooks in without changing the module tree (state-dict keys, ZeRO-3 partitions and
 checkpoints stay as they are): the output embedding's `forward` is wrapped on the instance.
@@ -66,9 +68,11 @@ class TrainedPositionHead:
         h = hidden.reshape(B * L, H).index_select(0, idx)
         t = flat_t.index_select(0, idx).clamp_min(0)
         step = max(1, CHUNK_BYTES // (4 * self.vocab))
-        if idx.numel() <= step:
+        if type(self.head) is torch.nn.Linear:  # the usual head (tied or not): grads in the forward pass
+            losses = LinearCrossEntropy.apply(h, self.head.weight, self.head.bias, t, step, torch.is_grad_enabled())
+        elif idx.numel() <= step:
             losses = _chunk_losses(self.forward, h, t)
-        else:
+        else:  # any other head (a LoRA-wrapped one): chunks recomputed in backward
             losses = torch.cat([checkpoint(_chunk_losses, self.forward, h[a:a + step], t[a:a + step],
                                            use_reentrant=False)
                                 for a in range(0, idx.numel(), step)])
@@ -78,6 +82,64 @@ class TrainedPositionHead:
 
 def _chunk_losses(head_forward, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(head_forward(h).float(), t, reduction="none")
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy of `h @ W.T + b` in chunks, with the gradients computed chunk by
+    chunk in the forward pass (as Liger-Kernel's fused linear cross-entropy): one chunk's fp32
+    logits exist at a time, and nothing is recomputed. Backward scales them by the incoming
+    per-token gradient; when that is not one value for every token (train/loop.py always
+    backpropagates a scaled sum, so it is), the chunks are recomputed instead — exact either way."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, t, step, want_grad):
+        # the weight's gradient accumulates in its own dtype (fp32 for fp32 training; bf16 as
+        # Liger does, each chunk's product summed in fp32 by the matmul)
+        losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if want_grad else None
+        grad_w = torch.zeros_like(weight) if want_grad else None
+        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) \
+            if want_grad and bias is not None else None
+        for a in range(0, h.shape[0], step):
+            hc, tc = h[a:a + step], t[a:a + step]
+            logits = F.linear(hc, weight, bias).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            losses[a:a + step] = lse - logits.gather(1, tc[:, None]).squeeze(1)
+            if want_grad:  # d loss_t / d logits = softmax - onehot, in place
+                g = logits.sub_(lse[:, None]).exp_()
+                g[torch.arange(len(tc), device=g.device), tc] -= 1.0
+                grad_h[a:a + step] = (g @ weight.float()).to(h.dtype)
+                grad_w.addmm_(g.t().to(weight.dtype), hc.to(weight.dtype))
+                if grad_b is not None:
+                    grad_b += g.sum(0)
+        ctx.step = step
+        ctx.save_for_backward(h, weight, bias, t, grad_h, grad_w, grad_b)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        h, weight, bias, t, grad_h, grad_w, grad_b = ctx.saved_tensors
+        g0 = grad_losses[:1]
+        if grad_h is not None and bool((grad_losses == g0).all()):
+            s = g0.to(torch.float32)
+            dh = grad_h * s.to(grad_h.dtype)
+            dw = grad_w * s.to(grad_w.dtype)
+            db = (grad_b * s).to(bias.dtype) if grad_b is not None else None
+            return dh, dw, db, None, None, None
+        dh = torch.empty_like(h)
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=h.device)
+        db = torch.zeros(weight.shape[0], dtype=torch.float32, device=h.device) if bias is not None else None
+        step = ctx.step
+        for a in range(0, h.shape[0], step):
+            hc, tc = h[a:a + step], t[a:a + step]
+            g = torch.softmax(F.linear(hc, weight, bias).float(), dim=-1)
+            g[torch.arange(len(tc), device=g.device), tc] -= 1.0
+            g *= grad_losses[a:a + step, None]
+            dh[a:a + step] = (g @ weight.float()).to(h.dtype)
+            dw.addmm_(g.t(), hc.float())
+            if db is not None:
+                db += g.sum(0)
+        return dh, dw.to(weight.dtype), (db.to(bias.dtype) if db is not None else None), None, None, None
 
 
 def trained_position_head(model) -> TrainedPositionHead | None:
