@@ -67,21 +67,21 @@ def profile_for(config: dict, name: str = "auto") -> Profile:
     return _BY_MODEL_TYPE.get(config.get("model_type"), QWEN2_MOE)
 
 
-def num_experts(config: dict) -> int | None:
-    for k in ("num_experts", "n_routed_experts", "num_local_experts"):
+def _first_int(config: dict, keys: tuple[str, ...]) -> int | None:
+    for k in keys:
         v = config.get(k)
         if isinstance(v, int) and not isinstance(v, bool):
             return v
     return None
+
+
+def num_experts(config: dict) -> int | None:
+    return _first_int(config, ("num_experts", "n_routed_experts", "num_local_experts"))
 
 
 def expert_width(config: dict) -> int | None:
     """I of one routed expert (Hy3 also writes it as expert_hidden_dim)."""
-    for k in ("moe_intermediate_size", "expert_hidden_dim", "intermediate_size"):
-        v = config.get(k)
-        if isinstance(v, int) and not isinstance(v, bool):
-            return v
-    return None
+    return _first_int(config, ("moe_intermediate_size", "expert_hidden_dim", "intermediate_size"))
 
 
 def fuse(gate: list, up: list, down: list):
